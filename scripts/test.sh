@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up the environment on first use, then lint and run the test suite.
+#   bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/env.sh ruff check src tests benchmarks
+bash scripts/env.sh ruff format --check src tests benchmarks
+exec bash scripts/env.sh python -m pytest "$@"

@@ -1,0 +1,461 @@
+"""The ``magnet`` command line.
+
+Each subcommand is a thin layer over the Python API; heavy modules are imported
+inside the handlers so that ``magnet --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from magnet_st.errors import MagnetError
+
+log = logging.getLogger("magnet_st")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the descriptions' line breaks and append each option's default to its help.
+
+    Options whose default is ``None`` or a switch's ``False`` say in their help what
+    happens when they are not given.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        return f"{text} (default: {shown})"
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+# -- info ------------------------------------------------------------------------------------
+def _format_summary(s: dict) -> str:
+    q = s["counts_per_unit"]
+    lines = [
+        f"{s['name']}  ({s['technology']})",
+        f"  units under tissue   {s['units_under_tissue']:,}",
+        f"  genes                {s['genes']:,}",
+        f"  unit size            {s['unit_size_um']:g} um",
+        f"  microns per pixel    {s['microns_per_pixel']:.4f}   "
+        f"(from {s['sources'].get('microns_per_pixel', '?')})",
+    ]
+    if s.get("image_size_px"):
+        w, h = s["image_size_px"]
+        wu, hu = s["image_size_um"]
+        lines.append(
+            f"  image                {w:,} x {h:,} px = {wu / 1000:.2f} x {hu / 1000:.2f} mm"
+        )
+        lines.append(f"                       {s['image']}")
+    else:
+        lines.append("  image                none given")
+    lines.append(
+        "  counts per unit      "
+        f"min {q['min']:g}  q25 {q['q25']:g}  median {q['median']:g}  q75 {q['q75']:g}  "
+        f"max {q['max']:g}"
+    )
+    lines.append(f"  total counts         {s['total_counts']:,}")
+    lines.append(f"  counts from          {s['sources'].get('counts')}")
+    lines.append(f"  positions from       {s['sources'].get('positions')}")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from magnet_st import read
+
+    summaries = []
+    for path in args.paths:
+        slides = read.auto(
+            path,
+            image=args.image,
+            microns_per_pixel=args.mpp,
+            bin_size_um=args.bin_size,
+            sections=args.section,
+        )
+        for slide in slides:
+            summaries.append(slide.summary())
+            if not args.json:
+                print(_format_summary(summaries[-1]))
+                print()
+    if args.json:
+        print(json.dumps(summaries, indent=2))
+    return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info",
+        help="read slides and print what was found",
+        description="Read one or more inputs and print, per slide: units under tissue, genes, "
+        "unit size, microns per pixel, image size, and counts-per-unit quantiles.\n\n"
+        "PATH may be a Space Ranger Visium HD folder (run, outs/, binned_outputs/ or "
+        "square_XXXum/), a standard Visium outs/ folder, a her2st-layout folder (every "
+        "section is read), one her2st counts file (ST-cnts/C2.tsv.gz), or an .h5ad file.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="inputs to read")
+    p.add_argument(
+        "--image",
+        default=None,
+        help="full-resolution H&E image of the slide (Space Ranger and .h5ad inputs; her2st "
+        "images are found in ST-imgs/)",
+    )
+    p.add_argument(
+        "--mpp",
+        type=_positive_float,
+        default=None,
+        help="microns per pixel of the full-resolution image; default: from the input "
+        "(scalefactors_json.json, or the spot pitch for Visium and legacy ST)",
+    )
+    p.add_argument(
+        "--bin-size",
+        type=int,
+        choices=[2, 8, 16],
+        default=None,
+        help="Visium HD bin size in um; default: 8 if present, else the finest available",
+    )
+    p.add_argument(
+        "--section",
+        action="append",
+        default=None,
+        help="her2st section to read (repeatable); default: all sections",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_info)
+
+
+# -- prepare ---------------------------------------------------------------------------------
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from magnet_st import read
+    from magnet_st.prepare import PrepareConfig, prepare
+
+    specs = []
+    if args.samples:
+        specs += read.specs_from_sheet(args.samples)
+    if args.inputs:
+        specs += read.specs_from_paths(
+            args.inputs, image=args.image, mpp=args.mpp, bin_size=args.bin_size
+        )
+    specs = read.specs.check_unique(specs)
+    if not specs:
+        raise MagnetError("no inputs: give input paths and/or --samples SHEET")
+    genes = None
+    if args.genes:
+        path = Path(args.genes)
+        if not path.is_file():
+            raise MagnetError(f"{path}: gene list not found")
+        genes = [g.strip() for g in path.read_text().splitlines() if g.strip()]
+    overrides = {
+        "preset": args.preset,
+        "working_mpp": args.working_mpp,
+        "bin_patch_px": args.bin_patch_px,
+        "spot_tile_px": args.spot_tile_px,
+        "region_tile_px": args.region_tile_px,
+        "k": args.k,
+        "panel": "list" if genes else args.panel,
+        "n_genes": args.n_genes,
+        "genes": genes,
+        "target": args.target,
+        "train_slides": args.train_slides,
+        "seed": args.seed,
+    }
+    if args.config:
+        config = PrepareConfig.from_file(args.config, **overrides)
+    else:
+        config = PrepareConfig(**{k: v for k, v in overrides.items() if v is not None})
+    t0 = time.perf_counter()
+    result = prepare(
+        specs, args.out, config, add=args.add, overwrite=args.overwrite, progress=not args.quiet
+    )
+    if result.nothing_to_do:
+        print(f"{args.out}: up to date ({len(result.skipped)} slides); nothing to do")
+    else:
+        print(
+            f"{args.out}: {len(result.processed)} slides prepared, {len(result.skipped)} "
+            f"unchanged, panel of {len(result.panel)} genes, in {time.perf_counter() - t0:.1f} s"
+        )
+    return 0
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="build the multi-level dataset (bins, spot tiles, region tiles)",
+        description="Turn slides into MagNet's multi-level dataset: per slide, the target "
+        "units (bin level), a grid of spot tiles and a grid of region tiles, each unit in "
+        "the one tile of each grid that contains its centre; tile counts are sums of their "
+        "units; k-nearest-neighbour graphs at each level; a gene panel chosen on the "
+        "training slides. Unchanged slides are skipped, so reruns are cheap.\n\n"
+        "Sizes default to a preset chosen from the data: 'hd' (Visium HD / AnnData): 112, "
+        "224, 512 px at 0.25 um/px = 28, 56, 128 um; 'visium': 112, 224, 448 px at 1 um/px; "
+        "'legacy_st' (her2st): 112, 400, 800 px at 1 um/px. Settings may also come from "
+        "a TOML/JSON --config file whose keys are the long option names with underscores; "
+        "options given on the command line win.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("out", help="dataset folder to create or update")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="slides to read, as for 'magnet info' (a her2st folder gives every section)",
+    )
+    p.add_argument(
+        "--samples",
+        default=None,
+        help="sample sheet (CSV/TSV) with columns name, path and optionally image, mpp, "
+        "bin_size, section; relative paths are relative to the sheet",
+    )
+    p.add_argument(
+        "--image", default=None, help="full-resolution H&E image (only with a single INPUT)"
+    )
+    p.add_argument(
+        "--mpp",
+        type=_positive_float,
+        default=None,
+        help="microns per pixel of the image(s); default: from the input",
+    )
+    p.add_argument(
+        "--bin-size",
+        type=int,
+        choices=[2, 8, 16],
+        default=None,
+        help="Visium HD bin size (target level), um; default: 8",
+    )
+    p.add_argument("--config", default=None, help="TOML or JSON file of settings")
+    p.add_argument(
+        "--preset",
+        choices=["auto", "hd", "visium", "legacy_st"],
+        default=None,
+        help="size preset; default: auto (from the technology)",
+    )
+    p.add_argument(
+        "--working-mpp",
+        type=_positive_float,
+        default=None,
+        help="microns per pixel at which patch sizes are given; default: preset's",
+    )
+    p.add_argument(
+        "--bin-patch-px", type=int, default=None, help="bin patch edge, px; default: preset's"
+    )
+    p.add_argument(
+        "--spot-tile-px", type=int, default=None, help="spot tile edge, px; default: preset's"
+    )
+    p.add_argument(
+        "--region-tile-px", type=int, default=None, help="region tile edge, px; default: preset's"
+    )
+    p.add_argument("--k", type=int, default=None, help="neighbours in the kNN graphs (default 8)")
+    p.add_argument(
+        "--panel",
+        choices=["hvg", "mean"],
+        default=None,
+        help="gene panel: highly variable genes (scanpy seurat_v3 on raw counts) or top by "
+        "mean; default: hvg",
+    )
+    p.add_argument("--n-genes", type=int, default=None, help="panel size (default 250)")
+    p.add_argument(
+        "--genes", default=None, help="text file with one gene id per line: use it as the panel"
+    )
+    p.add_argument(
+        "--target",
+        choices=["log1p", "log1p_zscore"],
+        default=None,
+        help="regression target; log1p_zscore standardises genes with statistics fitted on "
+        "the training slides (default: log1p)",
+    )
+    p.add_argument(
+        "--train-slides",
+        nargs="+",
+        default=None,
+        help="slides whose counts choose the panel and fit target statistics; default: all",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of the panel's unit sampling (default 0)"
+    )
+    p.add_argument(
+        "--add",
+        action="store_true",
+        help="add INPUTs to an existing dataset, keeping its settings and panel",
+    )
+    p.add_argument("--overwrite", action="store_true", help="rebuild every slide")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prepare)
+
+
+# -- synth -----------------------------------------------------------------------------------
+def cmd_synth(args: argparse.Namespace) -> int:
+    from magnet_st.synthetic import write_synthetic_hd
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise MagnetError(f"{out}: already exists (use --overwrite to replace it)")
+    info = write_synthetic_hd(
+        out,
+        width_um=args.size_mm * 1000,
+        height_um=args.size_mm * 1000,
+        seed=args.seed,
+        bin_sizes=args.bin_sizes,
+        microns_per_pixel=args.mpp,
+        n_genes=args.genes,
+        write_mtx=not args.no_mtx,
+        write_raw=args.raw,
+        progress=not args.quiet,
+    )
+    print(f"wrote synthetic Visium HD slide {out} in {time.perf_counter() - t0:.1f} s")
+    print(f"  image: {info.image_path}")
+    for size, n in sorted(info.n_bins_in_tissue.items()):
+        print(f"  {size:>2} um bins under tissue: {n:,}   ({info.bin_dirs[size]})")
+    return 0
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic Visium HD slide (Space Ranger layout) for tests and demos",
+        description="Write a seeded synthetic Visium HD slide in the exact Space Ranger "
+        "layout: a procedural H&E-like pyramidal TIFF and counts at 2, 8 and 16 um whose "
+        "expression is planted from the image (cell-driven and context-driven genes). "
+        "See SYNTHETIC.md in the output for the expression model.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("out", help="output folder (the 'run' folder; contains outs/)")
+    p.add_argument(
+        "--size-mm",
+        type=_positive_float,
+        default=1.0,
+        help="edge of the square capture area in mm (6.5 = a full Visium HD slide, ~660k 8 um bins)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument(
+        "--bin-sizes",
+        type=int,
+        nargs="+",
+        choices=[2, 8, 16],
+        default=[2, 8, 16],
+        help="bin sizes to write, in um",
+    )
+    p.add_argument(
+        "--mpp",
+        type=_positive_float,
+        default=0.2738,
+        help="microns per pixel of the full-resolution image",
+    )
+    p.add_argument("--genes", type=int, default=500, help="number of genes")
+    p.add_argument("--no-mtx", action="store_true", help="skip the MTX copy of the matrices")
+    p.add_argument("--raw", action="store_true", help="also write raw_feature_bc_matrix.h5")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_synth)
+
+
+# -- demo ------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from magnet_st import read
+    from magnet_st.synthetic import write_synthetic_hd
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slide_dir = out / "slides" / "synthetic_0"
+    if not (slide_dir / "outs").is_dir():
+        print(f"[demo] writing a synthetic Visium HD slide to {slide_dir}")
+        info = write_synthetic_hd(
+            slide_dir, width_um=args.size_mm * 1000, height_um=args.size_mm * 1000, seed=0
+        )
+        image = info.image_path
+    else:
+        print(f"[demo] reusing {slide_dir}")
+        image = slide_dir / "he_fullres.tif"
+    for size in (8, 16):
+        slide = read.visium_hd(slide_dir, size, image=image)
+        print(_format_summary(slide.summary()))
+        print()
+    print(
+        "[demo] later stages (prepare, features, cross-validation, prediction, plots) are "
+        "not implemented yet; see the open issues."
+    )
+    print(f"[demo] done in {time.perf_counter() - t0:.1f} s; outputs in {out}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the pipeline on built-in synthetic data",
+        description="Build the synthetic demo slide and run every stage that exists on it.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--out", default="magnet-demo", help="output folder")
+    p.add_argument(
+        "--size-mm", type=_positive_float, default=1.0, help="edge of the synthetic slide in mm"
+    )
+    p.set_defaults(func=cmd_demo)
+
+
+# -- main ------------------------------------------------------------------------------------
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_info,
+    _add_prepare,
+    _add_synth,
+    _add_demo,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from magnet_st import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="magnet",
+        description="magnet-st: predict Visium HD spatial gene expression from H&E slides "
+        "(MagNet). Run 'magnet COMMAND --help' for the options of each command.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"magnet-st {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except MagnetError as exc:
+        print(f"magnet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"magnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

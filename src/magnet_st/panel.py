@@ -1,0 +1,118 @@
+"""The gene panel: which genes a model predicts, chosen on training slides only."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from magnet_st.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("hvg", "mean", "list")
+
+
+def common_genes(gene_id_lists: Sequence[Sequence[str]]) -> list[str]:
+    """Gene ids present in every list, in the order of the first."""
+    common = set(gene_id_lists[0])
+    for ids in gene_id_lists[1:]:
+        common &= set(ids)
+    return [g for g in gene_id_lists[0] if g in common]
+
+
+def select_panel(
+    counts: Sequence[sp.csr_matrix],
+    gene_ids: Sequence[Sequence[str]],
+    *,
+    method: str = "hvg",
+    n_genes: int = 250,
+    genes: Sequence[str] | None = None,
+    candidates: set[str] | None = None,
+    max_units_per_slide: int = 100_000,
+    seed: int = 0,
+) -> list[str]:
+    """Choose ``n_genes`` gene ids from the training slides' raw counts.
+
+    Args:
+        counts: one units x genes raw-count matrix per training slide.
+        gene_ids: the gene ids of each matrix's columns.
+        method: ``"hvg"`` (scanpy's ``seurat_v3`` flavour on raw counts, with the slide as
+            batch when there are several), ``"mean"`` (highest mean count), or ``"list"``
+            (exactly ``genes``).
+        genes: the user's list for ``method="list"``.
+        candidates: if given, only these gene ids may be chosen (e.g. the genes that
+            every slide of a dataset measures, training or not).
+        max_units_per_slide: units sampled per slide (seeded) to bound the cost on HD slides.
+
+    Only genes present in every training slide (and in ``candidates``) can be chosen.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown panel method {method!r}; choose one of {METHODS}")
+    allowed = candidates
+    candidates = [g for g in common_genes(gene_ids) if allowed is None or g in allowed]
+    if method == "list":
+        if not genes:
+            raise ConfigError("panel method 'list' needs a list of genes")
+        missing = [g for g in genes if g not in set(candidates)]
+        if missing:
+            raise ConfigError(
+                f"{len(missing)} genes of the panel list are not in every slide: "
+                f"{missing[:10]}"
+            )
+        return list(dict.fromkeys(genes))
+    if n_genes > len(candidates):
+        raise ConfigError(
+            f"asked for {n_genes} genes but the training slides share only {len(candidates)}"
+        )
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for m, ids in zip(counts, gene_ids, strict=True):
+        col = {g: i for i, g in enumerate(ids)}
+        m = sp.csr_matrix(m)[:, [col[g] for g in candidates]]
+        if m.shape[0] > max_units_per_slide:
+            m = m[np.sort(rng.choice(m.shape[0], max_units_per_slide, replace=False))]
+        blocks.append(m)
+    if method == "mean":
+        total = sum(np.asarray(b.sum(axis=0)).ravel() for b in blocks)
+        mean = total / sum(b.shape[0] for b in blocks)
+        order = np.argsort(-mean, kind="stable")[:n_genes]
+        return [candidates[i] for i in order]
+    return _seurat_v3(blocks, candidates, n_genes)
+
+
+def _seurat_v3(blocks: list[sp.csr_matrix], candidates: list[str], n_genes: int) -> list[str]:
+    import anndata
+    import pandas as pd
+    import scanpy as sc
+
+    X = sp.vstack(blocks).tocsr().astype(np.float32)
+    obs = pd.DataFrame(
+        {"slide": np.repeat([str(i) for i in range(len(blocks))], [b.shape[0] for b in blocks])}
+    )
+    obs.index = obs.index.astype(str)
+    adata = anndata.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(candidates)))
+    # genes with no counts at all break the loess fit; they can never be variable
+    detected = np.asarray((X > 0).sum(axis=0)).ravel() > 0
+    if detected.sum() < n_genes:
+        raise ConfigError(
+            f"asked for {n_genes} genes but only {int(detected.sum())} are detected "
+            "in the training slides"
+        )
+    adata = adata[:, detected].copy()
+    sc.pp.highly_variable_genes(
+        adata,
+        flavor="seurat_v3",
+        n_top_genes=n_genes,
+        batch_key="slide" if len(blocks) > 1 else None,
+    )
+    var = adata.var
+    if "highly_variable_rank" in var:
+        var = var.sort_values("highly_variable_rank", kind="stable")
+    chosen = var.index[var["highly_variable"].to_numpy()].tolist()
+    log.info(
+        "panel: %d highly variable genes (seurat_v3) of %d candidates", len(chosen), len(candidates)
+    )
+    return chosen[:n_genes]

@@ -1,0 +1,98 @@
+"""Readers: every input format becomes a :class:`magnet_st.Slide`.
+
+- :func:`visium_hd`: Space Ranger Visium HD output, one bin size (2, 8 or 16 um).
+- :func:`visium`: Space Ranger standard Visium output (55 um spots).
+- :func:`legacy_st` and :func:`her2st`: legacy Spatial Transcriptomics (her2st layout).
+- :func:`h5ad`: AnnData with ``obsm["spatial"]``.
+- :func:`auto`: detect the format of a path and read every slide in it.
+- :class:`SlideSpec`, :func:`specs_from_paths`, :func:`specs_from_sheet`: say which
+  slides to read (with their images) without reading them yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from magnet_st.errors import InputError
+from magnet_st.read.h5ad import h5ad
+from magnet_st.read.legacy_st import her2st, her2st_sections, legacy_st
+from magnet_st.read.matrix import read_10x_h5, read_10x_mtx
+from magnet_st.read.specs import SlideSpec, specs_from_paths, specs_from_sheet
+from magnet_st.read.visium import hd_bin_folders, visium, visium_hd
+from magnet_st.slide import Slide
+
+__all__ = [
+    "SlideSpec",
+    "auto",
+    "detect_format",
+    "h5ad",
+    "her2st",
+    "her2st_sections",
+    "legacy_st",
+    "read_10x_h5",
+    "read_10x_mtx",
+    "specs_from_paths",
+    "specs_from_sheet",
+    "visium",
+    "visium_hd",
+]
+
+
+def detect_format(path: str | Path) -> str:
+    """``"visium_hd"``, ``"visium"``, ``"her2st"``, ``"legacy_st"`` or ``"h5ad"``."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "not found")
+    if path.is_file():
+        if path.suffix == ".h5ad":
+            return "h5ad"
+        if path.parent.name == "ST-cnts" and ".tsv" in path.name:
+            return "legacy_st"
+        raise InputError(path, "unknown input: expected a folder or an .h5ad file")
+    if hd_bin_folders(path):
+        return "visium_hd"
+    if (path / "ST-cnts").is_dir() or (path / "data" / "ST-cnts").is_dir():
+        return "her2st"
+    for base in (path, path / "outs"):
+        if (base / "spatial").is_dir():
+            return "visium"
+    raise InputError(
+        path,
+        "unknown input folder: expected Space Ranger outs/ (Visium HD or Visium) "
+        "or a her2st-layout folder",
+    )
+
+
+def auto(
+    path: str | Path,
+    *,
+    image: str | Path | None = None,
+    microns_per_pixel: float | None = None,
+    bin_size_um: int | None = None,
+    sections: list[str] | None = None,
+    with_image: bool = True,
+) -> list[Slide]:
+    """Read every slide at ``path`` whatever its format.
+
+    ``bin_size_um`` (Visium HD) defaults to 8 um when present, else the only or the
+    finest bin size available. ``sections`` selects her2st sections (default: all).
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "visium_hd":
+        if bin_size_um is None:
+            sizes = sorted(hd_bin_folders(path))
+            bin_size_um = 8 if 8 in sizes else sizes[0]
+        return [visium_hd(path, bin_size_um, image, microns_per_pixel=microns_per_pixel)]
+    if fmt == "visium":
+        return [visium(path, image, microns_per_pixel=microns_per_pixel)]
+    if fmt == "h5ad":
+        return [h5ad(path, image, microns_per_pixel=microns_per_pixel)]
+    if fmt == "legacy_st":
+        section = path.name.split(".")[0]
+        root = path.parent.parent
+        return [her2st(root, section, microns_per_pixel=microns_per_pixel, with_image=with_image)]
+    names = sections or her2st_sections(path)
+    return [
+        her2st(path, s, microns_per_pixel=microns_per_pixel, with_image=with_image) for s in names
+    ]

@@ -1,0 +1,111 @@
+"""AnnData files (``.h5ad``) with unit positions in ``obsm["spatial"]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from magnet_st.errors import InputError
+from magnet_st.read.matrix import as_integer_counts
+from magnet_st.slide import Slide
+
+
+def h5ad(
+    path: str | Path,
+    image: str | Path | None = None,
+    *,
+    microns_per_pixel: float | None = None,
+    unit_size_um: float | None = None,
+    counts_layer: str | None = None,
+    name: str | None = None,
+) -> Slide:
+    """Read an AnnData file whose ``obsm["spatial"]`` holds unit centres in full-resolution pixels.
+
+    Raw counts are taken from ``layers[counts_layer]`` if given, else ``layers["counts"]``,
+    else ``raw.X``, else ``X``; they must be non-negative integers. ``microns_per_pixel``
+    and ``unit_size_um`` default to ``uns["spatial"][<library>]["scalefactors"]``
+    (``microns_per_pixel``, ``bin_size_um``) when present.
+    """
+    import anndata
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "AnnData file not found")
+    try:
+        adata = anndata.read_h5ad(path)
+    except Exception as exc:  # h5py / anndata raise many types for bad files
+        raise InputError(path, f"cannot read as an AnnData .h5ad file ({exc})") from exc
+    if "spatial" not in adata.obsm:
+        raise InputError(path, 'no obsm["spatial"] with unit positions')
+    spatial = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    if spatial.ndim != 2 or spatial.shape[1] < 2:
+        raise InputError(path, f'obsm["spatial"] has shape {spatial.shape}, expected (n, 2)')
+
+    if counts_layer is not None:
+        if counts_layer not in adata.layers:
+            raise InputError(path, f"no layer {counts_layer!r}; layers: {list(adata.layers)}")
+        X, where, var = adata.layers[counts_layer], f"layers[{counts_layer!r}]", adata.var
+    elif "counts" in adata.layers:
+        X, where, var = adata.layers["counts"], 'layers["counts"]', adata.var
+    elif adata.raw is not None:
+        X, where, var = adata.raw.X, "raw.X", adata.raw.var
+    else:
+        X, where, var = adata.X, "X", adata.var
+    if X is None:
+        raise InputError(path, "the AnnData has no expression matrix")
+    try:
+        counts = as_integer_counts(X, path)
+    except InputError as exc:
+        raise InputError(path, f"{where}: {exc.problem}") from exc
+
+    sf: dict = {}
+    libraries = adata.uns.get("spatial", {})
+    if isinstance(libraries, dict) and len(libraries) == 1:
+        sf = dict(next(iter(libraries.values())).get("scalefactors", {}))
+    if microns_per_pixel is None:
+        microns_per_pixel = sf.get("microns_per_pixel")
+        if microns_per_pixel is None:
+            raise InputError(
+                path,
+                'no microns per pixel: pass it (--mpp) or store it in uns["spatial"][lib]'
+                '["scalefactors"]["microns_per_pixel"]',
+            )
+        mpp_source = f"{path} (uns['spatial'] scalefactors)"
+    else:
+        mpp_source = "given by the user"
+    if unit_size_um is None:
+        unit_size_um = sf.get("bin_size_um")
+        if unit_size_um is None:
+            raise InputError(path, "unit size unknown: pass unit_size_um (bin or spot size, um)")
+    gene_ids = (
+        var["gene_ids"].astype(str).to_numpy(dtype=object)
+        if "gene_ids" in var
+        else var.index.astype(str).to_numpy(dtype=object)
+    )
+    array_coords = (
+        adata.obs[["array_row", "array_col"]].to_numpy(np.int64)
+        if {"array_row", "array_col"} <= set(adata.obs.columns)
+        else None
+    )
+    slide = Slide(
+        name=name or path.stem,
+        counts=counts,
+        gene_ids=gene_ids,
+        gene_names=var.index.astype(str).to_numpy(dtype=object),
+        unit_ids=adata.obs_names.astype(str).to_numpy(dtype=object),
+        centers_px=spatial[:, :2],
+        array_coords=array_coords,
+        unit_size_um=float(unit_size_um),
+        microns_per_pixel=float(microns_per_pixel),
+        technology="anndata",
+        image_path=None if image is None else Path(image),
+        sources={
+            "counts": f"{path} {where}",
+            "positions": f'{path} obsm["spatial"]',
+            "microns_per_pixel": mpp_source,
+            **({"image": str(image)} if image is not None else {}),
+        },
+    )
+    slide.check_image_bounds()
+    return slide

@@ -1,0 +1,175 @@
+"""Legacy Spatial Transcriptomics (100 um spots on a 200 um pitch), as laid out by her2st.
+
+Counts are a spots x genes table whose row names are ``"XxY"`` (array x and y);
+the spot table (``*_selection.tsv``) has columns ``x y new_x new_y pixel_x pixel_y
+selected`` and joins the counts on ``x`` and ``y``. No resolution is stored: it is
+derived from the 200 um spot pitch unless given.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from magnet_st.errors import InputError
+from magnet_st.read.geometry import mpp_from_pitch
+from magnet_st.read.matrix import as_integer_counts
+from magnet_st.slide import Slide
+
+log = logging.getLogger(__name__)
+
+SPOT_DIAMETER_UM = 100.0
+SPOT_PITCH_UM = 200.0
+SPOT_COLUMNS = ["x", "y", "pixel_x", "pixel_y", "selected"]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+
+def _read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(path, f"{what} not found")
+    try:
+        return pd.read_csv(path, sep="\t", **kwargs)
+    except Exception as exc:  # pandas raises many types for malformed files
+        raise InputError(path, f"cannot read the {what} as a tab-separated table ({exc})") from exc
+
+
+def legacy_st(
+    counts: str | Path,
+    spots: str | Path,
+    image: str | Path | None = None,
+    *,
+    microns_per_pixel: float | None = None,
+    name: str | None = None,
+) -> Slide:
+    """Read one legacy ST section.
+
+    Args:
+        counts: spots x genes count table (``.tsv`` or ``.tsv.gz``), row names ``"XxY"``.
+        spots: the spot table (``*_selection.tsv``).
+        image: the full-resolution H&E image the pixel positions refer to.
+        microns_per_pixel: override the value derived from the 200 um spot pitch.
+        name: the section's name; default: the counts file's stem (``C2``).
+    """
+    counts, spots = Path(counts), Path(spots)
+    table = _read_table(counts, "count table", index_col=0)
+    spot_df = _read_table(spots, "spot table")
+    missing = [c for c in SPOT_COLUMNS if c not in spot_df.columns]
+    if missing:
+        raise InputError(
+            spots, f"missing columns {missing}; found {list(spot_df.columns)}; need {SPOT_COLUMNS}"
+        )
+    if spot_df[["x", "y", "pixel_x", "pixel_y"]].isna().any().any():
+        raise InputError(spots, "spot coordinates contain missing values (NaN)")
+    if table.shape[0] == 0 or table.shape[1] == 0:
+        raise InputError(counts, "the count table is empty")
+    if not all(pd.api.types.is_numeric_dtype(t) for t in table.dtypes):
+        raise InputError(counts, "the count table has non-numeric columns")
+
+    selected = spot_df[spot_df["selected"] == 1]
+    keys = (
+        selected["x"].round().astype(int).astype(str)
+        + "x"
+        + selected["y"].round().astype(int).astype(str)
+    )
+    where = pd.Index(keys).get_indexer(table.index.astype(str))
+    matched = where >= 0
+    if not matched.any():
+        raise InputError(
+            counts,
+            f"no row name matches a selected spot of {spots} (row names must be 'XxY', "
+            f"e.g. {table.index[0]!r} for x={keys.iloc[0] if len(keys) else '?'})",
+        )
+    if not matched.all():
+        log.info(
+            "%s: %d count rows are not under tissue in %s; dropped",
+            counts,
+            int((~matched).sum()),
+            spots,
+        )
+    if len(selected) > matched.sum():
+        log.info(
+            "%s: %d selected spots have no counts; dropped", spots, len(selected) - matched.sum()
+        )
+    rows = np.flatnonzero(matched)
+    pos = selected.iloc[where[rows]]
+    centers = pos[["pixel_x", "pixel_y"]].to_numpy(np.float64)
+    if microns_per_pixel is None:
+        all_centers = spot_df[["pixel_x", "pixel_y"]].to_numpy(np.float64)
+        mpp = mpp_from_pitch(all_centers, SPOT_PITCH_UM, spots)
+        mpp_source = f"{SPOT_PITCH_UM:g} um spot pitch of {spots}"
+    else:
+        mpp, mpp_source = float(microns_per_pixel), "given by the user"
+    genes = table.columns.astype(str).to_numpy(dtype=object)
+    slide = Slide(
+        name=name or counts.name.split(".")[0],
+        counts=as_integer_counts(table.to_numpy()[rows], counts),
+        gene_ids=genes,
+        gene_names=genes.copy(),
+        unit_ids=table.index.astype(str).to_numpy(dtype=object)[rows],
+        centers_px=centers,
+        array_coords=pos[["y", "x"]].round().astype(np.int64).to_numpy(),
+        unit_size_um=SPOT_DIAMETER_UM,
+        microns_per_pixel=mpp,
+        technology="legacy_st",
+        image_path=None if image is None else Path(image),
+        sources={
+            "counts": str(counts),
+            "positions": str(spots),
+            "microns_per_pixel": mpp_source,
+            **({"image": str(image)} if image is not None else {}),
+        },
+    )
+    slide.check_image_bounds()
+    return slide
+
+
+def her2st_sections(root: str | Path) -> list[str]:
+    """Section names (``C2``, ...) found under a her2st-layout folder."""
+    cnts = _her2st_data(Path(root)) / "ST-cnts"
+    return sorted(p.name.split(".")[0] for p in cnts.glob("*.tsv*"))
+
+
+def _her2st_data(root: Path) -> Path:
+    for base in (root, root / "data"):
+        if (base / "ST-cnts").is_dir():
+            return base
+    raise InputError(root, "not a her2st-layout folder (no ST-cnts/ or data/ST-cnts/)")
+
+
+def her2st(
+    root: str | Path,
+    section: str,
+    *,
+    microns_per_pixel: float | None = None,
+    with_image: bool = True,
+) -> Slide:
+    """Read section ``section`` (e.g. ``"C2"``) of a folder in the her2st repository's layout.
+
+    Finds ``ST-cnts/<section>.tsv.gz``, ``ST-spotfiles/<section>_selection.tsv`` and the
+    one image in ``ST-imgs/<patient>/<section>/`` (patient = the section's letter).
+    """
+    data = _her2st_data(Path(root))
+    counts = next(iter(sorted((data / "ST-cnts").glob(f"{section}.tsv*"))), None)
+    if counts is None:
+        raise InputError(
+            data / "ST-cnts" / f"{section}.tsv.gz",
+            f"no counts for section {section!r}; sections here: {her2st_sections(root)}",
+        )
+    spots = data / "ST-spotfiles" / f"{section}_selection.tsv"
+    image = None
+    if with_image:
+        img_dir = data / "ST-imgs" / section[:1] / section
+        images = (
+            sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if img_dir.is_dir()
+            else []
+        )
+        if len(images) != 1:
+            raise InputError(
+                img_dir, f"expected exactly one image for section {section}, found {len(images)}"
+            )
+        image = images[0]
+    return legacy_st(counts, spots, image, microns_per_pixel=microns_per_pixel, name=section)

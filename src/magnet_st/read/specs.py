@@ -1,0 +1,136 @@
+"""What to read: one :class:`SlideSpec` per slide, from paths or a sample sheet."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from magnet_st.errors import InputError
+from magnet_st.slide import Slide
+
+
+@dataclass(frozen=True)
+class SlideSpec:
+    """Where one slide's data lives. ``section`` selects one her2st section."""
+
+    name: str
+    path: str
+    image: str | None = None
+    mpp: float | None = None
+    bin_size: int | None = None
+    section: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def load(self, with_image: bool = True) -> Slide:
+        from magnet_st.read import auto
+
+        (slide,) = auto(
+            self.path,
+            image=self.image,
+            microns_per_pixel=self.mpp,
+            bin_size_um=self.bin_size,
+            sections=[self.section] if self.section else None,
+            with_image=with_image,
+        )
+        slide.name = self.name
+        return slide
+
+
+def specs_from_paths(
+    paths: list[str | Path],
+    *,
+    image: str | Path | None = None,
+    mpp: float | None = None,
+    bin_size: int | None = None,
+) -> list[SlideSpec]:
+    """One spec per slide found at ``paths`` (a her2st folder gives one per section)."""
+    from magnet_st.read import detect_format, her2st_sections
+
+    if image is not None and len(paths) > 1:
+        raise InputError(image, "one --image was given for several inputs; use a sample sheet")
+    specs = []
+    for p in paths:
+        p = Path(p)
+        fmt = detect_format(p)
+        if fmt == "her2st":
+            specs += [
+                SlideSpec(name=s, path=str(p), mpp=mpp, section=s) for s in her2st_sections(p)
+            ]
+            continue
+        if fmt == "legacy_st":
+            name = p.name.split(".")[0]
+        else:
+            run = p.resolve()
+            while run.name.startswith("square_") or run.name in ("binned_outputs", "outs"):
+                run = run.parent
+            name = run.stem if fmt == "h5ad" else run.name
+        specs.append(
+            SlideSpec(
+                name=name,
+                path=str(p),
+                image=None if image is None else str(image),
+                mpp=mpp,
+                bin_size=bin_size,
+            )
+        )
+    return check_unique(specs)
+
+
+SHEET_COLUMNS = ("name", "path", "image", "mpp", "bin_size", "section")
+
+
+def specs_from_sheet(sheet: str | Path) -> list[SlideSpec]:
+    """Read a sample sheet (CSV or TSV) with columns ``name, path`` and optionally
+    ``image, mpp, bin_size, section``. Relative paths are relative to the sheet's folder."""
+    sheet = Path(sheet)
+    if not sheet.is_file():
+        raise InputError(sheet, "sample sheet not found")
+    try:
+        df = pd.read_csv(sheet, sep=None, engine="python", dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises many types for malformed files
+        raise InputError(sheet, f"cannot read the sample sheet ({exc})") from exc
+    missing = [c for c in ("name", "path") if c not in df.columns]
+    if missing:
+        raise InputError(sheet, f"missing columns {missing}; found {list(df.columns)}")
+    unknown = [c for c in df.columns if c not in SHEET_COLUMNS]
+    if unknown:
+        raise InputError(sheet, f"unknown columns {unknown}; allowed: {list(SHEET_COLUMNS)}")
+
+    def resolve(value: str) -> str | None:
+        if not value:
+            return None
+        p = Path(value)
+        return str(p if p.is_absolute() else sheet.parent / p)
+
+    specs = []
+    for i, row in df.iterrows():
+        try:
+            mpp = float(row["mpp"]) if row.get("mpp") else None
+            bin_size = int(row["bin_size"]) if row.get("bin_size") else None
+        except ValueError as exc:
+            raise InputError(sheet, f"row {i + 2}: {exc}") from exc
+        if not row["name"] or not row["path"]:
+            raise InputError(sheet, f"row {i + 2}: empty name or path")
+        specs.append(
+            SlideSpec(
+                name=row["name"],
+                path=resolve(row["path"]),
+                image=resolve(row.get("image", "")),
+                mpp=mpp,
+                bin_size=bin_size,
+                section=row.get("section") or None,
+            )
+        )
+    return check_unique(specs, sheet)
+
+
+def check_unique(specs: list[SlideSpec], where: str | Path | None = None) -> list[SlideSpec]:
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(where, f"slide names must be unique; repeated: {dup}")
+    return specs

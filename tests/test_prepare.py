@@ -1,0 +1,312 @@
+"""prepare: membership, tile sums, the 16 um identity, panels, resume, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from magnet_st import read
+from magnet_st.errors import ConfigError, InputError
+from magnet_st.graph import knn_edges
+from magnet_st.panel import select_panel
+from magnet_st.prepare import PrepareConfig, dataset_is_complete, prepare
+from magnet_st.read.specs import SlideSpec
+
+
+def _spec(run: Path, name: str = "syn", bin_size: int = 8) -> SlideSpec:
+    return SlideSpec(name=name, path=str(run), image=str(run / "he_fullres.tif"), bin_size=bin_size)
+
+
+def _level(ds: Path, slide: str, level: str) -> anndata.AnnData:
+    return anndata.read_h5ad(ds / "slides" / slide / f"{level}.h5ad")
+
+
+SMALL = {"n_genes": 50}
+
+
+@pytest.fixture(scope="module")
+def prepared(synthetic_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ds = tmp_path_factory.mktemp("ds") / "dataset"
+    prepare([_spec(synthetic_slide)], ds, PrepareConfig(**SMALL), progress=False)
+    return ds
+
+
+def test_every_unit_in_exactly_one_tile_that_contains_it(prepared: Path) -> None:
+    m = json.loads((prepared / "manifest.json").read_text())
+    assert m["config"]["preset"] == "hd"
+    assert m["config"]["spot_size_um"] == 56.0 and m["config"]["region_size_um"] == 128.0
+    b = _level(prepared, "syn", "bin")
+    mpp = b.uns["magnet"]["microns_per_pixel"]
+    for level, size_um in (("spot", 56.0), ("region", 128.0)):
+        t = _level(prepared, "syn", level)
+        idx = b.obs[level].to_numpy()
+        assert idx.min() == 0 and idx.max() == t.n_obs - 1
+        # every tile has members, and its member count matches
+        np.testing.assert_array_equal(np.bincount(idx, minlength=t.n_obs), t.obs["n_units"])
+        # the unit's centre lies inside its tile (axis-aligned synthetic grid)
+        off_um = np.abs(b.obsm["spatial"] - t.obsm["spatial"][idx]) * mpp
+        assert off_um.max() <= size_um / 2 + 1e-6
+        # and no other tile's square contains it: tiles do not overlap
+        rc = t.obs[["tile_row", "tile_col"]].to_numpy()
+        assert len(np.unique(rc, axis=0)) == t.n_obs
+
+
+def test_tile_counts_are_sums_of_members(prepared: Path) -> None:
+    b = _level(prepared, "syn", "bin")
+    for level in ("spot", "region"):
+        t = _level(prepared, "syn", level)
+        idx = b.obs[level].to_numpy()
+        M = sp.csr_matrix((np.ones(b.n_obs), (idx, np.arange(b.n_obs))), shape=(t.n_obs, b.n_obs))
+        assert abs(M @ b.X - t.X).sum() == 0
+        assert t.X.dtype.kind == "i"
+    # spot tiles nest in the region that holds their centre
+    s = _level(prepared, "syn", "spot")
+    r = _level(prepared, "syn", "region")
+    own = s.obs["region"].to_numpy()
+    assert (own >= 0).all() and (own < r.n_obs).all()
+
+
+def test_graphs_are_sparse_knn(prepared: Path) -> None:
+    for level in ("bin", "spot", "region"):
+        ad = _level(prepared, "syn", level)
+        conn = ad.obsp["spatial_connectivities"]
+        assert sp.issparse(conn)
+        k = min(8, ad.n_obs - 1)
+        np.testing.assert_array_equal(np.diff(conn.indptr), k)
+        assert conn.diagonal().sum() == 0
+
+
+def test_16um_tiles_over_8um_bins_equal_space_ranger_16um(
+    synthetic_slide: Path, tmp_path: Path
+) -> None:
+    cfg = PrepareConfig(
+        working_mpp=1.0, bin_patch_px=28, spot_tile_px=16, region_tile_px=32, **SMALL
+    )
+    prepare([_spec(synthetic_slide)], tmp_path / "ds", cfg, progress=False)
+    tiles = _level(tmp_path / "ds", "syn", "spot")
+    s16 = read.visium_hd(synthetic_slide, 16)
+    key = {tuple(rc): i for i, rc in enumerate(s16.array_coords)}
+    rows = [key[(r, c)] for r, c in tiles.obs[["tile_row", "tile_col"]].to_numpy()]
+    assert tiles.n_obs == s16.n_units
+    assert abs(tiles.X - s16.counts[rows]).sum() == 0
+    np.testing.assert_allclose(tiles.obsm["spatial"], s16.centers_px[rows], atol=1e-6)
+
+
+def test_her2st_sections(her2st_root: Path, tmp_path: Path) -> None:
+    specs = [s for s in read.specs_from_paths([her2st_root]) if s.name in ("C2", "C3")]
+    res = prepare(specs, tmp_path / "ds", PrepareConfig(train_slides=["C2"]), progress=False)
+    assert res.processed == ["C2", "C3"]
+    m = json.loads((tmp_path / "ds/manifest.json").read_text())
+    assert m["config"]["preset"] == "legacy_st"
+    assert m["panel"]["train_slides"] == ["C2"]
+    assert len(m["panel"]["gene_ids"]) == 250
+    assert m["slides"]["C2"]["n"]["bin"] == 187
+    b = _level(tmp_path / "ds", "C2", "bin")
+    assert b.shape == (187, 15706)
+    # the panel is seurat_v3 on C2 alone, among the genes both sections measure
+    c2 = read.her2st(her2st_root, "C2", with_image=False)
+    c3 = read.her2st(her2st_root, "C3", with_image=False)
+    shared = set(c2.gene_ids) & set(c3.gene_ids)
+    expect = select_panel([c2.counts], [list(c2.gene_ids)], n_genes=250, candidates=shared)
+    assert m["panel"]["gene_ids"] == expect
+    panel = pd.read_csv(tmp_path / "ds/panel.tsv", sep="\t")
+    assert list(panel["gene_id"]) == expect
+
+
+def test_panel_from_training_slides_only(synthetic_slide: Path, tmp_path: Path) -> None:
+    from magnet_st.synthetic import write_synthetic_hd
+
+    other = tmp_path / "other"
+    write_synthetic_hd(other, width_um=300, height_um=300, seed=11, bin_sizes=(8,), progress=False)
+    specs = [_spec(synthetic_slide, "a"), _spec(other, "b")]
+    panels = {}
+    for train in (["a"], ["b"]):
+        ds = tmp_path / f"ds_{train[0]}"
+        prepare(specs, ds, PrepareConfig(train_slides=train, **SMALL), progress=False)
+        panels[train[0]] = json.loads((ds / "manifest.json").read_text())["panel"]["gene_ids"]
+        s = read.visium_hd(synthetic_slide if train == ["a"] else other, 8)
+        assert panels[train[0]] == select_panel([s.counts], [list(s.gene_ids)], n_genes=50)
+    assert panels["a"] != panels["b"]
+
+
+def test_noop_rerun_and_resume(
+    synthetic_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import magnet_st.prepare as prep
+    from magnet_st.synthetic import write_synthetic_hd
+
+    other = tmp_path / "other"
+    write_synthetic_hd(other, width_um=300, height_um=300, seed=5, bin_sizes=(8,), progress=False)
+    specs = [_spec(synthetic_slide, "a"), _spec(other, "b")]
+    ds = tmp_path / "ds"
+    real = prep.build_levels
+
+    def crash_on_b(slide, cfg):
+        if slide.name == "b":
+            raise KeyboardInterrupt
+        return real(slide, cfg)
+
+    monkeypatch.setattr(prep, "build_levels", crash_on_b)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(specs, ds, PrepareConfig(**SMALL), progress=False)
+    assert not (ds / "manifest.json").exists()
+    assert not dataset_is_complete(ds)
+    assert not (ds / "slides/b").exists()
+    assert not [p for p in (ds / "slides").iterdir() if p.name.startswith(".tmp")]
+    a_mtime = (ds / "slides/a/bin.h5ad").stat().st_mtime_ns
+
+    monkeypatch.setattr(prep, "build_levels", real)
+    res = prepare(specs, ds, PrepareConfig(**SMALL), progress=False)
+    assert res.processed == ["b"] and res.skipped == ["a"]  # resumed
+    assert dataset_is_complete(ds)
+    assert a_mtime == (ds / "slides/a/bin.h5ad").stat().st_mtime_ns
+    stamp = {p: p.stat().st_mtime_ns for p in ds.rglob("*") if p.is_file()}
+    res = prepare(specs, ds, PrepareConfig(**SMALL), progress=False)
+    assert res.nothing_to_do
+    assert stamp == {p: p.stat().st_mtime_ns for p in ds.rglob("*") if p.is_file()}
+
+    # changing the panel settings rebuilds no slide, only the manifest
+    res = prepare(specs, ds, PrepareConfig(n_genes=40), progress=False)
+    assert res.processed == [] and res.skipped == ["a", "b"]
+    assert len(json.loads((ds / "manifest.json").read_text())["panel"]["gene_ids"]) == 40
+
+    # changing a tile size rebuilds every slide
+    res = prepare(specs, ds, PrepareConfig(spot_tile_px=200, **SMALL), progress=False)
+    assert res.processed == ["a", "b"]
+
+
+def test_resume_skips_slides_of_an_interrupted_rerun(
+    synthetic_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import magnet_st.prepare as prep
+    from magnet_st.synthetic import write_synthetic_hd
+
+    other = tmp_path / "other"
+    write_synthetic_hd(other, width_um=300, height_um=300, seed=5, bin_sizes=(8,), progress=False)
+    ds = tmp_path / "ds"
+    prepare(
+        [_spec(synthetic_slide, "a"), _spec(other, "b")], ds, PrepareConfig(**SMALL), progress=False
+    )
+    # a later run adds "c" and is interrupted while writing it; the rerun redoes only "c"
+    third = tmp_path / "third"
+    write_synthetic_hd(third, width_um=300, height_um=300, seed=6, bin_sizes=(8,), progress=False)
+    specs = [_spec(synthetic_slide, "a"), _spec(other, "b"), _spec(third, "c")]
+    real = prep.build_levels
+    monkeypatch.setattr(
+        prep,
+        "build_levels",
+        lambda s, c: (_ for _ in ()).throw(RuntimeError("boom")) if s.name == "c" else real(s, c),
+    )
+    with pytest.raises(RuntimeError):
+        prepare(specs, ds, PrepareConfig(**SMALL), progress=False)
+    # nothing was written yet, so the previous dataset (a, b) is intact and still complete
+    assert set(json.loads((ds / "manifest.json").read_text())["slides"]) == {"a", "b"}
+    assert dataset_is_complete(ds) and not (ds / "slides/c").exists()
+    monkeypatch.setattr(prep, "build_levels", real)
+    res = prepare(specs, ds, PrepareConfig(**SMALL), progress=False)
+    assert res.processed == ["c"] and res.skipped == ["a", "b"]
+
+
+def test_add_slide_keeps_panel_and_checks_genes(synthetic_slide: Path, tmp_path: Path) -> None:
+    from magnet_st.synthetic import write_synthetic_hd
+
+    ds = tmp_path / "ds"
+    prepare([_spec(synthetic_slide, "a")], ds, PrepareConfig(**SMALL), progress=False)
+    panel = json.loads((ds / "manifest.json").read_text())["panel"]["gene_ids"]
+    other = tmp_path / "other"
+    write_synthetic_hd(other, width_um=300, height_um=300, seed=8, bin_sizes=(8,), progress=False)
+    res = prepare([_spec(other, "b")], ds, add=True, progress=False)
+    assert res.processed == ["b"]
+    m = json.loads((ds / "manifest.json").read_text())
+    assert m["panel"]["gene_ids"] == panel and m["panel"]["train_slides"] == ["a"]
+    assert set(m["slides"]) == {"a", "b"}
+    # a slide without some panel genes is refused, naming them, and nothing changes
+    ad = read.visium_hd(other, 8).to_anndata()
+    dropped = panel[:3]
+    ad = ad[:, ~ad.var["gene_ids"].isin(dropped)].copy()
+    ad.write_h5ad(tmp_path / "fewer.h5ad")
+    spec = SlideSpec(
+        name="c", path=str(tmp_path / "fewer.h5ad"), image=str(other / "he_fullres.tif")
+    )
+    before = (ds / "manifest.json").read_bytes()
+    with pytest.raises(
+        InputError, match=rf"lacks 3 genes of the dataset's panel: \['{dropped[0]}'"
+    ):
+        prepare([spec], ds, add=True, progress=False)
+    assert (ds / "manifest.json").read_bytes() == before
+    assert not (ds / "slides/c").exists()
+
+
+def test_bad_configs(synthetic_slide: Path, tmp_path: Path) -> None:
+    spec = [_spec(synthetic_slide, "a", bin_size=16)]
+    with pytest.raises(ConfigError, match="spot tiles of 12 um are smaller than the 16 um units"):
+        prepare(
+            spec, tmp_path / "x", PrepareConfig(working_mpp=1.0, spot_tile_px=12), progress=False
+        )
+    with pytest.raises(ConfigError, match="region tiles .* smaller than spot tiles"):
+        prepare(
+            spec,
+            tmp_path / "x",
+            PrepareConfig(spot_tile_px=400, region_tile_px=300),
+            progress=False,
+        )
+    with pytest.raises(ConfigError, match=r"not in every slide: \['NOPE1'"):
+        prepare(
+            spec,
+            tmp_path / "x",
+            PrepareConfig(panel="list", genes=["NOPE1", "NOPE2"]),
+            progress=False,
+        )
+    with pytest.raises(ConfigError, match="unknown target transform"):
+        PrepareConfig(target="sqrt").resolved("visium_hd")
+    with pytest.raises(ConfigError, match=r"training slides \['zz'\] are not among the inputs"):
+        prepare(spec, tmp_path / "x", PrepareConfig(train_slides=["zz"]), progress=False)
+    with pytest.raises(ConfigError, match="asked for 100000 genes"):
+        prepare(spec, tmp_path / "x", PrepareConfig(n_genes=100000), progress=False)
+    assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_config_file_and_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "p.toml"
+    f.write_text("working_mpp = 0.5\nspot_tile_px = 200\nk = 6\n")
+    cfg = PrepareConfig.from_file(f, k=4, region_tile_px=None).resolved("visium_hd")
+    assert (cfg.working_mpp, cfg.spot_tile_px, cfg.k, cfg.region_tile_px) == (0.5, 200, 4, 512)
+    f.write_text("tile = 3\n")
+    with pytest.raises(InputError, match=r"p.toml: unknown settings \['tile'\]"):
+        PrepareConfig.from_file(f)
+
+
+def test_empty_tissue_is_an_error(synthetic_copy: Path, tmp_path: Path) -> None:
+    path = synthetic_copy / "outs/binned_outputs/square_008um/spatial/tissue_positions.parquet"
+    df = pd.read_parquet(path)
+    df["in_tissue"] = 0
+    df.to_parquet(path)
+    with pytest.raises(InputError, match="no barcode of the matrix lies under tissue"):
+        prepare([_spec(synthetic_copy)], tmp_path / "ds", progress=False)
+
+
+def test_missing_image_is_an_error(synthetic_slide: Path, tmp_path: Path) -> None:
+    spec = SlideSpec(name="a", path=str(synthetic_slide), bin_size=8)
+    with pytest.raises(InputError, match="no full-resolution image given"):
+        prepare([spec], tmp_path / "ds", progress=False)
+
+
+def test_knn_edges_match_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(0, 100, (300, 2))
+    edges, dist = knn_edges(pts, k=5)
+    d = np.linalg.norm(pts[:, None] - pts[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    expect = np.sort(np.argsort(d, axis=1)[:, :5], axis=1)
+    got = np.sort(edges[0].reshape(300, 5), axis=1)
+    np.testing.assert_array_equal(got, expect)
+    np.testing.assert_array_equal(edges[1], np.repeat(np.arange(300), 5))
+    np.testing.assert_allclose(np.sort(dist.reshape(300, 5), axis=1), np.sort(d, axis=1)[:, :5])
+    e, _ = knn_edges(pts[:3], k=8)  # fewer points than k
+    assert e.shape == (2, 6)
