@@ -30,9 +30,7 @@ MPP = 0.2738
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSlideInfo:
     out = tmp_path_factory.mktemp("synth") / "run"
-    return write_synthetic_hd(
-        out, width_um=SIZE_UM, height_um=SIZE_UM, seed=SEED, progress=False
-    )
+    return write_synthetic_hd(out, width_um=SIZE_UM, height_um=SIZE_UM, seed=SEED, progress=False)
 
 
 def _read_h5(path: Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
@@ -40,9 +38,7 @@ def _read_h5(path: Path) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndar
     with h5py.File(path, "r") as f:
         m = f["matrix"]
         n_genes, n_bc = (int(v) for v in m["shape"][:])
-        x = sp.csc_matrix(
-            (m["data"][:], m["indices"][:], m["indptr"][:]), shape=(n_genes, n_bc)
-        )
+        x = sp.csc_matrix((m["data"][:], m["indices"][:], m["indptr"][:]), shape=(n_genes, n_bc))
         bcs = m["barcodes"][:].astype(str)
         ids = m["features"]["id"][:].astype(str)
         names = m["features"]["name"][:].astype(str)
@@ -62,7 +58,9 @@ def _aggregate(x: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray, f: int, n_c
     """Sum bins into (row // f, col // f) blocks; returns {(row, col): matrix row index}."""
     key = (rows // f) * n_cols + cols // f
     uniq, inv = np.unique(key, return_inverse=True)
-    agg = sp.csr_matrix((np.ones(len(key)), (inv, np.arange(len(key)))), shape=(len(uniq), len(key)))
+    agg = sp.csr_matrix(
+        (np.ones(len(key)), (inv, np.arange(len(key)))), shape=(len(uniq), len(key))
+    )
     return uniq, (agg @ x).astype(np.int64).tocsr()
 
 
@@ -161,9 +159,12 @@ def test_scanpy_and_mtx(slide: SyntheticSlideInfo) -> None:
             assert fh.readline().startswith("%%MatrixMarket matrix coordinate integer general")
         m = scipy.io.mmread(mdir / "matrix.mtx.gz")
         assert m.shape == (500, x.shape[0])
-        assert (sp.csr_matrix(m).T != x).nnz == 0
+        assert (x != sp.csr_matrix(m).T).nnz == 0
         with gzip.open(mdir / "barcodes.tsv.gz", "rt") as fh:
             assert fh.read().split() == bcs.tolist()
+        via_mtx = sc.read_10x_mtx(mdir)
+        assert list(via_mtx.obs_names) == bcs.tolist()
+        assert (sp.csr_matrix(via_mtx.X) != x).nnz == 0
         feats = pd.read_csv(mdir / "features.tsv.gz", sep="\t", header=None)
         assert feats[0].tolist() == ids.tolist() and feats[1].tolist() == names.tolist()
         assert set(feats[2]) == {"Gene Expression"}
@@ -196,7 +197,10 @@ def test_positions_and_scalefactors(slide: SyntheticSlideInfo) -> None:
         assert len(pos) == nr * nc == slide.n_bins_total[s]
         assert int(pos["in_tissue"].sum()) == slide.n_bins_in_tissue[s]
         assert set(pos["in_tissue"].unique()) <= {0, 1}
-        expected = [f"s_{s:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(pos.array_row, pos.array_col)]
+        expected = [
+            f"s_{s:03d}um_{r:05d}_{c:05d}-1"
+            for r, c in zip(pos.array_row, pos.array_col, strict=True)
+        ]
         assert pos["barcode"].tolist() == expected
         assert pos["barcode"].is_unique
         np.testing.assert_allclose(
@@ -220,7 +224,10 @@ def test_positions_and_scalefactors(slide: SyntheticSlideInfo) -> None:
         assert sf["bin_size_um"] == s and sf["microns_per_pixel"] == MPP
         assert sf["spot_diameter_fullres"] == pytest.approx(s / MPP)
         h, w = slide.image_shape
-        for name, key, longest in (("hires", "tissue_hires_scalef", 2000), ("lowres", "tissue_lowres_scalef", 600)):
+        for name, key, longest in (
+            ("hires", "tissue_hires_scalef", 2000),
+            ("lowres", "tissue_lowres_scalef", 600),
+        ):
             with Image.open(folder / "spatial" / f"tissue_{name}_image.png") as im:
                 assert max(im.size) == longest
                 assert im.size == (round(w * sf[key]), round(h * sf[key]))
@@ -252,8 +259,11 @@ def test_image(slide: SyntheticSlideInfo) -> None:
     r = pos["pxl_row_in_fullres"].astype(int).to_numpy()
     c = pos["pxl_col_in_fullres"].astype(int).to_numpy()
     brightness = img[r, c].astype(float).mean(axis=1)
+    # bins wholly under tissue (an edge bin is in_tissue when any of its 2 um bins is)
+    full = pd.read_parquet(slide.bins_truth_path)["tissue_fraction"].to_numpy() == 1
     inside = pos["in_tissue"].to_numpy() == 1
-    assert (brightness[inside] < 225).mean() > 0.95
+    assert (brightness[full] < 225).mean() > 0.95
+    assert (brightness[inside] < 225).mean() > 0.85
     assert (brightness[~inside] > 228).mean() > 0.9
     # the margin around the capture area is background
     assert img[:50, :50].mean() > 230
@@ -297,7 +307,9 @@ def test_determinism(tmp_path: Path) -> None:
     ):
         for la, lb in zip(ta.series[0].levels, tb.series[0].levels, strict=True):
             np.testing.assert_array_equal(la.asarray(), lb.asarray())
-        assert not np.array_equal(ta.series[0].levels[1].asarray(), tc.series[0].levels[1].asarray())
+        assert not np.array_equal(
+            ta.series[0].levels[1].asarray(), tc.series[0].levels[1].asarray()
+        )
 
 
 def test_failure_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -369,8 +381,9 @@ def test_planted_signal_and_scales(slide: SyntheticSlideInfo) -> None:
     def window(half_um: float) -> np.ndarray:
         return np.column_stack(
             [
-                cKDTree(nuclei.loc[nuclei.cell_type == t, ["x_um", "y_um"]].to_numpy())
-                .query_ball_point(centres, half_um, p=np.inf, return_length=True)
+                cKDTree(
+                    nuclei.loc[nuclei.cell_type == t, ["x_um", "y_um"]].to_numpy()
+                ).query_ball_point(centres, half_um, p=np.inf, return_length=True)
                 for t in CELL_TYPES
             ]
         ).astype(float)
@@ -378,13 +391,15 @@ def test_planted_signal_and_scales(slide: SyntheticSlideInfo) -> None:
     in_bin = bins[[f"n_{t}" for t in CELL_TYPES]].to_numpy(float)
     local = np.column_stack([in_bin, window(14.0)])  # what a ~28 um patch shows
     region = np.column_stack([local, window(64.0)])  # plus a ~128 um region tile
+    # cell-driven genes: the local view explains them; context genes: it does not, the
+    # region view does
     for t in CELL_TYPES:
-        assert _r2(local, program(f"CELL_{t}")) > 0.7, t
-    for name in ("CTX_DOMB", "CTX_LYMG"):
+        assert _r2(local, program(f"CELL_{t}")) > 0.8, t
+    for name in ("CTX_DOMA", "CTX_DOMB", "CTX_LYMG"):
         r2_local = _r2(local, program(name))
         r2_region = _r2(region, program(name))
-        assert r2_region > r2_local + 0.1, (name, r2_local, r2_region)
-        assert r2_local < 0.5, (name, r2_local)
+        assert r2_local < 0.6, (name, r2_local)
+        assert r2_region > r2_local + 0.15, (name, r2_local, r2_region)
 
 
 def test_hvg_mostly_planted(slide: SyntheticSlideInfo) -> None:

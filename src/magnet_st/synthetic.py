@@ -22,11 +22,16 @@ Scene
   the tissue edge, um); a point is under tissue when the bilinear interpolation of ``sd``
   there is > 0 (this one rule drives the image's tissue mask, nuclei and ``in_tissue``).
 * Domains: Voronoi cells of seeds on a jittered grid ``domain_spacing_um`` apart, on
-  coordinates warped by 60 um of smooth noise. Types are dealt out in blocks of five,
-  nearest seeds to the capture centre first: a shuffled ``[TUM_A, TUM_B, STR, LYM, ADI]``
-  then a shuffled ``[TUM_A, TUM_B, STR, STR, LYM]``, repeated. A ``LYM`` cell is a round
-  lymphoid aggregate of radius ``U(0.3, 0.45) * spacing`` around its seed; the rest of
-  that cell is stroma. The domain of a point is the label of its nearest node.
+  coordinates warped by 60 um of smooth noise. Types are dealt out in shuffled blocks of
+  five, nearest seeds to the capture centre first (so even a small slide holds every
+  type), cycling through ``[A, B, STR, LYM, ADI]``, ``[A, B, STR, LYM, A]``,
+  ``[A, B, STR, LYM, ADI]``, ``[A, B, STR, LYM, B]`` (A, B = TUM_A, TUM_B). A ``LYM`` cell
+  is a round lymphoid aggregate of radius ``U(0.35, 0.5) * spacing`` around its seed; the
+  rest of that cell is stroma. The domain of a point is the label of its nearest node.
+  Roughly: TUM_A 25%, TUM_B 25%, STR 30%, LYM 10%, ADI 10% of the tissue.
+* Image: Beer-Lambert mix of haematoxylin and eosin optical densities: background stain
+  per domain (``DOMAIN_STAIN``) with fibre and grain textures, plus anti-aliased
+  elliptical nuclei; every pyramid level is rendered from the scene at its own scale.
 * Nuclei are explicit objects: for each cell type a jittered lattice at its highest
   density, thinned to ``density[type, domain] / max density`` and kept under tissue
   (densities in ``NUCLEUS_DENSITY``, per 100 x 100 um). ``TUM_A`` and ``TUM_B`` look the
@@ -41,8 +46,9 @@ Expression model (per 8 um bin ``b`` of the capture area and gene ``g``)
     tf_b     = fraction of the 16 2-um bins of b whose centre is under tissue
     n_{t,b}  = number of nuclei of cell type t whose centre lies in b
     d_b      = domain at the centre of b
-    rho_b    = (K_150 * n_LYM)(b) / 1.5        (lymphocyte density smoothed by a Gaussian of
-                sigma 150 um on the 8 um grid, zero outside the image, per 1.5 nuclei/bin)
+    rho_b    = (K_75 * n_LYM)(b) / 1.5         (lymphocyte density smoothed over ~150 um: a
+                Gaussian of sigma 75 um on the 8 um grid, zero outside the image, in units
+                of 1.5 nuclei per bin)
     e_b      = exp(0.2 z_b - 0.02), z_b ~ N(0, 1)   (capture efficiency)
 
     lambda_{b,g} = 1[tf_b > 0] * e_b * ( sum_t n_{t,b} B_{t,g}
@@ -53,9 +59,9 @@ Expression model (per 8 um bin ``b`` of the capture area and gene ``g``)
   ``B_{T,g} = S_T w_g`` with ``S = CELL_UMI_PER_NUCLEUS`` (UMIs per nucleus);
 * context-driven genes: ``CTX_DOMA_<k>``: ``C_{TUM_A,g} = 35 w_g``; ``CTX_DOMB_<k>``:
   ``C_{TUM_B,g} = 35 w_g`` (domain programmes that a 28 um patch cannot tell apart);
-  ``CTX_LYMG_<k>``: ``L_g = 70 w_g`` (lymphocyte gradient over ~150 um);
-* background genes ``BG_<k>``: ``M_{d,g} = 40 v_g exp(tau_g z_{g,d})``, ``tau_g ~ U(0.05,
-  0.6)``, ``z ~ N(0, 1)``;
+  ``CTX_LYMG_<k>``: ``L_g = 60 w_g`` (lymphocyte gradient over ~150 um);
+* background genes ``BG_<k>``: ``M_{d,g} = 40 v_g exp(tau_g z_{g,d})``, ``tau_g = 0.5 U^2``
+  with ``U ~ U(0, 1)``, ``z ~ N(0, 1)`` (mild dependence on the domain);
 * ``w_g`` (within a programme) and ``v_g`` (over background genes) are log-normal
   (sigma 0.8 and 1.0) normalised to sum to 1; all other entries of B, C, M, L are 0.
 
@@ -179,7 +185,7 @@ DOMAIN_STAIN = np.array(
         [0.18, 0.50, 0.25],
         [0.04, 0.72, 1.00],
         [0.12, 0.30, 0.20],
-        [0.07, 0.10, 0.30],
+        [0.10, 0.22, 0.30],
     ],
     dtype=np.float32,
 )
@@ -1256,14 +1262,17 @@ FORMULAS = {
     "n[t,b]": "number of nuclei of cell type t whose centre lies in 8 um bin b",
     "d_b": "domain type at the centre of bin b",
     "rho_b": (
-        "gaussian_filter(n_LYM on the 8 um grid extended over the image, sigma=150/8 bins, "
-        "mode='constant', truncate=4) / 1.5"
+        "gaussian_filter(n_LYM on the 8 um grid extended over the image, sigma=75/8 bins "
+        "(75 um), mode='constant', truncate=4) / 1.5"
     ),
     "e_b": "exp(0.2 z_b - 0.02), z_b ~ N(0, 1)",
-    "B[T,g]": "S_T * w_g for g in CELL_<T> (S_T in cell_umi_per_nucleus), else 0",
+    "B[T,g]": "S_T * w_g for g in CELL_<T> (S_T = cell_types[T].umi_per_nucleus), else 0",
     "C[d,g]": "35 * w_g for g in CTX_DOMA and d = TUM_A, or g in CTX_DOMB and d = TUM_B, else 0",
-    "L[g]": "70 * w_g for g in CTX_LYMG, else 0",
-    "M[d,g]": "40 * v_g * exp(tau_g * z[g,d]) for background genes, tau_g ~ U(0.05, 0.6), else 0",
+    "L[g]": "60 * w_g for g in CTX_LYMG, else 0",
+    "M[d,g]": (
+        "40 * v_g * exp(tau_g * z[g,d]) for background genes, tau_g = 0.5 * U(0, 1)^2, "
+        "z ~ N(0, 1); else 0"
+    ),
     "w_g, v_g": "log-normal (sigma 0.8 within a programme, 1.0 over background) summing to 1",
     "2um split": (
         "each UMI of bin b goes to 2-um bin s of b with probability proportional to "
@@ -1333,7 +1342,7 @@ def _truth(
         "context_programmes": {
             "CTX_DOMA": "domain TUM_A (locally identical to TUM_B)",
             "CTX_DOMB": "domain TUM_B, recognisable only from its sparse CUE cells (~1/70x70 um)",
-            "CTX_LYMG": "lymphocyte density smoothed with a Gaussian of sigma 150 um",
+            "CTX_LYMG": "lymphocyte density smoothed over ~150 um (Gaussian, sigma 75 um)",
         },
         "formulas": FORMULAS,
         "features": FEATURE_NAMES,

@@ -1,0 +1,309 @@
+"""Slide-level cross-validation of MagNet (and its ablations) beside the mean-profile baseline.
+
+Per fold: the test slide(s) are held out; one training slide is held out for validation
+(early stopping and checkpoint choice) when there are at least two; the gene panel is
+chosen and the target statistics are fitted on the fold's training slides only; every
+model is trained, then predicts the test slides from their images alone; metrics
+(:mod:`magnet_st.metrics`) are computed at the bin, spot and region levels. Folds and
+models already finished are skipped, so an interrupted run resumes.
+
+Outputs in ``OUT/``: ``folds.json`` (the split and seed), ``fold<i>/<model>/`` (model
+file, training log, ``pred_<slide>_<level>.h5ad``, ``metrics.json``), ``metrics.csv``
+(one row per fold, model, level and test slide), ``summary.csv`` and ``summary.md``
+(mean +- std over folds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from magnet_st.atomic import atomic_path, write_text
+from magnet_st.dataset import Dataset
+from magnet_st.errors import ConfigError
+from magnet_st.metrics import evaluate, summarize
+from magnet_st.panel import select_panel
+from magnet_st.targets import TargetTransform
+from magnet_st.train import TrainConfig, fit, load_model, predict_slide, slide_arrays
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("bin", "spot", "region")
+METRICS = ["mse", "mae", "pcc_gene", "pcc_gene_top", "pcc_unit"]
+BASELINE = "mean_profile"
+
+
+def make_folds(slides: list[str], scheme: str = "loso", k: int = 4, seed: int = 0) -> list[dict]:
+    """Folds by slide: ``"loso"`` (leave one slide out) or ``"kfold"`` (``k`` groups).
+
+    Each fold: ``test``, ``val`` (one training slide, seeded, when two or more remain)
+    and ``train``.
+    """
+    if len(slides) < 2:
+        raise ConfigError(f"cross-validation needs at least 2 slides, got {len(slides)}")
+    rng = np.random.default_rng(seed)
+    if scheme == "loso":
+        groups = [[s] for s in slides]
+    elif scheme == "kfold":
+        if not 2 <= k <= len(slides):
+            raise ConfigError(f"k must be between 2 and the number of slides ({len(slides)})")
+        order = list(rng.permutation(slides))
+        groups = [sorted(order[i::k]) for i in range(k)]
+    else:
+        raise ConfigError(f"unknown scheme {scheme!r}; choose 'loso' or 'kfold'")
+    folds = []
+    for test in groups:
+        pool = [s for s in slides if s not in test]
+        val = [pool[int(rng.integers(len(pool)))]] if len(pool) >= 2 else []
+        folds.append({"test": test, "val": val, "train": [s for s in pool if s not in val]})
+    return folds
+
+
+def _pred_anndata(ds: Dataset, slide: str, level: str, pred: np.ndarray, genes, names):
+    import anndata
+
+    src = ds.level(slide, level)
+    var = pd.DataFrame({"gene_ids": genes}, index=pd.Index(names, name="gene"))
+    ad = anndata.AnnData(X=pred.astype(np.float32), obs=src.obs.copy(), var=var)
+    ad.var_names_make_unique()
+    ad.obsm["spatial"] = np.asarray(src.obsm["spatial"])
+    ad.uns["spatial"] = dict(src.uns.get("spatial", {}))
+    ad.uns["magnet"] = {"level": level, "slide": slide, "scale": "log1p"}
+    return ad
+
+
+def top_variable(ds: Dataset, slides: list[str], genes: list[str], n: int = 50) -> np.ndarray:
+    """Column indices of the ``n`` genes whose log1p bin values vary most in ``slides``."""
+    y = np.concatenate([np.log1p(ds.counts(s, "bin", genes).toarray()) for s in slides])
+    return np.argsort(-y.var(axis=0), kind="stable")[:n]
+
+
+def cross_validate(
+    dataset: str | Path,
+    out: str | Path,
+    cfg: TrainConfig,
+    *,
+    variants: list[str] | None = None,
+    scheme: str = "loso",
+    k: int = 4,
+    seed: int = 0,
+    slides: list[str] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run the folds and write the tables; returns the per-fold metrics table."""
+    ds = Dataset(dataset)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    slides = slides or ds.slides
+    variants = variants or [cfg.variant]
+    folds = make_folds(slides, scheme, k, seed)
+    plan = {"scheme": scheme, "k": k, "seed": seed, "folds": folds, "train_config": cfg.to_dict()}
+    folds_file = out / "folds.json"
+    if folds_file.is_file():
+        old = json.loads(folds_file.read_text())
+        if old["folds"] != folds or old["train_config"] != cfg.to_dict():
+            raise ConfigError(
+                f"{out} holds a cross-validation with other folds or settings; "
+                "use another output folder"
+            )
+    write_text(folds_file, json.dumps(plan, indent=1))
+    panel_cfg = ds.manifest["panel"]
+    target_kind = ds.manifest["targets"]["bin"]["kind"]
+    rows: list[dict[str, Any]] = []
+    for i, fold in enumerate(folds):
+        fold_dir = out / f"fold{i}"
+        pool = fold["train"] + fold["val"]
+        genes = select_panel(
+            [ds.level(s, "bin").X for s in pool],
+            [list(ds.level(s, "bin").var["gene_ids"].astype(str)) for s in pool],
+            method=panel_cfg["method"],
+            n_genes=panel_cfg["n_genes"],
+            genes=panel_cfg["gene_ids"] if panel_cfg["method"] == "list" else None,
+            candidates=set.intersection(
+                *(set(ds.level(s, "bin").var["gene_ids"].astype(str)) for s in ds.slides)
+            ),
+            seed=seed,
+        )
+        names = _gene_names(ds, genes)
+        targets = {
+            lv: TargetTransform(target_kind).fit([ds.counts(s, lv, genes) for s in pool])
+            for lv in LEVELS
+        }
+        top = top_variable(ds, pool, genes)
+        write_text(
+            fold_dir / "panel.tsv",
+            "gene_id\tgene_name\n"
+            + "".join(f"{g}\t{n}\n" for g, n in zip(genes, names, strict=True)),
+        )
+        # the mean-profile baseline: each gene's mean over the training units
+        rows += _run_cached(
+            fold_dir / BASELINE,
+            lambda d, f=fold, g=genes, n=names, t=targets, tp=top: _baseline(ds, f, g, n, t, tp, d),
+        )
+        for variant in variants:
+            vcfg = replace(cfg, variant=variant)
+            rows += _run_cached(
+                fold_dir / variant,
+                lambda d, f=fold, g=genes, n=names, t=targets, tp=top, c=vcfg: _model(
+                    ds, f, g, n, t, tp, c, d, progress
+                ),
+            )
+        for r in rows:
+            r.setdefault("fold", i)
+    table = pd.DataFrame(rows)
+    write_tables(table, out)
+    return table
+
+
+def _gene_names(ds: Dataset, genes: list[str]) -> list[str]:
+    ad = ds.level(ds.slides[0], "bin")
+    m = dict(zip(ad.var["gene_ids"].astype(str), ad.var_names.astype(str), strict=True))
+    return [m.get(g, g) for g in genes]
+
+
+def _run_cached(folder: Path, run) -> list[dict]:
+    done = folder / "metrics.json"
+    if done.is_file():
+        log.info("%s: already done, skipped", folder)
+        return json.loads(done.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = run(folder)
+    write_text(done, json.dumps(rows, indent=1))
+    return rows
+
+
+def _score(
+    ds: Dataset,
+    fold: dict,
+    preds: dict[str, dict[str, np.ndarray]],
+    genes,
+    top,
+    model,
+    seconds=None,
+):
+    rows = []
+    for slide, by_level in preds.items():
+        for lv, pred in by_level.items():
+            true = np.log1p(ds.counts(slide, lv, genes).toarray())
+            m = evaluate(true, pred, top_genes=top)
+            rows.append(
+                {
+                    "model": model,
+                    "level": lv,
+                    "test_slide": slide,
+                    **m,
+                    **({"train_seconds": seconds} if seconds is not None else {}),
+                }
+            )
+    return rows
+
+
+def _baseline(ds, fold, genes, names, targets, top, folder: Path) -> list[dict]:
+    pool = fold["train"] + fold["val"]
+    preds = {}
+    for slide in fold["test"]:
+        preds[slide] = {}
+        for lv in LEVELS:
+            train = np.concatenate([np.log1p(ds.counts(s, lv, genes).toarray()) for s in pool])
+            n = ds.level(slide, lv).n_obs
+            preds[slide][lv] = np.tile(train.mean(axis=0), (n, 1))
+    return _score(ds, fold, preds, genes, top, BASELINE)
+
+
+def _model(ds, fold, genes, names, targets, top, cfg: TrainConfig, folder: Path, progress: bool):
+    res = fit(
+        ds, fold["train"], fold["val"], cfg, folder, genes=genes, targets=targets, progress=progress
+    )
+    model, payload = load_model(res.model_path)
+    preds = {}
+    for slide in fold["test"]:
+        arrays = slide_arrays(
+            ds,
+            slide,
+            cfg.features,
+            genes=genes,
+            bin_features=cfg.bin_encoder == "frozen",
+            with_counts=False,
+        )
+        reader = None
+        if cfg.bin_encoder != "frozen":
+            from magnet_st.train import PatchReader
+
+            reader = PatchReader({slide: ds.image(slide)}, ds.patch_um("bin"), ds.patch_px("bin"))
+        preds[slide] = predict_slide(model, arrays, payload, patch_reader=reader)
+        for lv, pred in preds[slide].items():
+            ad = _pred_anndata(ds, slide, lv, pred, genes, names)
+            with atomic_path(folder / f"pred_{slide}_{lv}.h5ad") as tmp:
+                ad.write_h5ad(tmp)
+    (folder / "history.json").write_text(json.dumps(res.history, indent=1))
+    return _score(ds, fold, preds, genes, top, cfg.variant, res.seconds)
+
+
+def write_tables(table: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """``metrics.csv`` (per fold), ``summary.csv`` and ``summary.md`` (mean +- std)."""
+    with atomic_path(out / "metrics.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    summary = summary_table(table)
+    with atomic_path(out / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False)
+    write_text(out / "summary.md", markdown_summary(summary))
+    return summary
+
+
+def summary_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over folds of each metric, per model and level; baseline rows first."""
+    rows = []
+    for (level, model), sub in table.groupby(["level", "model"], sort=False):
+        fold_means = sub.groupby("fold")[[m for m in METRICS if m in sub]].mean()
+        stats = summarize(fold_means.to_dict("records"), [m for m in METRICS if m in sub])
+        row = {"level": level, "model": model, "folds": len(fold_means)}
+        for m, (mu, sd) in stats.items():
+            row[f"{m}_mean"], row[f"{m}_std"] = mu, sd
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    order = {lv: i for i, lv in enumerate(LEVELS)}
+    df["_l"] = df["level"].map(order)
+    df["_b"] = (df["model"] != BASELINE).astype(int)
+    return (
+        df.sort_values(["_l", "_b"], kind="stable")
+        .drop(columns=["_l", "_b"])
+        .reset_index(drop=True)
+    )
+
+
+def markdown_summary(summary: pd.DataFrame) -> str:
+    """One Markdown table per level: rows models, columns metrics as mean +- std."""
+    names = {
+        "mse": "MSE",
+        "mae": "MAE",
+        "pcc_unit": "PCC-unit",
+        "pcc_gene": "PCC-gene",
+        "pcc_gene_top": "PCC-gene top-50",
+    }
+    cols = [
+        m for m in ("mse", "mae", "pcc_unit", "pcc_gene", "pcc_gene_top") if f"{m}_mean" in summary
+    ]
+    lines = []
+    for level, sub in summary.groupby("level", sort=False):
+        lines += [
+            f"### {level} level",
+            "",
+            "| model | " + " | ".join(names[c] for c in cols) + " |",
+        ]
+        lines.append("|---|" + "---|" * len(cols))
+        for _, r in sub.iterrows():
+            cells = [
+                "n/a"
+                if not np.isfinite(r[f"{c}_mean"])
+                else f"{r[f'{c}_mean']:.4f} ± {r[f'{c}_std']:.4f}"
+                for c in cols
+            ]
+            lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

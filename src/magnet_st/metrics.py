@@ -1,0 +1,82 @@
+"""Accuracy metrics, named apart because they are not comparable (docs/BENCHMARK.md).
+
+- ``pcc_gene``: Pearson per gene across the units of a slide, averaged over genes (the
+  field's usual metric: HEST, TRIPLEX, Img2ST-Net). Genes constant in the slide (in truth
+  or prediction) are skipped and counted.
+- ``pcc_unit``: Pearson per unit across genes, averaged over units (the MagNet paper's
+  "PCC"). Inflated by genes' different mean levels: a constant mean profile already scores
+  high. Units constant across genes are skipped and counted.
+- ``mse`` and ``mae`` over all (unit, gene) values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pearson_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson r of each row pair, and a mask of rows where it is defined."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    na = np.sqrt((a * a).sum(axis=1))
+    nb = np.sqrt((b * b).sum(axis=1))
+    ok = (na > 1e-12) & (nb > 1e-12)
+    r = np.full(len(a), np.nan)
+    r[ok] = (a[ok] * b[ok]).sum(axis=1) / (na[ok] * nb[ok])
+    return r, ok
+
+
+def pcc_per_gene(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Pearson r per gene (column) across units; NaN where either side is constant."""
+    return _pearson_rows(np.asarray(y_true).T, np.asarray(y_pred).T)[0]
+
+
+def pcc_per_unit(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Pearson r per unit (row) across genes; NaN where either side is constant."""
+    return _pearson_rows(y_true, y_pred)[0]
+
+
+def evaluate(
+    y_true: np.ndarray, y_pred: np.ndarray, top_genes: np.ndarray | None = None
+) -> dict[str, float]:
+    """All metrics for one slide: ``units x genes`` arrays on the same (log1p) scale.
+
+    ``top_genes``: column indices of the genes for ``pcc_gene_top`` (e.g. the 50 most
+    variable genes of the training slides).
+    """
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"shapes differ: {y_true.shape} vs {y_pred.shape}")
+    diff = y_pred - y_true
+    r_gene = pcc_per_gene(y_true, y_pred)
+    r_unit = pcc_per_unit(y_true, y_pred)
+    out = {
+        "mse": float(np.mean(diff**2)),
+        "mae": float(np.mean(np.abs(diff))),
+        "pcc_gene": float(np.nanmean(r_gene)) if np.isfinite(r_gene).any() else float("nan"),
+        "pcc_unit": float(np.nanmean(r_unit)) if np.isfinite(r_unit).any() else float("nan"),
+        "genes_skipped": int(np.isnan(r_gene).sum()),
+        "units_skipped": int(np.isnan(r_unit).sum()),
+        "n_units": int(y_true.shape[0]),
+        "n_genes": int(y_true.shape[1]),
+    }
+    if top_genes is not None:
+        top = r_gene[np.asarray(top_genes)]
+        out["pcc_gene_top"] = float(np.nanmean(top)) if np.isfinite(top).any() else float("nan")
+    return out
+
+
+def summarize(rows: list[dict[str, float]], keys: list[str]) -> dict[str, tuple[float, float]]:
+    """Mean and standard deviation (ddof=0 for one row, else 1) of ``keys`` over folds."""
+    out = {}
+    for k in keys:
+        v = np.array([r[k] for r in rows if k in r], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if len(v) == 0:
+            out[k] = (float("nan"), float("nan"))
+        else:
+            out[k] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+    return out

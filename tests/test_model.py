@@ -1,0 +1,163 @@
+"""The MagNet model and spatial batches on hand-made geometry (no files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from magnet_st.batching import BlockDataset, SlideArrays, blocks, make_batch
+from magnet_st.errors import ConfigError
+from magnet_st.model import MagNetConfig, create_model
+
+
+def _slide(
+    n_side: int = 24,
+    bin_um: float = 8.0,
+    spot_um: float = 32.0,
+    region_um: float = 64.0,
+    feat: int = 16,
+    genes: int = 7,
+    seed: int = 0,
+) -> SlideArrays:
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    r, c = np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij")
+    pos = np.column_stack([c.ravel(), r.ravel()]) * bin_um + bin_um / 2
+
+    def grid(size: float):
+        cell = np.floor(pos / size).astype(int)[:, ::-1]
+        tiles, idx = np.unique(cell, axis=0, return_inverse=True)
+        return tiles, idx.ravel(), (tiles[:, ::-1] + 0.5) * size
+
+    s_rc, bin_spot, s_pos = grid(spot_um)
+    r_rc, bin_region, r_pos = grid(region_um)
+    n = len(pos)
+    counts = sp.csr_matrix(rng.poisson(1.0, (n, genes)))
+    M = lambda idx, m: sp.csr_matrix((np.ones(n), (idx, np.arange(n))), shape=(m, n))  # noqa: E731
+    return SlideArrays(
+        name="toy",
+        bin_pos=pos,
+        spot_pos=s_pos,
+        region_pos=r_pos,
+        bin_spot=bin_spot,
+        bin_region=bin_region,
+        spot_size_um=spot_um,
+        region_size_um=region_um,
+        region_rc=r_rc,
+        spot_n_units=np.bincount(bin_spot),
+        region_n_units=np.bincount(bin_region),
+        bin_x=rng.normal(size=(n, feat)).astype(np.float16),
+        spot_x=rng.normal(size=(len(s_pos), feat)).astype(np.float16),
+        region_x=rng.normal(size=(len(r_pos), feat)).astype(np.float16),
+        counts_bin=counts,
+        counts_spot=(M(bin_spot, len(s_pos)) @ counts).tocsr(),
+        counts_region=(M(bin_region, len(r_pos)) @ counts).tocsr(),
+    )
+
+
+def _log1p(_level: str, c) -> np.ndarray:
+    return np.log1p(np.asarray(c.todense(), dtype=np.float32))
+
+
+def test_blocks_partition_the_bins() -> None:
+    s = _slide()
+    bl = blocks(s, 2)
+    allbins = np.concatenate(bl)
+    assert len(allbins) == s.n_bins and len(np.unique(allbins)) == s.n_bins
+    # 24 bins of 8 um = 192 um = 3 regions of 64 um per side; blocks of 2x2 regions -> 4 blocks
+    assert len(bl) == 4
+    for b in bl:  # a block holds whole region tiles
+        regions = np.unique(s.bin_region[b])
+        assert np.isin(np.flatnonzero(np.isin(s.bin_region, regions)), b).all()
+
+
+def test_context_puts_the_containing_tile_first() -> None:
+    s = _slide()
+    ctx = s.context("spot", 5)
+    assert ctx.shape == (s.n_bins, 5)
+    np.testing.assert_array_equal(ctx[:, 0], s.bin_spot)
+    assert all(len(set(row)) == 5 for row in ctx)
+    # the others are the nearest other tiles (compared by distance: ties may swap tiles)
+    d = np.linalg.norm(s.spot_pos[ctx] - s.bin_pos[:, None], axis=-1)
+    all_d = np.linalg.norm(s.spot_pos[None] - s.bin_pos[:, None], axis=-1)
+    all_d[np.arange(s.n_bins), s.bin_spot] = np.inf
+    np.testing.assert_allclose(np.sort(d[:, 1:], axis=1), np.sort(all_d, axis=1)[:, :4])
+
+
+def test_batch_geometry_only_and_indices_are_local() -> None:
+    s = _slide()
+    bins = blocks(s, 2)[0]
+    b = make_batch(s, bins, context_tokens=3, targets=_log1p)
+    n = len(bins)
+    assert b["bin_x"].shape == (n, 16) and b["y_bin"].shape == (n, 7)
+    ns = len(b["spot_index"])
+    assert b["bin_spot"].max() < ns and b["bin_spot_ctx"].max() < ns
+    np.testing.assert_array_equal(b["spot_index"][b["bin_spot"]].numpy(), s.bin_spot[bins])
+    assert b["bin_edges"].max() < n and b["spot_edges"].max() < ns
+    # the offset of the containing tile is within half a tile width
+    assert b["bin_spot_offset"][:, 0].abs().max() <= 0.5 + 1e-6
+    # targets of complete tiles equal the log1p of their members' summed counts
+    full = b["spot_complete"].numpy()
+    assert full.any()
+    # without targets nothing reads counts
+    s2 = _slide()
+    s2.counts_bin = s2.counts_spot = s2.counts_region = None
+    b2 = make_batch(s2, bins, with_targets=False)
+    assert "y_bin" not in b2 and torch.equal(b2["bin_edges"], make_batch(s, bins)["bin_edges"])
+
+
+@pytest.mark.parametrize("variant", ["magnet", "paper", "no_context"])
+def test_model_shapes(variant: str) -> None:
+    s = _slide()
+    cfg = MagNetConfig(
+        n_genes=7,
+        spot_feature_dim=16,
+        region_feature_dim=16,
+        bin_feature_dim=16,
+        variant=variant,
+        width=32,
+        heads=4,
+        context_tokens=1 if variant == "paper" else 4,
+    )
+    model = create_model(cfg.to_dict())
+    data = BlockDataset(
+        [s], context_tokens=cfg.context_tokens, with_context=cfg.uses_context, targets=_log1p
+    )
+    out = model(data[0])
+    n = len(data.items[0][1])
+    assert out["bin"].shape == (n, 7)
+    if variant == "no_context":
+        assert set(out) == {"bin"}
+    else:
+        assert out["spot"].shape == (len(data[0]["spot_index"]), 7)
+        assert out["region"].shape == (len(data[0]["region_index"]), 7)
+
+
+def test_context_changes_the_bin_prediction() -> None:
+    """With several context tokens the attention depends on the query (not a projection)."""
+    torch.manual_seed(0)
+    s = _slide()
+    cfg = MagNetConfig(
+        n_genes=7, spot_feature_dim=16, region_feature_dim=16, bin_feature_dim=16, width=32
+    )
+    model = create_model(cfg).eval()
+    b = make_batch(s, blocks(s, 2)[0], context_tokens=5, with_targets=False)
+    base = model(b)["bin"]
+    b2 = dict(b)
+    b2["spot_x"] = b["spot_x"] + torch.randn_like(b["spot_x"])
+    assert not torch.allclose(model(b2)["bin"], base)
+
+
+def test_bad_model_configs() -> None:
+    with pytest.raises(ConfigError, match="unknown variant"):
+        MagNetConfig(
+            n_genes=3, variant="nope", bin_feature_dim=4, spot_feature_dim=4, region_feature_dim=4
+        )
+    with pytest.raises(ConfigError, match="bin_feature_dim"):
+        MagNetConfig(n_genes=3, spot_feature_dim=4, region_feature_dim=4)
+    with pytest.raises(ConfigError, match="divisible"):
+        MagNetConfig(
+            n_genes=3, bin_feature_dim=4, spot_feature_dim=4, region_feature_dim=4, width=30
+        )
