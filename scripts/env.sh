@@ -6,6 +6,7 @@
 # keyed by the requirement files, so every clone with the same requirements reuses it.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+caller="$PWD"
 cd "$here"
 python="${PYTHON:-python3}"
 # Key: the Python version, the pinned dev requirements and pyproject's dependency lists only,
@@ -40,4 +41,5 @@ fi
 export PATH="$venv/bin:$PATH"
 export VIRTUAL_ENV="$venv"
 [ $# -gt 0 ] || set -- bash
+cd "$caller"
 exec "$@"

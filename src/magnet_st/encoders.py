@@ -97,6 +97,7 @@ __all__ = [
     "DEFAULT_ENCODER",
     "Encoder",
     "OFFLINE_ENCODERS",
+    "Preprocess",
     "create_encoder",
     "encoder_key",
     "load_state_dict",
@@ -147,7 +148,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(text)
     except RuntimeError:
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        raise ConfigError(
+            f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device 'cuda' requested but CUDA is not available")
@@ -163,6 +166,56 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 # --------------------------------------------------------------------------- the encoder
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What an encoder's weights expect of their input: size, mean / std, interpolation."""
+
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
+    def __call__(
+        self, patches: torch.Tensor, device: str | torch.device | None = None
+    ) -> torch.Tensor:
+        """uint8 RGB ``(B, h, w, 3)`` -> normalised float32 ``(B, 3, H, W)`` on ``device``.
+
+        The uint8 batch moves to ``device`` first (4x less to transfer than floats); there
+        it is resampled to ``input_size`` with ``interpolate(..., antialias=True)`` (``h, w``
+        may be larger or smaller) and normalised with ``mean`` / ``std``. On the CPU the
+        resampling runs on the uint8 batch (torch's SIMD path, rounded to uint8 as an image
+        library would); elsewhere on floats, bicubic output clamped to [0, 255]. The two
+        differ by rounding only (about a grey level).
+        """
+        if patches.ndim != 4 or patches.shape[-1] != 3:
+            raise ValueError(f"patches must be (B, h, w, 3) RGB, got {tuple(patches.shape)}")
+        if patches.dtype != torch.uint8:
+            raise ValueError(f"patches must be uint8, got {patches.dtype}")
+        x = patches if device is None else patches.to(device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory (channels_last strides)
+        mode = self.interpolation
+        if tuple(x.shape[-2:]) == tuple(self.input_size):
+            x = x.float()
+        elif mode == "nearest":
+            x = torch.nn.functional.interpolate(x.float(), size=self.input_size, mode=mode)
+        elif x.device.type == "cpu":
+            # uint8 channels_last has a fast (SIMD) antialiased path on the CPU, ~10x the
+            # float one; like an image library it rounds to uint8 after resampling
+            x = torch.nn.functional.interpolate(
+                x, size=self.input_size, mode=mode, antialias=True, align_corners=False
+            ).float()
+        else:
+            x = torch.nn.functional.interpolate(
+                x.float(), size=self.input_size, mode=mode, antialias=True, align_corners=False
+            )
+            if mode == "bicubic":
+                x = x.clamp_(0.0, 255.0)  # bicubic overshoots; the weights saw uint8 images
+        x = x.contiguous()
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1) * 255.0
+        return x.sub_(mean).div_(std)
 
 
 @dataclass(eq=False)
@@ -215,29 +268,17 @@ class Encoder:
             self.model.to(memory_format=torch.channels_last)
         return self
 
-    def transform(self, patches: torch.Tensor) -> torch.Tensor:
-        """uint8 RGB patches ``(B, h, w, 3)`` (any ``h, w``) -> normalised ``(B, 3, H, W)``.
+    @property
+    def preprocess(self) -> Preprocess:
+        """The preprocessing alone (small and picklable, e.g. for DataLoader workers)."""
+        return Preprocess(self.input_size, self.mean, self.std, self.interpolation)
 
-        Runs on the encoder's device: the uint8 batch is moved there, converted to float,
-        resampled to ``input_size`` with ``interpolate(..., antialias=True)`` (``h, w`` may
-        be larger or smaller) and normalised with ``mean`` / ``std``.
-        """
-        if patches.ndim != 4 or patches.shape[-1] != 3:
-            raise ValueError(f"patches must be (B, h, w, 3) RGB, got {tuple(patches.shape)}")
-        resize_here = self.device.type != "mps"  # MPS lacks antialiased interpolation
-        x = patches.to(self.device if resize_here else "cpu", non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float()
-        if tuple(x.shape[-2:]) != tuple(self.input_size):
-            mode = self.interpolation
-            extra = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
-            x = torch.nn.functional.interpolate(x, size=self.input_size, mode=mode, **extra)
-            if mode == "bicubic":
-                x = x.clamp_(0.0, 255.0)  # bicubic overshoots; the weights saw uint8 images
-        if not resize_here:
-            x = x.to(self.device)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1) * 255.0
-        x = (x - mean) / std
+    def transform(self, patches: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB patches ``(B, h, w, 3)`` (any ``h, w``) -> normalised ``(B, 3, H, W)``
+        on the encoder's device (see :class:`Preprocess`)."""
+        # MPS lacks antialiased interpolation: resample on the CPU there
+        x = self.preprocess(patches, "cpu" if self.device.type == "mps" else self.device)
+        x = x.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -254,16 +295,27 @@ class Encoder:
         return out.float()
 
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
-        """uint8 RGB patches ``(B, h, w, 3)`` -> features ``(B, feature_dim)``, float32."""
+        """Patches -> features ``(B, feature_dim)``, float32 on the encoder's device.
+
+        ``patches``: uint8 RGB ``(B, h, w, 3)``, or a float batch already made by
+        :attr:`preprocess` (``(B, 3, H, W)``), which only moves to the device.
+        """
         with torch.inference_mode():
-            return self.forward(self.transform(patches))
+            if patches.dtype == torch.uint8:
+                x = self.transform(patches)
+            else:
+                x = patches.to(self.device, non_blocking=True)
+                if self.device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+            return self.forward(x)
 
     __call__ = encode
 
 
 def encoder_key(name: str, weights_checksum: str, kwargs: dict[str, Any] | None = None) -> str:
     """``<name>-<weights>[-k<kwargs hash>]``, filesystem-safe, e.g. ``resnet50-random``,
-    ``resnet50-3f2a9c0d1b7e``, ``hf-hub_MahmoodLab_uni-pt_main``."""
+    ``resnet50-3f2a9c0d1b7e`` (first 12 hex digits of the file's sha256),
+    ``hf-hub_MahmoodLab_uni-pt_MahmoodLab_uni`` (timm's download)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "encoder"
     if weights_checksum == "random-init":
         tag = "random"
@@ -487,7 +539,11 @@ def _offline_imagenet(with_head: bool, kwargs: dict[str, Any]) -> tuple[torch.nn
     # The package's layout (_conv_stem, _blocks.N._expand_conv, ..., _fc) lists the same
     # tensors in the same order as timm's (conv_stem, blocks.S.B.conv_pw, ..., classifier).
     pairs = list(zip(src.items(), dst.items(), strict=False))
-    bad = [f"{a} {tuple(v.shape)} vs {b} {tuple(w.shape)}" for (a, v), (b, w) in pairs if v.shape != w.shape]
+    bad = [
+        f"{a} {tuple(v.shape)} vs {b} {tuple(w.shape)}"
+        for (a, v), (b, w) in pairs
+        if v.shape != w.shape
+    ]
     if len(src) != len(dst) or bad:
         raise InputError(
             path,

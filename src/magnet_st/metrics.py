@@ -1,11 +1,13 @@
 """Accuracy metrics, named apart because they are not comparable (docs/BENCHMARK.md).
 
 - ``pcc_gene``: Pearson per gene across the units of a slide, averaged over genes (the
-  field's usual metric: HEST, TRIPLEX, Img2ST-Net). Genes constant in the slide (in truth
-  or prediction) are skipped and counted.
+  field's usual metric: HEST, TRIPLEX, Img2ST-Net). Genes whose truth is constant in the
+  slide are skipped and counted; a constant prediction scores 0 (so the mean-profile
+  baseline scores exactly 0).
 - ``pcc_unit``: Pearson per unit across genes, averaged over units (the MagNet paper's
   "PCC"). Inflated by genes' different mean levels: a constant mean profile already scores
-  high. Units constant across genes are skipped and counted.
+  high. Units whose truth is constant across genes are skipped and counted; a constant
+  prediction scores 0.
 - ``mse`` and ``mae`` over all (unit, gene) values.
 """
 
@@ -22,19 +24,25 @@ def _pearson_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     b = b - b.mean(axis=1, keepdims=True)
     na = np.sqrt((a * a).sum(axis=1))
     nb = np.sqrt((b * b).sum(axis=1))
-    ok = (na > 1e-12) & (nb > 1e-12)
+    tol_a = 1e-9 * np.sqrt(a.shape[1]) * (1 + np.abs(a).max(axis=1, initial=0))
+    tol_b = 1e-9 * np.sqrt(b.shape[1]) * (1 + np.abs(b).max(axis=1, initial=0))
+    ok = na > tol_a
     r = np.full(len(a), np.nan)
-    r[ok] = (a[ok] * b[ok]).sum(axis=1) / (na[ok] * nb[ok])
+    r[ok] = 0.0  # a constant prediction carries no correlation: r = 0
+    both = ok & (nb > tol_b)
+    r[both] = (a[both] * b[both]).sum(axis=1) / (na[both] * nb[both])
     return r, ok
 
 
 def pcc_per_gene(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """Pearson r per gene (column) across units; NaN where either side is constant."""
+    """Pearson r per gene (column) across units; NaN where the truth is constant, 0 where
+    only the prediction is."""
     return _pearson_rows(np.asarray(y_true).T, np.asarray(y_pred).T)[0]
 
 
 def pcc_per_unit(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """Pearson r per unit (row) across genes; NaN where either side is constant."""
+    """Pearson r per unit (row) across genes; NaN where the truth is constant, 0 where only
+    the prediction is."""
     return _pearson_rows(y_true, y_pred)[0]
 
 

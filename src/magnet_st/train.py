@@ -289,9 +289,7 @@ class MagNetModule(L.LightningModule):
 # -- fit, save, load, predict ----------------------------------------------------------------
 
 
-def build_model_config(
-    ds: Dataset, cfg: TrainConfig, n_genes: int, slide: str
-) -> MagNetConfig:
+def build_model_config(ds: Dataset, cfg: TrainConfig, n_genes: int, slide: str) -> MagNetConfig:
     from magnet_st.features import load_features
 
     dims = {}
@@ -326,9 +324,7 @@ class _History(L.Callback):
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         row = {"epoch": int(trainer.current_epoch)}
         row.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         self.rows.append(row)
@@ -359,21 +355,30 @@ def fit(
     targets = targets or ds.target_transforms
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     bin_feats = cfg.bin_encoder == "frozen"
-    train = [slide_arrays(ds, s, cfg.features, genes=genes, bin_features=bin_feats) for s in train_slides]
-    val = [slide_arrays(ds, s, cfg.features, genes=genes, bin_features=bin_feats) for s in val_slides]
+    train = [
+        slide_arrays(ds, s, cfg.features, genes=genes, bin_features=bin_feats) for s in train_slides
+    ]
+    val = [
+        slide_arrays(ds, s, cfg.features, genes=genes, bin_features=bin_feats) for s in val_slides
+    ]
     reader = None
     if not bin_feats:
         images = {s: ds.image(s) for s in train_slides + val_slides}
         reader = PatchReader(images, ds.patch_um("bin"), ds.patch_px("bin"), cfg.seed)
     mcfg = build_model_config(ds, cfg, len(genes), train_slides[0])
-    module = MagNetModule(mcfg.to_dict(), cfg.to_dict(), {k: v.to_dict() for k, v in targets.items()})
+    module = MagNetModule(
+        mcfg.to_dict(), cfg.to_dict(), {k: v.to_dict() for k, v in targets.items()}
+    )
     data = SpatialDataModule(train, val, cfg, targets, reader)
     history = _History()
     callbacks: list[L.Callback] = [history]
     ckpt = None
     if val:
         ckpt = ModelCheckpoint(
-            dirpath=out / "checkpoints", monitor="val/pcc_gene", mode="max", save_last=True,
+            dirpath=out / "checkpoints",
+            monitor="val/pcc_gene",
+            mode="max",
+            save_last=True,
             filename="best-{epoch}",
         )
         callbacks += [ckpt, EarlyStopping("val/pcc_gene", mode="max", patience=cfg.patience)]
@@ -392,6 +397,7 @@ def fit(
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        limit_val_batches=1.0 if val else 0,
         log_every_n_steps=1,
     )
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
@@ -400,7 +406,11 @@ def fit(
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
         save_model(
-            out / "model.pt", module, genes=genes, gene_names=_names(ds, genes), ds=ds,
+            out / "model.pt",
+            module,
+            genes=genes,
+            gene_names=_names(ds, genes),
+            ds=ds,
             features=cfg.features,
         )
     score = ckpt.best_model_score
@@ -430,7 +440,7 @@ def save_model(
 ) -> None:
     """Everything prediction needs, as tensors and plain types (loads with weights_only)."""
     from magnet_st.atomic import atomic_path
-    from magnet_st.features import feature_set_meta
+    from magnet_st.features import resolve_feature_set
 
     hp = module.hparams
     payload = {
@@ -442,7 +452,7 @@ def save_model(
         "genes": list(genes),
         "gene_names": list(gene_names),
         "dataset_config": dict(ds.config),
-        "features": json.loads(json.dumps(feature_set_meta(ds.path, features))),
+        "features": json.loads(json.dumps(resolve_feature_set(ds.path, features), default=str)),
         "state_dict": {k: v.detach().cpu() for k, v in module.model.state_dict().items()},
     }
     with atomic_path(path) as tmp:

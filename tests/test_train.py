@@ -1,0 +1,195 @@
+"""Training: overfitting, determinism, the model file, resume, DDP on CPU, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from magnet_st.batching import BlockDataset
+from magnet_st.dataset import Dataset
+from magnet_st.errors import ConfigError, InputError
+from magnet_st.features import extract_features
+from magnet_st.losses import LossWeights, magnet_loss
+from magnet_st.model import create_model
+from magnet_st.prepare import PrepareConfig, prepare
+from magnet_st.read.specs import SlideSpec
+from magnet_st.train import (
+    TrainConfig,
+    build_model_config,
+    fit,
+    load_model,
+    predict_slide,
+    slide_arrays,
+)
+
+ENC = "mobilenetv3_small_050"
+KEY = f"{ENC}-random"
+SMALL = {"features": KEY, "width": 32, "epochs": 2, "patience": 5}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ds_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from magnet_st.synthetic import write_synthetic_hd
+
+    root = tmp_path_factory.mktemp("train")
+    specs = []
+    for i in range(2):
+        run = root / f"s{i}"
+        write_synthetic_hd(
+            run,
+            width_um=320,
+            height_um=320,
+            seed=20 + i,
+            bin_sizes=(8, 16),
+            progress=False,
+            write_mtx=False,
+            write_raw=False,
+        )
+        specs.append(
+            SlideSpec(name=f"s{i}", path=str(run), image=str(run / "he_fullres.tif"), bin_size=8)
+        )
+    prepare(specs, root / "ds", PrepareConfig(n_genes=30), progress=False)
+    extract_features(
+        root / "ds",
+        ENC,
+        levels=("bin", "spot", "region"),
+        device="cpu",
+        batch_size=32,
+        num_workers=0,
+        progress=False,
+    )
+    return root / "ds"
+
+
+def test_tiny_slide_overfits(ds_path: Path) -> None:
+    ds = Dataset(ds_path)
+    torch.manual_seed(0)
+    cfg = TrainConfig(**SMALL)
+    arrays = slide_arrays(ds, "s0", KEY)
+    tt = ds.target_transforms
+    data = BlockDataset([arrays], targets=lambda lv, c: tt[lv].transform(c))
+    batch = data[0]
+    model = create_model(build_model_config(ds, cfg, len(ds.panel), "s0"))
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        parts = magnet_loss(model(batch), batch, LossWeights())
+        opt.zero_grad()
+        parts["loss"].backward()
+        opt.step()
+        losses.append(float(parts["loss"].detach()))
+    assert losses[-1] < losses[0] / 3, losses[::8]
+
+
+def test_fit_is_deterministic_and_the_model_file_round_trips(ds_path: Path, tmp_path: Path) -> None:
+    ds = Dataset(ds_path)
+    cfg = TrainConfig(**SMALL)
+    a = fit(ds, ["s0"], ["s1"], cfg, tmp_path / "a", progress=False)
+    b = fit(ds, ["s0"], ["s1"], cfg, tmp_path / "b", progress=False)
+    assert a.epochs_run == 2 and len(a.history) == 2
+    assert a.history == b.history
+    assert a.best_score == b.best_score and a.best_score is not None
+    # weights_only load, and the payload carries what prediction needs
+    payload = torch.load(a.model_path, weights_only=True)
+    assert payload["genes"] == ds.panel and len(payload["gene_names"]) == len(ds.panel)
+    assert payload["features"]["key"] == KEY
+    model, payload = load_model(a.model_path)
+    arrays = slide_arrays(ds, "s1", KEY, with_counts=False)
+    p1 = predict_slide(model, arrays, payload)
+    p2 = predict_slide(load_model(b.model_path)[0], arrays, payload)
+    n = {lv: ds.level("s1", lv).n_obs for lv in ("bin", "spot", "region")}
+    assert {lv: v.shape for lv, v in p1.items()} == {lv: (n[lv], 30) for lv in n}
+    for lv in p1:
+        np.testing.assert_array_equal(p1[lv], p2[lv])
+        assert np.isfinite(p1[lv]).all()
+
+
+def test_no_context_variant_predicts_bins_only(ds_path: Path, tmp_path: Path) -> None:
+    ds = Dataset(ds_path)
+    res = fit(ds, ["s0"], [], TrainConfig(variant="no_context", **SMALL), tmp_path, progress=False)
+    model, payload = load_model(res.model_path)
+    out = predict_slide(model, slide_arrays(ds, "s1", KEY, with_counts=False), payload)
+    assert set(out) == {"bin"}
+
+
+def test_resume_from_checkpoint(ds_path: Path, tmp_path: Path) -> None:
+    ds = Dataset(ds_path)
+    cfg = TrainConfig(**{**SMALL, "epochs": 1})
+    fit(ds, ["s0"], ["s1"], cfg, tmp_path, progress=False)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    res = fit(ds, ["s0"], ["s1"], TrainConfig(**SMALL), tmp_path, resume=last, progress=False)
+    assert res.epochs_run == 2 and [r["epoch"] for r in res.history] == [1]
+
+
+def test_errors(ds_path: Path, tmp_path: Path) -> None:
+    ds = Dataset(ds_path)
+    with pytest.raises(InputError, match="run 'magnet features"):
+        fit(
+            ds,
+            ["s0"],
+            [],
+            TrainConfig(**{**SMALL, "features": "resnet50"}),
+            tmp_path,
+            progress=False,
+        )
+    with pytest.raises(InputError, match=r"lacks genes \['NOPE'\]"):
+        fit(ds, ["s0"], [], TrainConfig(**SMALL), tmp_path, genes=["NOPE"], progress=False)
+    with pytest.raises(ConfigError, match="optimizer"):
+        TrainConfig(optimizer="lbfgs")
+    with pytest.raises(ConfigError, match="consistency"):
+        TrainConfig(consistency="both")
+    with pytest.raises(InputError, match="not a magnet-st model file"):
+        (tmp_path / "x.pt").write_bytes(b"nope")
+        load_model(tmp_path / "x.pt")
+    with pytest.raises(InputError, match="no manifest.json"):
+        Dataset(tmp_path)
+
+
+def test_ddp_two_cpu_processes_gloo(ds_path: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "magnet_st",
+        "train",
+        str(ds_path),
+        str(tmp_path / "run"),
+        "--features",
+        KEY,
+        "--width",
+        "32",
+        "--epochs",
+        "1",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--train-slides",
+        "s0",
+        "s1",
+        "--val-slides",
+        "--quiet",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trained on ['s0', 's1']" in proc.stdout
+    model, payload = load_model(tmp_path / "run" / "model.pt")
+    assert json.loads(json.dumps(payload["train_config"]))["devices"] == 2
