@@ -142,7 +142,9 @@ class Dataset:
 
         if slide not in self._images:
             meta = self.slide_meta(slide)
-            self._images[slide] = open_image(meta["image"], microns_per_pixel=meta["microns_per_pixel"])
+            self._images[slide] = open_image(
+                meta["image"], microns_per_pixel=meta["microns_per_pixel"]
+            )
         return self._images[slide]
 
     def __repr__(self) -> str:

@@ -42,9 +42,7 @@ def pcc_rows(pred: torch.Tensor, true: torch.Tensor, eps: float = 1e-8) -> torch
     return r.mean()
 
 
-def aggregate_bins(
-    bin_log1p: torch.Tensor, member_of: torch.Tensor, n_tiles: int
-) -> torch.Tensor:
+def aggregate_bins(bin_log1p: torch.Tensor, member_of: torch.Tensor, n_tiles: int) -> torch.Tensor:
     """``log1p`` of the summed ``expm1`` of bin predictions per tile (log1p scale in and out)."""
     counts = torch.expm1(bin_log1p.clamp(max=20.0)).clamp(min=0.0)
     total = counts.new_zeros((n_tiles, counts.shape[1]))

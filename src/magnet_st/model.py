@@ -188,9 +188,7 @@ class MagNet(nn.Module):
         self.bin_gat = GATStack(w, h, n, d)
         if cfg.uses_context:
             self.spot_proj = nn.Sequential(nn.Linear(cfg.spot_feature_dim, w), nn.LayerNorm(w))
-            self.region_proj = nn.Sequential(
-                nn.Linear(cfg.region_feature_dim, w), nn.LayerNorm(w)
-            )
+            self.region_proj = nn.Sequential(nn.Linear(cfg.region_feature_dim, w), nn.LayerNorm(w))
             self.spot_attn = ContextAttention(w, h, d)
             self.region_attn = ContextAttention(w, h, d)
             self.spot_gat = GATStack(w, h, n, d)

@@ -59,8 +59,7 @@ def select_panel(
         missing = [g for g in genes if g not in set(candidates)]
         if missing:
             raise ConfigError(
-                f"{len(missing)} genes of the panel list are not in every slide: "
-                f"{missing[:10]}"
+                f"{len(missing)} genes of the panel list are not in every slide: {missing[:10]}"
             )
         return list(dict.fromkeys(genes))
     if n_genes > len(candidates):

@@ -349,6 +349,9 @@ def fit(
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     t0 = time.perf_counter()
+    if not log.isEnabledFor(logging.INFO):  # Lightning's own INFO chatter only with -v
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     genes = genes or ds.panel
@@ -369,6 +372,8 @@ def fit(
     module = MagNetModule(
         mcfg.to_dict(), cfg.to_dict(), {k: v.to_dict() for k, v in targets.items()}
     )
+    if resume is None:
+        init_head_bias(module.model, train, targets)
     data = SpatialDataModule(train, val, cfg, targets, reader)
     history = _History()
     callbacks: list[L.Callback] = [history]
@@ -421,6 +426,32 @@ def fit(
         seconds=time.perf_counter() - t0,
         history=history.rows,
     )
+
+
+def target_mean(tt: TargetTransform, counts: list, chunk: int = 20_000) -> np.ndarray:
+    """Mean target per gene over the rows of ``counts`` (in chunks: bounded memory)."""
+    total, n = 0.0, 0
+    for c in counts:
+        for i in range(0, c.shape[0], chunk):
+            y = tt.transform(c[i : i + chunk])
+            total = total + y.sum(axis=0, dtype=np.float64)
+            n += y.shape[0]
+    return (total / max(n, 1)).astype(np.float32)
+
+
+def init_head_bias(
+    model: torch.nn.Module, slides: list[SlideArrays], targets: dict[str, TargetTransform]
+) -> None:
+    """Start every head at the training mean of its level's targets (the mean profile), so
+    training begins from the baseline instead of from zero."""
+    heads = {"bin": "bin_head", "spot": "spot_head", "region": "region_head"}
+    for lv, attr in heads.items():
+        head = getattr(model, attr, None)
+        counts = [getattr(s, f"counts_{lv}") for s in slides]
+        if head is None or any(c is None for c in counts):
+            continue
+        with torch.no_grad():
+            head[-1].bias.copy_(torch.from_numpy(target_mean(targets[lv], counts)))
 
 
 def _names(ds: Dataset, genes: list[str]) -> list[str]:
