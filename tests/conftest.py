@@ -58,3 +58,15 @@ def synthetic_copy(synthetic_slide: Path, tmp_path: Path) -> Path:
     for p in dest.rglob("*"):
         p.chmod(0o755 if p.is_dir() else 0o644)
     return dest
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module: the tiny models in tests gain nothing from more,
+    and on a shared 2-core machine multi-threaded (OpenMP) runs slow down many times over."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

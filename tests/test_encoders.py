@@ -20,15 +20,7 @@ from magnet_st.encoders import (
 )
 from magnet_st.errors import ConfigError, InputError, MagnetError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the tiny models here gain nothing from more, and a shared 2-core
-    machine slows multi-threaded (OpenMP) runs down many times over."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _square(path: str | Path) -> torch.Tensor:

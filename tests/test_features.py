@@ -24,14 +24,7 @@ KEY = f"{ENC}-random"
 FAST = {"device": "cpu", "batch_size": 16, "num_workers": 1, "progress": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the tiny models here gain nothing from more, and a shared 2-core
-    machine slows multi-threaded (OpenMP) runs down many times over."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,7 @@ KEY = f"{ENC}-random"
 SMALL = {"features": KEY, "width": 32, "epochs": 2, "patience": 5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
