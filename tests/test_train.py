@@ -188,3 +188,43 @@ def test_ddp_two_cpu_processes_gloo(ds_path: Path, tmp_path: Path) -> None:
     assert "trained on ['s0', 's1']" in proc.stdout
     model, payload = load_model(tmp_path / "run" / "model.pt")
     assert json.loads(json.dumps(payload["train_config"]))["devices"] == 2
+
+
+def test_cross_validation_tables_and_resume(ds_path: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from magnet_st.cv import cross_validate, make_folds, markdown_summary, summary_table
+
+    cfg = TrainConfig(**{**SMALL, "epochs": 1})
+    table = cross_validate(ds_path, tmp_path / "cv", cfg, variants=["no_context"], progress=False)
+    assert set(table["model"]) == {"mean_profile", "no_context"}
+    assert len(table) == 2 * 3 + 2 * 1  # baseline at 3 levels + bins-only model, per fold
+    plan = json.loads((tmp_path / "cv/folds.json").read_text())
+    assert plan["folds"] == make_folds(["s0", "s1"])
+    summary = pd.read_csv(tmp_path / "cv/summary.csv")
+    assert summary.iloc[0]["model"] == "mean_profile" and summary.iloc[0]["level"] == "bin"
+    assert (tmp_path / "cv/fold0/no_context/model.pt").is_file()
+    assert (tmp_path / "cv/fold1/no_context/pred_s1_bin.h5ad").is_file()
+    # a rerun finds every fold done and trains nothing
+    stamp = (tmp_path / "cv/fold0/no_context/model.pt").stat().st_mtime_ns
+    again = cross_validate(ds_path, tmp_path / "cv", cfg, variants=["no_context"], progress=False)
+    assert (tmp_path / "cv/fold0/no_context/model.pt").stat().st_mtime_ns == stamp
+    pd.testing.assert_frame_equal(again, table)
+
+    # the summary is the mean and sample std over folds, formatted per level
+    toy = pd.DataFrame(
+        {
+            "model": ["m", "m", "mean_profile", "mean_profile"],
+            "level": ["bin"] * 4,
+            "fold": [0, 1, 0, 1],
+            "mse": [1.0, 3.0, 2.0, 2.0],
+            "mae": [0.5, 0.5, 1.0, 1.0],
+            "pcc_gene": [0.2, 0.4, 0.0, 0.0],
+            "pcc_unit": [0.9, 0.7, 0.8, 0.8],
+        }
+    )
+    s = summary_table(toy)
+    assert list(s["model"]) == ["mean_profile", "m"]
+    assert s.iloc[1]["mse_mean"] == 2.0 and s.iloc[1]["mse_std"] == pytest.approx(np.sqrt(2))
+    md = markdown_summary(s)
+    assert "| m | 2.0000 ± 1.4142 | 0.5000 ± 0.0000 | 0.8000 ± 0.1414 | 0.3000 ± 0.1414 |" in md

@@ -548,6 +548,8 @@ def _train_config(args: argparse.Namespace):
         "precision": args.precision,
     }
     if args.variant == "paper":
+        # the paper's optimiser, epochs, consistency, width and tokens, unless the user
+        # changed those options from their (non-paper) defaults
         return TrainConfig.paper(
             **{k: v for k, v in kw.items() if k not in _PAPER_KEYS or v != _DEFAULTS.get(k)}
         )

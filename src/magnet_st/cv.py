@@ -130,7 +130,7 @@ def cross_validate(
             ),
             seed=seed,
         )
-        names = _gene_names(ds, genes)
+        names = ds.gene_names(genes)
         targets = {
             lv: TargetTransform(target_kind).fit([ds.counts(s, lv, genes) for s in pool])
             for lv in LEVELS
@@ -159,12 +159,6 @@ def cross_validate(
     table = pd.DataFrame(rows)
     write_tables(table, out)
     return table
-
-
-def _gene_names(ds: Dataset, genes: list[str]) -> list[str]:
-    ad = ds.level(ds.slides[0], "bin")
-    m = dict(zip(ad.var["gene_ids"].astype(str), ad.var_names.astype(str), strict=True))
-    return [m.get(g, g) for g in genes]
 
 
 def _run_cached(folder: Path, run) -> list[dict]:

@@ -125,6 +125,12 @@ class Dataset:
         """Regression targets on the dataset's target scale (float32, units x genes)."""
         return self.target_transforms[level].transform(self.counts(slide, level, genes))
 
+    def gene_names(self, genes: list[str]) -> list[str]:
+        """Gene names (symbols) of gene ids, as the first slide names them."""
+        ad = self.level(self.slides[0], "bin")
+        name = dict(zip(ad.var["gene_ids"].astype(str), ad.var_names.astype(str), strict=True))
+        return [name.get(g, g) for g in genes]
+
     def positions_px(self, slide: str, level: str) -> np.ndarray:
         """Centres ``(x, y)`` in full-resolution pixels."""
         return np.asarray(self.level(slide, level).obsm["spatial"], dtype=np.float64)

@@ -414,7 +414,7 @@ def fit(
             out / "model.pt",
             module,
             genes=genes,
-            gene_names=_names(ds, genes),
+            gene_names=ds.gene_names(genes),
             ds=ds,
             features=cfg.features,
         )
@@ -452,12 +452,6 @@ def init_head_bias(
             continue
         with torch.no_grad():
             head[-1].bias.copy_(torch.from_numpy(target_mean(targets[lv], counts)))
-
-
-def _names(ds: Dataset, genes: list[str]) -> list[str]:
-    ad = ds.level(ds.slides[0], "bin")
-    name = dict(zip(ad.var["gene_ids"].astype(str), ad.var_names.astype(str), strict=True))
-    return [name.get(g, g) for g in genes]
 
 
 def save_model(
