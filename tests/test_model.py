@@ -101,6 +101,10 @@ def test_batch_geometry_only_and_indices_are_local() -> None:
     # targets of complete tiles equal the log1p of their members' summed counts
     full = b["spot_complete"].numpy()
     assert full.any()
+    tiles = b["spot_index"].numpy()
+    np.testing.assert_allclose(b["y_spot"].numpy(), _log1p("spot", s.counts_spot[tiles]))
+    in_batch = np.bincount(b["bin_spot"].numpy(), minlength=len(tiles))
+    np.testing.assert_array_equal(full, in_batch == s.spot_n_units[tiles])
     # without targets nothing reads counts
     s2 = _slide()
     s2.counts_bin = s2.counts_spot = s2.counts_region = None

@@ -30,7 +30,14 @@ from magnet_st.errors import ConfigError
 from magnet_st.metrics import evaluate, summarize
 from magnet_st.panel import select_panel
 from magnet_st.targets import TargetTransform
-from magnet_st.train import TrainConfig, fit, load_model, predict_slide, slide_arrays
+from magnet_st.train import (
+    TrainConfig,
+    fit,
+    load_model,
+    predict_slide,
+    slide_arrays,
+    target_mean,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +87,15 @@ def _pred_anndata(ds: Dataset, slide: str, level: str, pred: np.ndarray, genes, 
 
 def top_variable(ds: Dataset, slides: list[str], genes: list[str], n: int = 50) -> np.ndarray:
     """Column indices of the ``n`` genes whose log1p bin values vary most in ``slides``."""
-    y = np.concatenate([np.log1p(ds.counts(s, "bin", genes).toarray()) for s in slides])
-    return np.argsort(-y.var(axis=0), kind="stable")[:n]
+    s1, s2, m = 0.0, 0.0, 0
+    for s in slides:  # sparse sums: no dense copy of every bin
+        y = ds.counts(s, "bin", genes).astype(np.float64)
+        y.data = np.log1p(y.data)
+        s1 = s1 + np.asarray(y.sum(axis=0)).ravel()
+        s2 = s2 + np.asarray(y.multiply(y).sum(axis=0)).ravel()
+        m += y.shape[0]
+    var = s2 / m - (s1 / m) ** 2
+    return np.argsort(-var, kind="stable")[:n]
 
 
 def cross_validate(
@@ -200,13 +214,12 @@ def _score(
 
 def _baseline(ds, fold, genes, names, targets, top, folder: Path) -> list[dict]:
     pool = fold["train"] + fold["val"]
-    preds = {}
-    for slide in fold["test"]:
-        preds[slide] = {}
-        for lv in LEVELS:
-            train = np.concatenate([np.log1p(ds.counts(s, lv, genes).toarray()) for s in pool])
-            n = ds.level(slide, lv).n_obs
-            preds[slide][lv] = np.tile(train.mean(axis=0), (n, 1))
+    log1p = TargetTransform("log1p")
+    mean = {lv: target_mean(log1p, [ds.counts(s, lv, genes) for s in pool]) for lv in LEVELS}
+    preds = {
+        slide: {lv: np.tile(mean[lv], (ds.level(slide, lv).n_obs, 1)) for lv in LEVELS}
+        for slide in fold["test"]
+    }
     return _score(ds, fold, preds, genes, top, BASELINE)
 
 
