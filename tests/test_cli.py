@@ -70,3 +70,35 @@ def test_prepare_cli_her2st(
     assert sorted(m["slides"]) == ["C5", "C6"] and m["panel"]["n_genes"] == 100
     assert main(args) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_cli_reference_in_docs_is_current() -> None:
+    """docs/cli.md is the --help of every command; regenerate with scripts/cli_docs.py."""
+    from magnet_st.cli import build_parser, cli_reference
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+    text = cli_reference()
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name in sub.choices:
+        assert f"## magnet {name}" in text
+    assert "--grid-origin-um" in text and "--n-genes" in text
+    assert doc.read_text() == text, "docs/cli.md is stale: run python scripts/cli_docs.py"
+
+
+def test_loss_weight_option_sets_weights_and_rejects_bad_ones() -> None:
+    from dataclasses import asdict
+
+    from magnet_st.cli import _LOSS_DEFAULTS, _train_config
+    from magnet_st.errors import ConfigError
+    from magnet_st.losses import LossWeights
+
+    assert asdict(LossWeights()) == _LOSS_DEFAULTS  # '--help' shows the true defaults
+    parser = build_parser()
+    args = parser.parse_args(
+        ["train", "ds", "out", "--loss-weight", "context_mse=0.2", "--loss-weight", "pcc=0"]
+    )
+    cfg = _train_config(args)
+    assert cfg.loss_weights == {**_LOSS_DEFAULTS, "context_mse": 0.2, "pcc": 0.0}
+    for bad in ["ctx=1", "pcc", "pcc=abc", "pcc=-1"]:
+        with pytest.raises(ConfigError, match="--loss-weight"):
+            _train_config(parser.parse_args(["train", "ds", "out", "--loss-weight", bad]))

@@ -102,8 +102,11 @@ def test_magnet_loss_weights_and_consistency_forms() -> None:
     # aggregate form: only the complete spot tile 0 counts at the spot level
     agg = aggregate_bins(out["bin"], batch["bin_spot"], 2)
     agg_r = aggregate_bins(out["bin"], batch["bin_region"], 1)
-    cons = ((out["spot"][0] - agg[0]) ** 2).mean() + ((out["region"][0] - agg_r[0]) ** 2).mean()
-    assert parts["consistency"].item() == pytest.approx(cons.item(), rel=1e-5)
+    # as 1 - Pearson r across genes (scipy), per complete tile
+    cons = (1 - pearsonr(out["spot"][0].numpy(), agg[0].numpy())[0]) + (
+        1 - pearsonr(out["region"][0].numpy(), agg_r[0].numpy())[0]
+    )
+    assert parts["consistency"].item() == pytest.approx(cons, rel=1e-5)
     # paper form: coarse prediction per bin against the bin's truth
     parts = magnet_loss(out, batch, w, "paper")
     cons = ((out["spot"][batch["bin_spot"]] - batch["y_bin"]) ** 2).mean() + (
@@ -113,3 +116,11 @@ def test_magnet_loss_weights_and_consistency_forms() -> None:
     # bin-only output (no-context ablation): no context terms
     parts = magnet_loss({"bin": out["bin"]}, batch, w, "aggregate")
     assert set(parts) == {"mse", "pcc", "loss"}
+    # the optional MSE on the coarse heads (not in the paper) adds w * (MSE spot + MSE region)
+    plain = magnet_loss(out, batch, w, "paper")
+    extra = magnet_loss(out, batch, LossWeights(context_mse=0.2), "paper")
+    mse_ctx = sum(
+        np.mean((out[lv].numpy() - batch[f"y_{lv}"].numpy()) ** 2) for lv in ("spot", "region")
+    )
+    assert extra["loss"].item() == pytest.approx(plain["loss"].item() + 0.2 * mse_ctx, rel=1e-6)
+    assert "mse_spot" not in plain

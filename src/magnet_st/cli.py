@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from magnet_st.errors import MagnetError
+from magnet_st.errors import ConfigError, MagnetError
 
 log = logging.getLogger("magnet_st")
 
@@ -345,6 +345,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         devices=args.devices,
         slides=args.slides,
         precision=args.precision,
+        input_px=args.input_px,
     )
     done = [j for j in result["jobs"] if j["status"] != "skipped"]
     skipped = len(result["jobs"]) - len(done)
@@ -406,6 +407,14 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
         '\'{"init_values": 1e-5, "dynamic_img_size": true}\' for UNI; default: none',
     )
     p.add_argument(
+        "--input-px",
+        type=int,
+        default=None,
+        help="feed tiles to the encoder at this edge in px instead of its default input size "
+        "(CNNs; e.g. 112 encodes 112 px bin patches unscaled, ~4x cheaper than 224); part of "
+        "the feature-set key; default: the encoder's",
+    )
+    p.add_argument(
         "--levels",
         nargs="+",
         choices=["bin", "spot", "region"],
@@ -449,6 +458,16 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
 
 
 # -- train and cv ----------------------------------------------------------------------------
+# losses.LossWeights' defaults, spelled out so that '--help' needs no torch (a test checks)
+_LOSS_DEFAULTS = {
+    "mse": 0.75,
+    "pcc": 0.1,
+    "context_pcc": 0.05,
+    "consistency": 0.05,
+    "context_mse": 0.0,
+}
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training")
     g.add_argument(
@@ -500,11 +519,28 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=30, help="maximum epochs (paper: 51)")
     g.add_argument("--patience", type=int, default=10, help="early-stopping patience, in epochs")
     g.add_argument(
+        "--max-batches",
+        type=int,
+        default=None,
+        help="at most this many batches per epoch (smoke runs, benchmarks); default: all",
+    )
+    g.add_argument(
         "--consistency",
         choices=["aggregate", "paper", "none"],
-        default="aggregate",
-        help="consistency loss: coarse prediction vs the aggregate of the bin predictions "
-        "in the tile (aggregate), or vs each bin's truth as the published code (paper)",
+        default="paper",
+        help="consistency loss: each coarse prediction vs the truth of every bin it holds, "
+        "as the published code (paper); vs the aggregate of the bin predictions in the tile "
+        "(aggregate, 1 - PCC); or none. 'paper' is the default by measurement: "
+        "'aggregate' lowered bin PCC-gene on synthetic HD slides (docs/results.md)",
+    )
+    g.add_argument(
+        "--loss-weight",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set one loss weight (repeatable); names and defaults: "
+        + ", ".join(f"{k}={v}" for k, v in _LOSS_DEFAULTS.items())
+        + " (the paper's weights; context_mse, an MSE on the spot and region heads, is ours)",
     )
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes")
@@ -539,7 +575,9 @@ def _train_config(args: argparse.Namespace):
         "lr": args.lr,
         "epochs": args.epochs,
         "patience": args.patience,
+        "max_batches": args.max_batches,
         "consistency": args.consistency,
+        "loss_weights": _loss_weights(args.loss_weight),
         "seed": args.seed,
         "num_workers": args.workers,
         "accelerator": args.accelerator,
@@ -556,11 +594,28 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(variant=args.variant, **kw)
 
 
+def _loss_weights(items: list[str]) -> dict[str, float]:
+    weights = dict(_LOSS_DEFAULTS)
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in weights:
+            raise ConfigError(
+                f"--loss-weight {item!r}: expected NAME=VALUE with NAME one of {list(weights)}"
+            )
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--loss-weight {item!r}: {value!r} is not a number") from None
+        if weights[name] < 0 or weights[name] != weights[name]:
+            raise ConfigError(f"--loss-weight {item!r}: weights must be >= 0")
+    return weights
+
+
 _PAPER_KEYS = {"optimizer", "epochs", "consistency", "width", "context_tokens"}
 _DEFAULTS = {
     "optimizer": "adamw",
     "epochs": 30,
-    "consistency": "aggregate",
+    "consistency": "paper",
     "width": 256,
     "context_tokens": 5,
 }
@@ -597,8 +652,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "features were extracted ('magnet features'). Batches are spatial (every bin of a "
         "block of region tiles); one slide is held out for early stopping and checkpoint "
         "choice (validation PCC-gene of the bins). Writes OUT/model.pt (everything "
-        "prediction needs; loads with torch.load(weights_only=True)), Lightning checkpoints "
-        "in OUT/checkpoints/ and a CSV training log in OUT/logs/.",
+        "prediction needs; loads with torch.load(weights_only=True)), the losses per epoch "
+        "in OUT/history.json ('magnet plot OUT' draws them), Lightning checkpoints in "
+        "OUT/checkpoints/ and a CSV training log in OUT/logs/.",
         formatter_class=_Formatter,
     )
     p.add_argument("dataset", help="dataset folder written by 'magnet prepare'")
@@ -622,21 +678,41 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from magnet_st.cv import cross_validate
+    from magnet_st.cv import cross_validate, read_gene_groups
 
     cfg = _train_config(args)
+    groups = read_gene_groups(args.gene_groups) if args.gene_groups else None
+    variants = args.variants if args.variants is not None else [cfg.variant]
+    if getattr(args, "models", None) is not None:  # magnet benchmark
+        from magnet_st.model import VARIANTS
+
+        unknown = [m for m in args.models if m not in (*VARIANTS, *_BASELINES, "mean_profile")]
+        if unknown:
+            known = ["mean_profile", *_BASELINES, *VARIANTS]
+            raise MagnetError(f"unknown models {unknown}; available: {known}")
+        variants = [m for m in args.models if m in VARIANTS]
+        args.baselines = [m for m in args.models if m in _BASELINES]
     cross_validate(
         args.dataset,
         args.out,
         cfg,
-        variants=args.variants or [cfg.variant],
+        variants=variants,
         scheme=args.scheme,
         k=args.folds,
         seed=args.split_seed,
+        gene_groups=groups,
+        baselines=args.baselines,
+        baseline_settings={"epochs": args.baseline_epochs, "max_batches": cfg.max_batches},
         progress=not args.quiet,
     )
+    if getattr(args, "models", None) is not None:
+        from magnet_st.report import plot_results
+
+        plot_results([args.out], Path(args.out) / "figures", formats=("png", "pdf"))
     print((Path(args.out) / "summary.md").read_text())
-    print(f"tables: {Path(args.out) / 'summary.md'}, summary.csv, metrics.csv")
+    if groups:
+        print((Path(args.out) / "groups.md").read_text())
+    print(f"tables: {Path(args.out) / 'summary.md'}, summary.csv, metrics.csv, gene_pcc.csv")
     return 0
 
 
@@ -659,13 +735,223 @@ def _add_cv(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split")
     p.add_argument(
         "--variants",
-        nargs="+",
+        nargs="*",
         choices=["magnet", "paper", "no_context"],
         default=None,
-        help="models to compare (each trained per fold); default: --variant",
+        help="MagNet variants to compare (each trained per fold); default: --variant; "
+        "given with no names: baselines only",
+    )
+    p.add_argument(
+        "--baselines",
+        nargs="+",
+        choices=list(_BASELINES),
+        default=[],
+        help="baselines fitted per fold on the --features feature set, beside the "
+        "mean profile (which always runs): " + _BASELINE_HELP,
+    )
+    _add_baseline_options(p)
+    p.add_argument(
+        "--gene-groups",
+        default=None,
+        metavar="FILE",
+        help="CSV/TSV with columns gene (id or name) and group, or a synthetic slide's "
+        "synthetic_truth.json: adds PCC-gene per group (groups.csv, groups.md); default: none",
     )
     _add_train_options(p)
     p.set_defaults(func=cmd_cv)
+
+
+# baselines.BASELINE_NAMES, spelled out so that '--help' needs no torch (a test checks)
+_BASELINES = ("ridge", "stnet", "histogene", "his2st", "bleep", "egn")
+_BASELINE_HELP = (
+    "ridge (PCA 256 + ridge, HEST protocol), stnet (ST-Net), histogene (HisToGene), his2st "
+    "(Hist2ST), bleep (BLEEP), egn (EGN); all on the frozen features, one model per level "
+    "(docs/baselines.md)"
+)
+
+
+def _add_baseline_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--baseline-epochs",
+        type=int,
+        default=30,
+        help="most epochs of each neural baseline per level (early-stopped on the fold's "
+        "validation slide, patience 5)",
+    )
+
+
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "benchmark",
+        help="compare MagNet with the baselines on the same folds, in the paper's table shape",
+        description="Train and score every model of --models on every fold of a slide-level "
+        "cross-validation (the same splits, gene panel, targets and metrics for all; "
+        "resumable model by model and fold by fold). Writes summary.md / summary.csv (rows: "
+        "models; columns: MSE, MAE, PCC-unit, PCC-gene, PCC-gene top-50; mean +- std over "
+        "folds; one block per level), metrics.csv, gene_pcc.csv and figures/ (per-model "
+        "PCC-gene and PCC-unit per fold). Baselines: " + _BASELINE_HELP,
+        formatter_class=_Formatter,
+    )
+    p.add_argument("dataset", help="dataset folder written by 'magnet prepare'")
+    p.add_argument("out", help="output folder")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["mean_profile", *_BASELINES, "magnet", "no_context"],
+        help="models to compare: mean_profile (always run), "
+        + ", ".join(_BASELINES)
+        + ", and the MagNet variants magnet, paper, no_context",
+    )
+    _add_baseline_options(p)
+    p.add_argument("--scheme", choices=["loso", "kfold"], default="loso", help="fold scheme")
+    p.add_argument("--folds", type=int, default=4, help="k for --scheme kfold")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split")
+    p.add_argument(
+        "--gene-groups",
+        default=None,
+        metavar="FILE",
+        help="gene groups for PCC-gene per group, as in 'magnet cv'; default: none",
+    )
+    _add_train_options(p)
+    p.set_defaults(func=cmd_cv, variants=None, baselines=[])
+
+
+# -- predict ---------------------------------------------------------------------------------
+def cmd_predict(args: argparse.Namespace) -> int:
+    from magnet_st.predict import predict
+
+    tissue = {}
+    if args.tissue_threshold is not None:
+        tissue["threshold"] = args.tissue_threshold
+    res = predict(
+        args.model,
+        args.out,
+        image=args.image,
+        spaceranger=args.spaceranger,
+        mpp=args.mpp,
+        name=args.name,
+        grid_origin_um=tuple(args.grid_origin_um),
+        weights=args.weights,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        zarr=args.zarr,
+        tissue_options=tissue,
+        progress=not args.quiet,
+    )
+    for lv, path in res.files.items():
+        print(f"  {lv:>6}: {res.n[lv]:,} units -> {path}")
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in res.seconds.items())
+    print(
+        f"predicted in {res.seconds['total']:.0f} s ({times}); details: {res.out / 'prediction.json'}"
+    )
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict HD expression for a slide from its H&E image",
+        description="Predict expression per bin with a trained model. With --image alone: "
+        "detect tissue on a thumbnail (saved as tissue_mask.png), lay a virtual grid of the "
+        "model's bins (8 or 16 um, Space Ranger geometry) over it, encode the tiles and "
+        "predict. With --spaceranger: predict on that run's bins and keep the measured "
+        "counts (layer 'measured') for comparison. Writes bins.h5ad, spot_tiles.h5ad and "
+        "region_tiles.h5ad (log1p scale; open with scanpy, draw with scanpy.pl.spatial) and "
+        "prediction.json. Work already done in OUT/work is reused.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--model", required=True, help="model file (model.pt) from 'magnet train'")
+    p.add_argument("--image", default=None, help="full-resolution H&E image (TIFF, SVS, ...)")
+    p.add_argument(
+        "--spaceranger",
+        default=None,
+        metavar="RUN",
+        help="a Visium HD Space Ranger run (folder or outs/) whose bins to predict; needs "
+        "--image; default: none (image only)",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--mpp",
+        type=_positive_float,
+        default=None,
+        help="microns per pixel of the image; default: what the file records (an error if "
+        "it records none)",
+    )
+    p.add_argument("--name", default=None, help="slide name; default: the image's file name")
+    p.add_argument(
+        "--grid-origin-um",
+        nargs=2,
+        type=float,
+        default=[0.0, 0.0],
+        metavar=("X", "Y"),
+        help="microns from the image's top-left corner to the corner of virtual bin (0, 0)",
+    )
+    p.add_argument(
+        "--tissue-threshold",
+        type=float,
+        default=None,
+        help="tissue detection threshold (see magnet_st.tissue.detect_tissue); default: Otsu",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="encoder weights file, if it moved since training; default: the recorded path",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="image-reading worker processes; default: as 'magnet features'",
+    )
+    p.add_argument("--zarr", action="store_true", help="write .zarr stores instead of .h5ad")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_predict)
+
+
+# -- plot ------------------------------------------------------------------------------------
+def cmd_plot(args: argparse.Namespace) -> int:
+    from magnet_st.report import plot_results
+
+    files = plot_results(args.inputs, args.out, args.genes, args.n_genes, args.formats)
+    for f in files:
+        print(f"  {f}")
+    print(f"wrote {len(files)} figure files to {args.out}")
+    return 0
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="draw gene maps, per-gene PCC, training curves and cross-validation summaries",
+        description="Draw figures from results on disk. Each INPUT may be: a prediction "
+        "(.h5ad/.zarr from 'magnet predict' or 'magnet cv', or a 'magnet predict' folder): "
+        "gene maps with a scale bar and one colour scale per gene, predicted beside "
+        "measured where measured counts are known, and per-gene PCC bars; a 'magnet cv' "
+        "folder: PCC-gene and PCC-unit per fold and model at each level, training curves, "
+        "per-gene PCC bars (mean over folds) and maps of the first fold's test slide; a "
+        "'magnet train' folder: training curves.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="predictions or result folders")
+    p.add_argument("--out", required=True, help="folder for the figures")
+    p.add_argument(
+        "--genes",
+        nargs="+",
+        default=None,
+        help="genes to map (names or ids); default: the --n-genes best predicted genes when "
+        "measured values are known, else the most variable predictions",
+    )
+    p.add_argument("--n-genes", type=int, default=4, help="genes to map when --genes is not given")
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        default=["png", "pdf"],
+        help="figure formats (any matplotlib supports: png, pdf, svg, ...)",
+    )
+    p.set_defaults(func=cmd_plot)
 
 
 # -- synth -----------------------------------------------------------------------------------
@@ -788,6 +1074,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_features,
     _add_train,
     _add_cv,
+    _add_benchmark,
+    _add_predict,
+    _add_plot,
     _add_synth,
     _add_demo,
 ]
@@ -810,6 +1099,29 @@ def build_parser() -> argparse.ArgumentParser:
     for add in COMMANDS:
         add(sub)
     return parser
+
+
+def cli_reference() -> str:
+    """Markdown reference of every command's ``--help`` (docs/cli.md), at a fixed width."""
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, {"COLUMNS": "92"}):
+        parser = build_parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parts = [
+            "# Command reference",
+            "",
+            "Every option of every `magnet` command, with its default: the `--help` text, "
+            "generated by `python scripts/cli_docs.py` (a test checks it is current).",
+            "",
+            "```text",
+            parser.format_help().rstrip(),
+            "```",
+        ]
+        for name, p in sub.choices.items():
+            parts += ["", f"## magnet {name}", "", "```text", p.format_help().rstrip(), "```"]
+    return "\n".join(parts) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

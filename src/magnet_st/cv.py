@@ -8,9 +8,11 @@ model is trained, then predicts the test slides from their images alone; metrics
 models already finished are skipped, so an interrupted run resumes.
 
 Outputs in ``OUT/``: ``folds.json`` (the split and seed), ``fold<i>/<model>/`` (model
-file, training log, ``pred_<slide>_<level>.h5ad``, ``metrics.json``), ``metrics.csv``
-(one row per fold, model, level and test slide), ``summary.csv`` and ``summary.md``
-(mean +- std over folds).
+file, training log, ``pred_<slide>_<level>.h5ad``, ``metrics.json``, ``gene_pcc.csv``),
+``metrics.csv`` (one row per fold, model, level and test slide), ``summary.csv`` and
+``summary.md`` (mean +- std over folds), ``gene_pcc.csv`` (PCC of every gene, fold, model,
+level and test slide) and, given gene groups, ``groups.csv`` and ``groups.md`` (PCC-gene
+per group of genes, mean +- std over folds).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import pandas as pd
 
 from magnet_st.atomic import atomic_path, write_text
 from magnet_st.dataset import Dataset
-from magnet_st.errors import ConfigError
-from magnet_st.metrics import evaluate, summarize
+from magnet_st.errors import ConfigError, InputError
+from magnet_st.metrics import evaluate, pcc_per_gene, summarize
 from magnet_st.panel import select_panel
 from magnet_st.targets import TargetTransform
 from magnet_st.train import (
@@ -44,6 +46,33 @@ log = logging.getLogger(__name__)
 LEVELS = ("bin", "spot", "region")
 METRICS = ["mse", "mae", "pcc_gene", "pcc_gene_top", "pcc_unit"]
 BASELINE = "mean_profile"
+GENE_PCC = "gene_pcc.csv"
+
+
+def read_gene_groups(path: str | Path) -> dict[str, set[str]]:
+    """Groups of genes, by gene id or name: a CSV/TSV with columns ``gene`` and ``group``
+    (a gene may be in several rows), or a synthetic slide's ``synthetic_truth.json`` (its
+    groups ``cell`` / ``context`` / ``background`` and its programmes, e.g. ``CTX_DOMA``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "gene-group file not found")
+    groups: dict[str, set[str]] = {}
+    if path.suffix == ".json":
+        try:
+            genes = json.loads(path.read_text())["genes"]
+            for g in genes:
+                for key in (g["group"], g["programme"]):
+                    groups.setdefault(str(key), set()).update({str(g["id"]), str(g["name"])})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(path, f"not a synthetic_truth.json with genes ({exc})") from None
+        return groups
+    table = pd.read_csv(path, sep=None, engine="python", dtype=str)
+    missing = {"gene", "group"} - set(table.columns)
+    if missing:
+        raise InputError(path, f"missing columns {sorted(missing)}; need 'gene' and 'group'")
+    for gene, group in zip(table["gene"], table["group"], strict=True):
+        groups.setdefault(str(group), set()).add(str(gene))
+    return groups
 
 
 def make_folds(slides: list[str], scheme: str = "loso", k: int = 4, seed: int = 0) -> list[dict]:
@@ -81,6 +110,9 @@ def _pred_anndata(ds: Dataset, slide: str, level: str, pred: np.ndarray, genes, 
     ad.var_names_make_unique()
     ad.obsm["spatial"] = np.asarray(src.obsm["spatial"])
     ad.uns["spatial"] = dict(src.uns.get("spatial", {}))
+    measured = ds.counts(slide, level, genes).astype(np.float32).tocsr()
+    measured.data = np.log1p(measured.data)
+    ad.layers["measured"] = measured  # log1p, beside the prediction, for 'magnet plot'
     ad.uns["magnet"] = {"level": level, "slide": slide, "scale": "log1p"}
     return ad
 
@@ -108,14 +140,32 @@ def cross_validate(
     k: int = 4,
     seed: int = 0,
     slides: list[str] | None = None,
+    gene_groups: dict[str, set[str]] | None = None,
+    baselines: list[str] | None = None,
+    baseline_settings: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Run the folds and write the tables; returns the per-fold metrics table."""
+    """Run the folds and write the tables; returns the per-fold metrics table.
+
+    ``variants``: MagNet variants trained per fold (default ``[cfg.variant]``; ``[]`` for
+    baselines only). ``gene_groups`` (see :func:`read_gene_groups`) adds PCC-gene per group
+    of genes. ``baselines``: names from :data:`magnet_st.baselines.BASELINE_NAMES`, fitted
+    per fold on the feature set ``cfg.features`` beside the models (the mean profile always
+    runs); ``baseline_settings`` go to the neural baselines
+    (:class:`magnet_st.baselines.neural.BaselineConfig`: ``epochs``, ``max_batches`` ...).
+    """
+    from magnet_st.baselines import BASELINE_NAMES
+
+    baselines = list(baselines or [])
+    unknown = [b for b in baselines if b not in BASELINE_NAMES]
+    if unknown:
+        raise ConfigError(f"unknown baselines {unknown}; available: {list(BASELINE_NAMES)}")
+    settings = {k: v for k, v in (baseline_settings or {}).items() if v is not None}
     ds = Dataset(dataset)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     slides = slides or ds.slides
-    variants = variants or [cfg.variant]
+    variants = [cfg.variant] if variants is None else list(variants)
     folds = make_folds(slides, scheme, k, seed)
     plan = {"scheme": scheme, "k": k, "seed": seed, "folds": folds, "train_config": cfg.to_dict()}
     folds_file = out / "folds.json"
@@ -130,6 +180,7 @@ def cross_validate(
     panel_cfg = ds.manifest["panel"]
     target_kind = ds.manifest["targets"]["bin"]["kind"]
     rows: list[dict[str, Any]] = []
+    gene_tables: list[pd.DataFrame] = []
     for i, fold in enumerate(folds):
         fold_dir = out / f"fold{i}"
         pool = fold["train"] + fold["val"]
@@ -168,16 +219,35 @@ def cross_validate(
                     ds, f, g, n, t, tp, c, d, progress
                 ),
             )
+        for name in baselines:
+            rows += _run_cached(
+                fold_dir / name,
+                lambda d, f=fold, g=genes, n=names, tp=top, b=name: _fit_baseline(
+                    ds, f, g, n, tp, b, cfg.features, d, settings
+                ),
+            )
         for r in rows:
             r.setdefault("fold", i)
+        for model in [BASELINE, *baselines, *variants]:
+            g = pd.read_csv(fold_dir / model / GENE_PCC)
+            g.insert(0, "fold", i)
+            gene_tables.append(g)
     table = pd.DataFrame(rows)
     write_tables(table, out)
+    genes_table = pd.concat(gene_tables, ignore_index=True)
+    with atomic_path(out / GENE_PCC) as tmp:
+        genes_table.to_csv(tmp, index=False)
+    if gene_groups:
+        grouped = group_summary(genes_table, gene_groups)
+        with atomic_path(out / "groups.csv") as tmp:
+            grouped.to_csv(tmp, index=False)
+        write_text(out / "groups.md", markdown_groups(grouped))
     return table
 
 
 def _run_cached(folder: Path, run) -> list[dict]:
     done = folder / "metrics.json"
-    if done.is_file():
+    if done.is_file() and (folder / GENE_PCC).is_file():
         log.info("%s: already done, skipped", folder)
         return json.loads(done.read_text())
     folder.mkdir(parents=True, exist_ok=True)
@@ -188,18 +258,32 @@ def _run_cached(folder: Path, run) -> list[dict]:
 
 def _score(
     ds: Dataset,
-    fold: dict,
     preds: dict[str, dict[str, np.ndarray]],
     genes,
+    names,
     top,
     model,
+    folder: Path,
     seconds=None,
 ):
-    rows = []
+    """Metrics rows per test slide and level; the PCC of every gene to ``gene_pcc.csv``."""
+    rows, per_gene = [], []
     for slide, by_level in preds.items():
         for lv, pred in by_level.items():
             true = np.log1p(ds.counts(slide, lv, genes).toarray())
             m = evaluate(true, pred, top_genes=top)
+            per_gene.append(
+                pd.DataFrame(
+                    {
+                        "model": model,
+                        "level": lv,
+                        "test_slide": slide,
+                        "gene_id": genes,
+                        "gene_name": names,
+                        "pcc": pcc_per_gene(true, pred),
+                    }
+                )
+            )
             rows.append(
                 {
                     "model": model,
@@ -209,6 +293,8 @@ def _score(
                     **({"train_seconds": seconds} if seconds is not None else {}),
                 }
             )
+    with atomic_path(folder / GENE_PCC) as tmp:
+        pd.concat(per_gene, ignore_index=True).to_csv(tmp, index=False)
     return rows
 
 
@@ -220,7 +306,28 @@ def _baseline(ds, fold, genes, names, targets, top, folder: Path) -> list[dict]:
         slide: {lv: np.tile(mean[lv], (ds.level(slide, lv).n_obs, 1)) for lv in LEVELS}
         for slide in fold["test"]
     }
-    return _score(ds, fold, preds, genes, top, BASELINE)
+    return _score(ds, preds, genes, names, top, BASELINE, folder)
+
+
+def _fit_baseline(
+    ds, fold, genes, names, top, name: str, features: str, folder: Path, settings: dict
+):
+    import time
+
+    from magnet_st.baselines import create_baseline
+
+    t0 = time.perf_counter()
+    model = create_baseline(name, features, **({} if name == "ridge" else settings))
+    model.fit(ds, fold["train"], genes, val=fold["val"])
+    seconds = time.perf_counter() - t0
+    model.save(folder / model.filename)
+    preds = {slide: model.predict(ds, slide) for slide in fold["test"]}
+    for slide, by_level in preds.items():
+        for lv, pred in by_level.items():
+            ad = _pred_anndata(ds, slide, lv, pred, genes, names)
+            with atomic_path(folder / f"pred_{slide}_{lv}.h5ad") as tmp:
+                ad.write_h5ad(tmp)
+    return _score(ds, preds, genes, names, top, name, folder, seconds)
 
 
 def _model(ds, fold, genes, names, targets, top, cfg: TrainConfig, folder: Path, progress: bool):
@@ -248,8 +355,7 @@ def _model(ds, fold, genes, names, targets, top, cfg: TrainConfig, folder: Path,
             ad = _pred_anndata(ds, slide, lv, pred, genes, names)
             with atomic_path(folder / f"pred_{slide}_{lv}.h5ad") as tmp:
                 ad.write_h5ad(tmp)
-    (folder / "history.json").write_text(json.dumps(res.history, indent=1))
-    return _score(ds, fold, preds, genes, top, cfg.variant, res.seconds)
+    return _score(ds, preds, genes, names, top, cfg.variant, folder, res.seconds)
 
 
 def write_tables(table: pd.DataFrame, out: Path) -> pd.DataFrame:
@@ -312,5 +418,58 @@ def markdown_summary(summary: pd.DataFrame) -> str:
                 for c in cols
             ]
             lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def group_summary(genes_table: pd.DataFrame, groups: dict[str, set[str]]) -> pd.DataFrame:
+    """PCC-gene per group: the mean over the group's genes per fold (test slides pooled),
+    then mean and std over folds, per level, model and group."""
+    rows = []
+    for group, members in groups.items():
+        inside = genes_table["gene_id"].astype(str).isin(members) | genes_table["gene_name"].astype(
+            str
+        ).isin(members)
+        sub = genes_table[inside]
+        if sub.empty:
+            continue
+        for (level, model), s in sub.groupby(["level", "model"], sort=False):
+            per_fold = s.groupby("fold")["pcc"].mean()
+            stats = summarize([{"pcc": v} for v in per_fold], ["pcc"])["pcc"]
+            rows.append(
+                {
+                    "level": level,
+                    "model": model,
+                    "group": group,
+                    "n_genes": int(s["gene_id"].nunique()),
+                    "folds": len(per_fold),
+                    "pcc_gene_mean": stats[0],
+                    "pcc_gene_std": stats[1],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def markdown_groups(grouped: pd.DataFrame) -> str:
+    """One Markdown table per level: rows groups, columns models (PCC-gene mean +- std)."""
+    lines = []
+    for level, sub in grouped.groupby("level", sort=False):
+        models = list(dict.fromkeys(sub["model"]))
+        lines += [
+            f"### {level} level: PCC-gene by gene group",
+            "",
+            "| group | genes | " + " | ".join(models) + " |",
+            "|---|---|" + "---|" * len(models),
+        ]
+        for group, g in sub.groupby("group", sort=False):
+            cells = []
+            for m in models:
+                r = g[g["model"] == m]
+                cells.append(
+                    "n/a"
+                    if r.empty or not np.isfinite(r["pcc_gene_mean"].iloc[0])
+                    else f"{r['pcc_gene_mean'].iloc[0]:.4f} ± {r['pcc_gene_std'].iloc[0]:.4f}"
+                )
+            lines.append(f"| {group} | {int(g['n_genes'].max())} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

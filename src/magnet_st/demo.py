@@ -2,13 +2,15 @@
 
 Steps: write synthetic slides (Space Ranger layout) -> ``prepare`` -> ``features`` ->
 leave-one-slide-out cross-validation of MagNet and its no-context ablation beside the
-mean-profile baseline -> a Markdown report. Sized to finish on a 2-core CPU in minutes: a
+mean-profile baseline -> a final model on all slides -> prediction on one more slide from
+its image alone (tissue detection, virtual 8 um grid) -> figures -> a Markdown report. Sized to finish on a 2-core CPU in minutes: a
 tiny random-init encoder (``mobilenetv3_small_050``) stands in for a pretrained one, so the
 numbers show that the pipeline runs, not how well MagNet can do.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -34,11 +36,14 @@ def run_demo(
 ) -> Path:
     """Run the demo into ``out``; returns the report's path. Finished steps are reused."""
     from magnet_st.cv import cross_validate
+    from magnet_st.dataset import Dataset
     from magnet_st.features import extract_features
+    from magnet_st.predict import predict
     from magnet_st.prepare import PrepareConfig, prepare
     from magnet_st.read.specs import SlideSpec
+    from magnet_st.report import plot_results
     from magnet_st.synthetic import write_synthetic_hd
-    from magnet_st.train import TrainConfig
+    from magnet_st.train import TrainConfig, fit
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -54,7 +59,8 @@ def run_demo(
 
     t = time.perf_counter()
     specs = []
-    for i in range(n_slides):
+    new_seed = 1000  # the unseen slide, predicted from its image alone
+    for i in [*range(n_slides), new_seed]:
         run = out / "slides" / f"synthetic_{i}"
         if not (run / "outs").is_dir():
             print(f"[demo] writing synthetic Visium HD slide {run}", flush=True)
@@ -67,6 +73,8 @@ def run_demo(
                 write_raw=False,
                 progress=progress,
             )
+        if i == new_seed:
+            continue
         specs.append(
             SlideSpec(
                 name=f"synthetic_{i}", path=str(run), image=str(run / "he_fullres.tif"), bin_size=8
@@ -96,8 +104,28 @@ def run_demo(
     cross_validate(ds, out / "cv", cfg, variants=["magnet", "no_context"], progress=progress)
     step("cross-validation", t)
 
+    t = time.perf_counter()
+    model_path = out / "model" / "model.pt"
+    if not model_path.exists():
+        slides = Dataset(ds).slides
+        fit(Dataset(ds), slides[:-1], slides[-1:], cfg, out / "model", progress=progress)
+    step("final model", t)
+
+    t = time.perf_counter()
+    new_run = out / "slides" / f"synthetic_{new_seed}"
+    pred = predict(model_path, out / "predict", image=new_run / "he_fullres.tif", progress=progress)
+    step("image-only prediction", t)
+
+    t = time.perf_counter()
+    figures = out / "figures"
+    plot_results([out / "cv", out / "model", pred.files["bin"]], figures, formats=("png",))
+    step("figures", t)
+
     total = time.perf_counter() - t0
     summary = (out / "cv" / "summary.md").read_text()
+    truth = json.loads((new_run / "synthetic_truth.json").read_text())
+    sr_bins = truth["n_bins_in_tissue"]["8"]
+    listing = sorted(p.name for p in figures.glob("*.png"))
     report = "\n".join(
         [
             "# magnet-st demo report",
@@ -110,6 +138,25 @@ def run_demo(
             "genes (the MagNet paper's PCC).",
             "",
             summary,
+            "## An unseen slide, from its image alone",
+            "",
+            f"`magnet predict` on `{new_run.name}` (never seen in training) from "
+            f"`he_fullres.tif` alone: tissue detection (`{pred.out / 'tissue_mask.png'}`), a "
+            f"virtual 8 um grid of {pred.n['bin']:,} bins over the tissue (Space Ranger "
+            f"counts {sr_bins:,} bins under tissue on this slide), "
+            f"{pred.n['spot']:,} spot and {pred.n['region']:,} region tiles; predictions "
+            f"in `{pred.files['bin']}` (open with `scanpy.read_h5ad`, draw with "
+            "`scanpy.pl.spatial`).",
+            "",
+            "## Figures",
+            "",
+            f"In `{figures}`: cross-validation summaries (`cv_*`), training curves "
+            "(`training_*`), per-gene PCC (`gene_pcc_*`), maps predicted beside measured for "
+            "the first fold's test slide (`*_synthetic_0_maps.png`) and maps of the image-only "
+            "prediction (`bins_maps.png`).",
+            "",
+            *[f"- `{name}`" for name in listing],
+            "",
             "## Time",
             "",
             "| step | seconds |",
@@ -124,6 +171,10 @@ def run_demo(
             f"- features: `{res['path']}`",
             f"- cross-validation: `{out / 'cv'}` (`summary.md`, `metrics.csv`, per-fold models "
             "and predictions as `.h5ad`)",
+            f"- final model (all slides): `{model_path}`",
+            f"- image-only prediction: `{pred.out}` (`bins.h5ad`, `spot_tiles.h5ad`, "
+            "`region_tiles.h5ad`, `tissue_mask.png`, `prediction.json`)",
+            f"- figures: `{figures}`",
             "",
         ]
     )

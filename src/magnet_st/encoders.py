@@ -239,11 +239,12 @@ class Encoder:
     weights_path: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"
+    input_px: int | None = None  # set when the input size was chosen instead of timm's
 
     @property
     def key(self) -> str:
         """Filesystem-safe name + short weights checksum (+ kwargs hash): a cache folder name."""
-        return encoder_key(self.name, self.weights_checksum, self.kwargs)
+        return encoder_key(self.name, self.weights_checksum, self.kwargs, self.input_px)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description (recorded with cached features)."""
@@ -253,6 +254,7 @@ class Encoder:
             "weights_checksum": self.weights_checksum,
             "weights_path": self.weights_path,
             "encoder_kwargs": _jsonable(self.kwargs),
+            "input_px": self.input_px,
             "feature_dim": self.feature_dim,
             "input_size": list(self.input_size),
             "mean": list(self.mean),
@@ -312,10 +314,16 @@ class Encoder:
     __call__ = encode
 
 
-def encoder_key(name: str, weights_checksum: str, kwargs: dict[str, Any] | None = None) -> str:
-    """``<name>-<weights>[-k<kwargs hash>]``, filesystem-safe, e.g. ``resnet50-random``,
-    ``resnet50-3f2a9c0d1b7e`` (first 12 hex digits of the file's sha256),
-    ``hf-hub_MahmoodLab_uni-pt_MahmoodLab_uni`` (timm's download)."""
+def encoder_key(
+    name: str,
+    weights_checksum: str,
+    kwargs: dict[str, Any] | None = None,
+    input_px: int | None = None,
+) -> str:
+    """``<name>-<weights>[-k<kwargs hash>][-px<input>]``, filesystem-safe, e.g.
+    ``resnet50-random``, ``resnet50-3f2a9c0d1b7e`` (first 12 hex digits of the file's
+    sha256), ``hf-hub_MahmoodLab_uni-pt_MahmoodLab_uni`` (timm's download),
+    ``efficientnet_lite0_imagenet-579344248a93-px112`` (a non-default input size)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "encoder"
     if weights_checksum == "random-init":
         tag = "random"
@@ -327,6 +335,8 @@ def encoder_key(name: str, weights_checksum: str, kwargs: dict[str, Any] | None 
     if kwargs:
         text = json.dumps(_jsonable(kwargs), sort_keys=True)
         key += "-k" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    if input_px:
+        key += f"-px{int(input_px)}"
     return key
 
 
@@ -565,6 +575,7 @@ def create_encoder(
     encoder_kwargs: dict[str, Any] | None = None,
     with_head: bool = False,
     precision: str = "auto",
+    input_px: int | None = None,
 ) -> Encoder:
     """Build a frozen encoder (eval mode, no gradients) on ``device``.
 
@@ -582,6 +593,9 @@ def create_encoder(
         with_head: keep the classifier, so the model outputs class logits (for checks).
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"fp32"`` or
             ``"bf16"``.
+        input_px: feed tiles at this edge (px) instead of the model's default input size
+            (CNNs only; e.g. 112 encodes a 112 px bin patch as it is, 4x cheaper than
+            upsampling it to 224). Part of the feature-set key.
 
     Raises:
         ConfigError: unknown name, bad kwargs or device, conflicting options.
@@ -627,6 +641,10 @@ def create_encoder(
 
     data_cfg = resolve_data_config({}, model=model)
     _, h, w = (int(v) for v in data_cfg["input_size"])
+    if input_px is not None:
+        if int(input_px) < 16:
+            raise ConfigError(f"input_px must be at least 16, got {input_px}")
+        h = w = int(input_px)
     mean = tuple(float(v) for v in data_cfg["mean"])
     std = tuple(float(v) for v in data_cfg["std"])
     if len(mean) == 1:
@@ -646,6 +664,7 @@ def create_encoder(
         weights_path=weights_path,
         kwargs=dict(encoder_kwargs or {}),
         precision=precision,
+        input_px=None if input_px is None else int(input_px),
     ).to(dev)
     probe = torch.full((1, h, w, 3), 128, dtype=torch.uint8)
     out = enc.encode(probe)

@@ -46,7 +46,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -673,6 +673,7 @@ def extract_features(
     slides: Sequence[str] | None = None,
     precision: str = "auto",
     flush_every: int = 20,
+    input_px: int | None = None,
 ) -> dict:
     """Encode every tile of ``levels`` of every slide of a prepared dataset; cache the features.
 
@@ -697,6 +698,8 @@ def extract_features(
         slides: only these slides (default: all).
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"fp32"``, ``"bf16"``.
         flush_every: save resumable progress every this many batches.
+        input_px: encode tiles at this edge instead of the encoder's default input size
+            (see :func:`magnet_st.encoders.create_encoder`).
 
     Returns:
         ``{"key", "path", "encoder", "meta", "jobs"}``; ``jobs`` has one entry per
@@ -735,6 +738,7 @@ def extract_features(
         "pretrained": pretrained,
         "encoder_kwargs": encoder_kwargs,
         "precision": precision,
+        "input_px": input_px,
     }
     encoder = create_encoder(device=dev, **enc_args)
     enc_desc = encoder.describe()
@@ -814,6 +818,64 @@ def extract_features(
         "meta": meta,
         "jobs": results,
     }
+
+
+def import_features(
+    dataset_path: str | Path,
+    name: str,
+    features: Mapping[tuple[str, str], np.ndarray],
+    *,
+    description: str = "",
+) -> dict:
+    """Store features computed elsewhere as the feature set ``name`` of a dataset.
+
+    ``features[(slide, level)]`` holds one row per unit of that level, in the dataset's
+    order (``Dataset.level(slide, level)``). Training reads them like extracted ones;
+    image-only prediction cannot rebuild their encoder, so it needs extracted features.
+    Returns the feature set's ``meta.json`` content.
+    """
+    from types import SimpleNamespace
+
+    from magnet_st.dataset import Dataset
+    from magnet_st.encoders import encoder_key
+
+    ds = Dataset(dataset_path)
+    dims = {int(np.shape(a)[1]) for a in features.values()}
+    if len(dims) != 1:
+        raise ConfigError(f"features of one set must share one width, got {sorted(dims)}")
+    dim = dims.pop()
+    h = hashlib.sha256(json.dumps([name, description, dim]).encode())
+    key = encoder_key(name, "imported:" + h.hexdigest())
+    desc = {
+        "key": key,
+        "name": name,
+        "weights_checksum": "imported:" + h.hexdigest(),
+        "weights_path": None,
+        "encoder_kwargs": {},
+        "input_px": None,
+        "feature_dim": dim,
+        "input_size": [0, 0],
+        "mean": [],
+        "std": [],
+        "interpolation": "none",
+        "precision": "imported",
+        "description": description,
+    }
+    enc = SimpleNamespace(key=key, feature_dim=dim, device="imported", precision="imported")
+    root = ds.path / FEATURES_DIR / key
+    jobs = []
+    for (slide, level), arr in features.items():
+        job, _ = _plan_job(ds, slide, level, (1, 1))
+        if np.shape(arr)[0] != job.n:
+            raise ConfigError(f"{slide}/{level}: {np.shape(arr)[0]} rows for {job.n} units")
+        p = _level_paths(root, job)
+        p["dir"].mkdir(parents=True, exist_ok=True)
+        np.save(p["partial"], np.asarray(arr, dtype=DTYPE))
+        write_text(p["record"], json.dumps(_record(enc, job, 0.0), indent=1))
+        os.replace(p["partial"], p["npy"])
+        jobs.append(job)
+    levels = sorted({lv for _, lv in features})
+    return _write_meta(root, desc, ds, jobs, levels, {"device": "imported"})
 
 
 # --------------------------------------------------------------------------- reading

@@ -710,6 +710,80 @@ def _gene_names(out: Path, meta: dict, panel: list[str]) -> list[str]:
     return [name[g] for g in panel]
 
 
+def prepare_unmeasured(
+    slide: Slide,
+    out: str | Path,
+    config: dict[str, Any],
+    panel: list[str],
+    gene_names: list[str],
+    targets: dict[str, dict],
+    *,
+    fingerprint_extra: str = "",
+) -> Path:
+    """A one-slide dataset for prediction: ``slide``'s units and tiles laid out as
+    :func:`prepare` does, with the panel and target statistics of a trained model
+    (``config`` is the training dataset's resolved config). Counts may be zeros (an
+    image-only slide). A rerun with the same units, image and settings writes nothing.
+    """
+    out = Path(out)
+    cfg = PrepareConfig(**{k: v for k, v in config.items() if not k.endswith("_um")})
+    cfg = cfg.resolved(slide.technology) if cfg.preset == "auto" else cfg
+    h = hashlib.sha256(np.ascontiguousarray(slide.centers_px, np.float64).tobytes())
+    h.update(json.dumps([_config_key(cfg), panel, fingerprint_extra]).encode())
+    key = h.hexdigest()[:32]
+    rel = f"slides/{slide.name}"
+    rec = _read_slide_record(out / rel)
+    manifest = _read_manifest(out)
+    if rec is not None and rec.get("units_sha256") == key and manifest is not None:
+        log.info("%s: units and settings unchanged; reusing it", out)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    (out / "slides").mkdir(exist_ok=True)
+    clean_stale(out / "slides")
+    levels = build_levels(slide, cfg)
+    record = {
+        "spec": {"name": slide.name, "path": str(slide.image_path)},
+        "dir": rel,
+        "config": _config_key(cfg),
+        "files": {},
+        "units_sha256": key,
+        "technology": slide.technology,
+        "unit_size_um": float(slide.unit_size_um),
+        "microns_per_pixel": float(slide.microns_per_pixel),
+        "image": str(Path(slide.image_path).resolve()) if slide.image_path else "",
+        "n_genes_measured": int(slide.n_genes),
+        "n": {name: int(ad.n_obs) for name, ad in levels.items()},
+    }
+    if (out / rel).exists():
+        shutil.rmtree(out / rel)
+    with atomic_path(out / rel) as tmp:
+        tmp.mkdir()
+        for name, ad in levels.items():
+            ad.write_h5ad(tmp / f"{name}.h5ad")
+        (tmp / SLIDE_RECORD).write_text(json.dumps(record, indent=1))
+    cfg.train_slides = []
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "packages": package_versions(),
+        "config": cfg.to_dict(),
+        "panel": {
+            "method": "list",
+            "n_genes": len(panel),
+            "train_slides": [],
+            "gene_ids": list(panel),
+            "gene_names": list(gene_names),
+        },
+        "targets": targets,
+        "levels": list(LEVELS),
+        "slides": {slide.name: record},
+    }
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    return out
+
+
 def slide_dir_is_complete(path: Path) -> bool:
     return all((path / f"{lv}.h5ad").is_file() for lv in LEVELS)
 
@@ -730,4 +804,5 @@ __all__ = [
     "build_levels",
     "dataset_is_complete",
     "prepare",
+    "prepare_unmeasured",
 ]

@@ -20,6 +20,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from magnet_st.atomic import write_text
 from magnet_st.batching import BlockDataset, SlideArrays
 from magnet_st.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
@@ -51,7 +52,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     epochs: int = 30
     patience: int = 10
-    consistency: str = "aggregate"
+    consistency: str = "paper"
     loss_weights: dict[str, float] = field(default_factory=lambda: asdict(LossWeights()))
     dropout: float = 0.1
     seed: int = 0
@@ -60,6 +61,7 @@ class TrainConfig:
     devices: int | str = 1
     num_nodes: int = 1
     precision: str | None = None
+    max_batches: int | None = None  # per epoch, for smoke runs and benchmarks; None = all
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
@@ -123,9 +125,10 @@ def slide_arrays(
         region_rc=region.obs[["tile_row", "tile_col"]].to_numpy(),
         spot_n_units=spot.obs["n_units"].to_numpy(),
         region_n_units=region.obs["n_units"].to_numpy(),
-        bin_x=load_features(ds.path, features, slide, "bin") if bin_features else None,
-        spot_x=load_features(ds.path, features, slide, "spot"),
-        region_x=load_features(ds.path, features, slide, "region"),
+        # memory-mapped: batches read their rows, the slide's features stay on disk
+        bin_x=load_features(ds.path, features, slide, "bin", mmap=True) if bin_features else None,
+        spot_x=load_features(ds.path, features, slide, "spot", mmap=True),
+        region_x=load_features(ds.path, features, slide, "region", mmap=True),
         counts_bin=ds.counts(slide, "bin", genes) if with_counts else None,
         counts_spot=ds.counts(slide, "spot", genes) if with_counts else None,
         counts_region=ds.counts(slide, "region", genes) if with_counts else None,
@@ -308,6 +311,8 @@ def build_model_config(ds: Dataset, cfg: TrainConfig, n_genes: int, slide: str) 
         heads=4 if cfg.width < 1024 else 8,
         context_tokens=cfg.context_tokens,
         dropout=cfg.dropout,
+        context_gate=cfg.variant != "paper",
+        readout="mean" if cfg.variant == "paper" else "bin",
     )
 
 
@@ -402,7 +407,8 @@ def fit(
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=1.0 if val else 0,
+        limit_val_batches=(cfg.max_batches or 1.0) if val else 0,
+        limit_train_batches=cfg.max_batches or 1.0,
         log_every_n_steps=1,
     )
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
@@ -418,6 +424,7 @@ def fit(
             ds=ds,
             features=cfg.features,
         )
+        write_text(out / "history.json", json.dumps(history.rows, indent=1))
     score = ckpt.best_model_score
     return FitResult(
         model_path=out / "model.pt",
@@ -477,11 +484,22 @@ def save_model(
         "genes": list(genes),
         "gene_names": list(gene_names),
         "dataset_config": dict(ds.config),
+        "units": _units(ds),
         "features": json.loads(json.dumps(resolve_feature_set(ds.path, features), default=str)),
         "state_dict": {k: v.detach().cpu() for k, v in module.model.state_dict().items()},
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def _units(ds: Dataset) -> dict[str, Any]:
+    """The target units the model was trained on (size, technology) and the scans' mpp."""
+    metas = [ds.slide_meta(s) for s in ds.slides]
+    return {
+        "unit_size_um": float(metas[0]["unit_size_um"]),
+        "technology": str(metas[0]["technology"]),
+        "microns_per_pixel": sorted({float(m["microns_per_pixel"]) for m in metas}),
+    }
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
@@ -509,11 +527,15 @@ def predict_slide(
     *,
     patch_reader: PatchReader | None = None,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> dict[str, np.ndarray]:
     """Predictions on the log1p scale for every bin, spot tile and region tile of a slide.
 
-    Tiles seen by several batches (as context) get the mean of their predictions.
+    Tiles seen by several batches (as context) get the mean of their predictions. Memory:
+    the outputs plus one batch (a block of region tiles).
     """
+    from tqdm.auto import tqdm
+
     tcfg = TrainConfig(**payload["train_config"])
     targets = {lv: TargetTransform.from_dict(d) for lv, d in payload["targets"].items()}
     data = BlockDataset(
@@ -528,12 +550,14 @@ def predict_slide(
     model = model.to(device).eval()
     g = len(payload["genes"])
     sums = {
-        "bin": np.zeros((slide.n_bins, g)),
-        "spot": np.zeros((len(slide.spot_pos), g)),
-        "region": np.zeros((len(slide.region_pos), g)),
+        "bin": np.zeros((slide.n_bins, g), np.float32),
+        "spot": np.zeros((len(slide.spot_pos), g), np.float32),
+        "region": np.zeros((len(slide.region_pos), g), np.float32),
     }
-    counts = {k: np.zeros(len(v)) for k, v in sums.items()}
-    for i in range(len(data)):
+    counts = {k: np.zeros(len(v), np.float32) for k, v in sums.items()}
+    for i in tqdm(
+        range(len(data)), desc=f"predict {slide.name}", unit="block", disable=not progress
+    ):
         batch = {k: v.to(device) for k, v in data[i].items()}
         out = model(batch)
         for lv, pred in out.items():
@@ -543,7 +567,8 @@ def predict_slide(
     result = {}
     for lv in out:
         seen = counts[lv] > 0
-        mean = np.zeros_like(sums[lv], dtype=np.float32)
-        mean[seen] = sums[lv][seen] / counts[lv][seen, None]
-        result[lv] = targets[lv].inverse(mean).astype(np.float32)
+        mean = sums[lv]  # in place: no second copy of the largest array
+        mean[seen] /= counts[lv][seen, None]
+        # log1p of a count is never negative
+        result[lv] = np.maximum(targets[lv].inverse(mean), 0).astype(np.float32, copy=False)
     return result

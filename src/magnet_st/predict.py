@@ -1,0 +1,447 @@
+"""predict: HD expression from a trained MagNet for slides that were never sequenced.
+
+Two sources of units:
+
+* **image only** (``image=``): tissue is detected on a thumbnail (the mask is saved as
+  PNG), and a virtual grid of bins of the model's size (8 or 16 um) is laid over it with
+  Space Ranger's bin geometry: square bins on a grid aligned with the image axes, barcodes
+  ``s_008um_<row>_<col>-1``, 16 um bins the union of 2 x 2 8 um bins.
+* **an existing Space Ranger run** (``spaceranger=``): the run's own bins under tissue, for
+  comparison with what was measured (the measured counts are kept as a layer).
+
+Then the slide is laid out as ``magnet prepare`` would (spot and region tiles), its tiles
+are encoded with the model's encoder (cached, resumable) and the model predicts every bin,
+spot tile and region tile. Outputs in ``OUT/``:
+
+* ``bins.h5ad`` (or ``.zarr``): predicted expression per bin on the **log1p scale**
+  (``log1p(counts per bin)``, the scale the model was trained on) for the model's gene
+  panel; ``obsm["spatial"]`` in full-resolution pixels; ``uns["spatial"][<slide>]`` with a
+  downsampled image and scalefactors, so ``scanpy.pl.spatial(adata, color=gene)`` draws it
+  unchanged; ``layers["measured"]`` (log1p of the counts) with ``--spaceranger``.
+* ``spot_tiles.h5ad`` and ``region_tiles.h5ad``: the same for the coarser levels.
+* ``tissue_mask.png`` and ``tissue_overlay.png`` (image-only), ``prediction.json`` (what was
+  done, with which model and encoder, how long it took) and ``work/`` (the one-slide
+  dataset and its cached features: a rerun reuses them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from magnet_st.atomic import atomic_path, write_text
+from magnet_st.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+LEVEL_FILES = {"bin": "bins", "spot": "spot_tiles", "region": "region_tiles"}
+MIN_MPP, MAX_MPP = 0.05, 4.0  # plausible full-resolution H&E scans, um per pixel
+HIRES_MAX_PX = 2000
+LOWRES_MAX_PX = 600
+
+
+@dataclass
+class PredictResult:
+    """Where the outputs are, and a few numbers about the run."""
+
+    out: Path
+    files: dict[str, Path]
+    n: dict[str, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _slide_mpp(path: Path, given: float | None, model_mpp: float) -> float:
+    """The image's microns per pixel: ``given`` or the file's; checked for plausibility."""
+    from magnet_st.image import open_image
+
+    recorded = open_image(path).microns_per_pixel
+    mpp = given if given is not None else recorded
+    if mpp is None:
+        raise InputError(
+            path,
+            "the image does not record its microns per pixel; pass --mpp (e.g. 0.2738 for a "
+            "Visium HD CytAssist-matched 40x scan, ~0.25 for 40x, ~0.5 for 20x)",
+        )
+    if not (np.isfinite(mpp) and MIN_MPP <= mpp <= MAX_MPP):
+        raise InputError(
+            path,
+            f"microns per pixel {mpp!r} is not plausible for a full-resolution H&E scan "
+            f"(expected {MIN_MPP} to {MAX_MPP})",
+        )
+    if given is not None and recorded is not None and abs(given / recorded - 1) > 0.1:
+        log.warning(
+            "%s: --mpp %.4g differs from the %.4g the file records; using --mpp",
+            path,
+            given,
+            recorded,
+        )
+    if mpp > 2 * model_mpp:
+        raise InputError(
+            path,
+            f"the image has {mpp:.3g} um/px but the model works at {model_mpp:.3g} um/px: "
+            "patches would be upsampled more than 2x; is --mpp right?",
+        )
+    return float(mpp)
+
+
+def _image_only_slide(
+    name: str,
+    image: Path,
+    mpp: float,
+    unit_um: float,
+    genes: list[str],
+    gene_names: list[str],
+    origin_um: tuple[float, float],
+    out: Path,
+    tissue_options: dict[str, Any],
+):
+    from magnet_st.image import open_image
+    from magnet_st.slide import Slide
+    from magnet_st.tissue import detect_tissue, virtual_bins
+
+    img = open_image(image, microns_per_pixel=mpp)
+    mask = detect_tissue(img, **tissue_options)
+    thumb, _ = img.thumbnail(max(mask.mask.shape))
+    mask.save_png(out / "tissue_mask.png", thumbnail=thumb)
+    grid = virtual_bins(mask, unit_um, origin_um=origin_um, image_size_px=tuple(img.size))
+    if len(grid.centers_px) == 0:
+        raise InputError(image, "no bins under the detected tissue")
+    log.info(
+        "%s: tissue on %.1f%% of the image; %d virtual %g um bins",
+        image,
+        100 * mask.fraction,
+        len(grid.centers_px),
+        unit_um,
+    )
+    counts = sp.csr_matrix((len(grid.centers_px), len(genes)), dtype=np.int32)
+    slide = Slide(
+        name=name,
+        counts=counts,
+        gene_ids=np.asarray(genes, dtype=object),
+        gene_names=np.asarray(gene_names, dtype=object),
+        unit_ids=np.asarray(grid.barcodes, dtype=object),
+        centers_px=np.asarray(grid.centers_px, dtype=np.float64),
+        unit_size_um=float(unit_um),
+        microns_per_pixel=mpp,
+        technology="visium_hd",
+        image_path=Path(image),
+        array_coords=np.asarray(grid.array_rc, dtype=np.int64),
+        sources={"positions": f"virtual grid over the tissue of {image}"},
+    )
+    return slide, None
+
+
+def _spaceranger_slide(
+    name: str | None,
+    run: Path,
+    image: Path | None,
+    mpp: float | None,
+    unit_um: float,
+    genes: list[str],
+    gene_names: list[str],
+):
+    from magnet_st.read import visium_hd
+    from magnet_st.slide import Slide
+
+    if image is None:
+        raise InputError(run, "--spaceranger needs --image: the full-resolution H&E of the run")
+    src = visium_hd(run, int(round(unit_um)), image, microns_per_pixel=mpp)
+    col = {g: i for i, g in enumerate(src.gene_ids.astype(str))}
+    have = [i for i, g in enumerate(genes) if g in col]
+    if not have:
+        raise InputError(run, "none of the model's panel genes are in this run's matrix")
+    if len(have) < len(genes):
+        log.warning(
+            "%s: %d of the model's %d genes are not in the matrix; 'measured' is NaN for them",
+            run,
+            len(genes) - len(have),
+            len(genes),
+        )
+    measured = sp.lil_matrix((src.n_units, len(genes)), dtype=np.float32)
+    sub = src.counts[:, [col[genes[i]] for i in have]].astype(np.float32)
+    sub.data = np.log1p(sub.data)
+    measured[:, have] = sub
+    measured = measured.tocsr()
+    present = np.zeros(len(genes), bool)
+    present[have] = True
+    slide = Slide(
+        name=name or src.name,
+        counts=sp.csr_matrix((src.n_units, len(genes)), dtype=np.int32),
+        gene_ids=np.asarray(genes, dtype=object),
+        gene_names=np.asarray(gene_names, dtype=object),
+        unit_ids=src.unit_ids,
+        centers_px=src.centers_px,
+        unit_size_um=src.unit_size_um,
+        microns_per_pixel=src.microns_per_pixel,
+        technology=src.technology,
+        image_path=src.image_path,
+        array_coords=src.array_coords,
+        sources=src.sources,
+    )
+    return slide, (measured, present)
+
+
+def spatial_uns(image: Any, name: str, unit_um: float, mpp: float) -> dict[str, Any]:
+    """``uns["spatial"]`` as scanpy reads it: hires/lowres images and their scalefactors."""
+    hires, s_hi = image.thumbnail(HIRES_MAX_PX)
+    lowres, s_lo = image.thumbnail(LOWRES_MAX_PX)
+    return {
+        name: {
+            "images": {
+                "hires": np.ascontiguousarray(hires),
+                "lowres": np.ascontiguousarray(lowres),
+            },
+            "scalefactors": {
+                "tissue_hires_scalef": float(s_hi),
+                "tissue_lowres_scalef": float(s_lo),
+                "spot_diameter_fullres": float(unit_um / mpp),
+                "bin_size_um": float(unit_um),
+                "microns_per_pixel": float(mpp),
+            },
+            "metadata": {"source": "magnet-st prediction"},
+        }
+    }
+
+
+def _write(adata: Any, path: Path, zarr: bool) -> Path:
+    path = path.with_suffix(".zarr" if zarr else ".h5ad")
+    with atomic_path(path) as tmp:
+        if zarr:
+            adata.write_zarr(tmp)
+        else:
+            adata.write_h5ad(tmp)
+    return path
+
+
+def _encoder_args(payload: dict, weights: str | Path | None, model_path: Path) -> dict:
+    """How to rebuild the model's encoder, checked against what the model was trained with."""
+    enc = dict(payload["features"].get("encoder", {}))
+    name = enc.get("name")
+    if not name:
+        raise InputError(model_path, "the model file does not say which encoder made its features")
+    checksum = enc.get("weights_checksum", "")
+    path = weights or enc.get("weights_path")
+    if checksum.startswith("timm-pretrained:") and weights is None:
+        path = None
+    if path is not None and not Path(path).is_file():
+        if weights is not None:
+            raise InputError(path, "encoder weights file not found")
+        if checksum not in ("random-init",) and not checksum.startswith("timm-pretrained:"):
+            raise InputError(
+                path,
+                f"the model's encoder weights ({name}) are no longer at this path; pass "
+                "--weights with the same file",
+            )
+        path = None
+    from magnet_st.encoders import OFFLINE_IMAGENET
+
+    return {
+        "encoder_name": name,
+        "weights": None if name == OFFLINE_IMAGENET else path,
+        "pretrained": checksum.startswith("timm-pretrained:"),
+        "encoder_kwargs": enc.get("encoder_kwargs") or None,
+        "input_px": enc.get("input_px"),
+        "expected_key": payload["features"]["key"],
+        "expected_checksum": checksum,
+    }
+
+
+def predict(
+    model_path: str | Path,
+    out: str | Path,
+    *,
+    image: str | Path | None = None,
+    spaceranger: str | Path | None = None,
+    mpp: float | None = None,
+    name: str | None = None,
+    grid_origin_um: tuple[float, float] = (0.0, 0.0),
+    weights: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    zarr: bool = False,
+    tissue_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> PredictResult:
+    """Predict the expression of every bin of a slide from its H&E image.
+
+    Args:
+        model_path: a model file written by ``magnet train`` / ``magnet cv`` (``model.pt``).
+        out: output folder (created; finished steps in ``out/work`` are reused).
+        image: the full-resolution H&E image. Alone: predict on a virtual bin grid over the
+            detected tissue. With ``spaceranger``: the run's image.
+        spaceranger: a Visium HD Space Ranger run (its folder or ``outs/``): predict on its
+            bins under tissue and keep the measured counts beside the prediction.
+        mpp: microns per pixel of the image; default: what the file records.
+        name: the slide's name in the outputs; default: the image's (or run's) name.
+        grid_origin_um: where the virtual grid's bin (0, 0) starts, microns from the
+            image's top-left corner (image-only).
+        weights: the encoder's weights file, when it moved since training.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        batch_size, num_workers: of the feature extraction.
+        zarr: write ``.zarr`` stores instead of ``.h5ad`` files.
+        tissue_options: keyword arguments of :func:`magnet_st.tissue.detect_tissue`.
+
+    Raises:
+        InputError: missing or unreadable inputs, no tissue, implausible or missing
+            microns per pixel, an encoder that does not match the model.
+    """
+    from magnet_st.dataset import Dataset
+    from magnet_st.encoders import resolve_device
+    from magnet_st.features import extract_features
+    from magnet_st.image import open_image
+    from magnet_st.prepare import prepare_unmeasured
+    from magnet_st.train import PatchReader, load_model, predict_slide, slide_arrays
+
+    t_all = time.perf_counter()
+    model_path = Path(model_path)
+    model, payload = load_model(model_path)
+    if image is None and spaceranger is None:
+        raise ConfigError("give --image (image-only prediction) or --spaceranger with --image")
+    genes, gene_names = list(payload["genes"]), list(payload["gene_names"])
+    units = payload.get("units") or {"unit_size_um": 8.0, "technology": "visium_hd"}
+    unit_um = float(units["unit_size_um"])
+    dcfg = payload["dataset_config"]
+    if units.get("technology") != "visium_hd":
+        raise ConfigError(
+            f"{model_path}: trained on {units.get('technology')} units; prediction on new "
+            "slides needs a model trained on Visium HD bins"
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    image = Path(image) if image is not None else None
+    if image is not None and not image.exists():
+        raise InputError(image, "image not found")
+    if spaceranger is not None:
+        slide, measured = _spaceranger_slide(
+            name, Path(spaceranger), image, mpp, unit_um, genes, gene_names
+        )
+        _slide_mpp(Path(slide.image_path), slide.microns_per_pixel, dcfg["working_mpp"])
+    else:
+        assert image is not None
+        mpp = _slide_mpp(image, mpp, dcfg["working_mpp"])
+        slide_name = name or image.name.split(".")[0]
+        slide, measured = _image_only_slide(
+            slide_name,
+            image,
+            mpp,
+            unit_um,
+            genes,
+            gene_names,
+            grid_origin_um,
+            out,
+            tissue_options or {},
+        )
+    work = prepare_unmeasured(
+        slide,
+        out / "work",
+        dcfg,
+        genes,
+        gene_names,
+        payload["targets"],
+        fingerprint_extra=str(Path(slide.image_path).resolve()),
+    )
+    seconds["bins and tiles"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    frozen = payload["train_config"]["bin_encoder"] == "frozen"
+    enc = _encoder_args(payload, weights, model_path)
+    levels = (["bin"] if frozen else []) + ["spot", "region"]
+    res = extract_features(
+        work,
+        enc["encoder_name"],
+        levels=levels,
+        weights=enc["weights"],
+        pretrained=enc["pretrained"],
+        encoder_kwargs=enc["encoder_kwargs"],
+        input_px=enc["input_px"],
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        progress=progress,
+    )
+    if res["key"] != enc["expected_key"]:
+        raise InputError(
+            model_path,
+            f"the encoder rebuilt for prediction ({res['key']}) is not the one the model was "
+            f"trained with ({enc['expected_key']}); pass --weights with the training weights",
+        )
+    seconds["features"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ds = Dataset(work)
+    arrays = slide_arrays(ds, slide.name, res["key"], bin_features=frozen, with_counts=False)
+    reader = None
+    if not frozen:
+        reader = PatchReader(
+            {slide.name: ds.image(slide.name)}, ds.patch_um("bin"), ds.patch_px("bin")
+        )
+    dev = resolve_device(device)
+    preds = predict_slide(
+        model, arrays, payload, patch_reader=reader, device=dev, progress=progress
+    )
+    seconds["prediction"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    img = open_image(slide.image_path, microns_per_pixel=slide.microns_per_pixel)
+    files, n = {}, {}
+    for lv, pred in preds.items():
+        src = ds.level(slide.name, lv)
+        ad = _prediction_anndata(src, pred, genes, gene_names, lv, slide.name, model_path, res)
+        size = unit_um if lv == "bin" else ds.patch_um(lv)
+        ad.uns["spatial"] = spatial_uns(img, slide.name, size, slide.microns_per_pixel)
+        if lv == "bin" and measured is not None:
+            ad.layers["measured"] = measured[0]
+            ad.var["measured"] = measured[1]
+        files[lv] = _write(ad, out / LEVEL_FILES[lv], zarr)
+        n[lv] = int(ad.n_obs)
+    seconds["write"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_all
+    record = {
+        "model": str(model_path.resolve()),
+        "source": "spaceranger" if spaceranger is not None else "image",
+        "image": str(Path(slide.image_path).resolve()),
+        "spaceranger": str(Path(spaceranger).resolve()) if spaceranger is not None else None,
+        "microns_per_pixel": slide.microns_per_pixel,
+        "bin_size_um": unit_um,
+        "grid_origin_um": list(grid_origin_um) if spaceranger is None else None,
+        "encoder": res["key"],
+        "n": n,
+        "files": {k: str(v) for k, v in files.items()},
+        "seconds": seconds,
+        "scale": "log1p(counts per bin)",
+    }
+    write_text(out / "prediction.json", json.dumps(record, indent=1))
+    log.info("%s: %d bins predicted in %.0f s", out, n["bin"], seconds["total"])
+    return PredictResult(out=out, files=files, n=n, seconds=seconds)
+
+
+def _prediction_anndata(src, pred, genes, gene_names, level, slide, model_path, res):
+    import anndata
+
+    obs = src.obs.drop(columns=["total_counts"], errors="ignore").copy()
+    if level == "bin":
+        obs["in_tissue"] = np.int8(1)
+    var = pd.DataFrame({"gene_ids": genes}, index=pd.Index(gene_names, name="gene"))
+    ad = anndata.AnnData(X=np.asarray(pred, dtype=np.float32), obs=obs, var=var)
+    ad.var_names_make_unique()
+    ad.obsm["spatial"] = np.asarray(src.obsm["spatial"], dtype=np.float64)
+    ad.uns["magnet"] = {
+        "level": level,
+        "slide": slide,
+        "scale": "log1p",
+        "model": str(Path(model_path).resolve()),
+        "encoder": res["key"],
+    }
+    return ad

@@ -1,0 +1,211 @@
+"""Prediction on image-only slides and on Space Ranger bins (magnet_st.predict)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from magnet_st.errors import InputError
+from magnet_st.features import extract_features
+from magnet_st.prepare import PrepareConfig, prepare
+from magnet_st.read.specs import SlideSpec
+from magnet_st.train import TrainConfig, fit
+
+ENC = "mobilenetv3_small_050"
+MARGIN_UM = 150.0  # write_synthetic_hd's default margin around the capture area
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from magnet_st.synthetic import write_synthetic_hd
+
+    root = tmp_path_factory.mktemp("predict")
+    runs = []
+    for i in range(2):
+        run = root / f"s{i}"
+        write_synthetic_hd(
+            run,
+            width_um=320,
+            height_um=320,
+            seed=30 + i,
+            bin_sizes=(8, 16),
+            progress=False,
+            write_mtx=False,
+            write_raw=False,
+        )
+        runs.append(run)
+    spec = SlideSpec(
+        name="s0", path=str(runs[0]), image=str(runs[0] / "he_fullres.tif"), bin_size=8
+    )
+    prepare([spec], root / "ds", PrepareConfig(n_genes=20), progress=False)
+    res = extract_features(
+        root / "ds", ENC, levels=("bin", "spot", "region"), device="cpu", num_workers=0,
+        progress=False,
+    )  # fmt: skip
+    cfg = TrainConfig(features=res["key"], width=32, epochs=1, patience=1)
+    fit_res = fit(
+        __import__("magnet_st.dataset").dataset.Dataset(root / "ds"),
+        ["s0"],
+        [],
+        cfg,
+        root / "model",
+        progress=False,
+    )
+    return {"root": root, "model": fit_res.model_path, "new": runs[1]}
+
+
+@pytest.fixture(scope="module")
+def image_only(trained: dict) -> dict:
+    from magnet_st.predict import predict
+
+    res = predict(
+        trained["model"],
+        trained["root"] / "pred_image",
+        image=trained["new"] / "he_fullres.tif",
+        grid_origin_um=(MARGIN_UM, MARGIN_UM),
+        device="cpu",
+        num_workers=0,
+        progress=False,
+    )
+    return {"res": res}
+
+
+def test_image_only_prediction_bins_positions_and_files(trained: dict, image_only: dict) -> None:
+    import anndata
+
+    res = image_only["res"]
+    ad = anndata.read_h5ad(res.files["bin"])
+    mpp = 0.2738
+    # every bin lies on the virtual grid that starts at the capture area's corner
+    rc = ad.obs[["array_row", "array_col"]].to_numpy()
+    expect = (MARGIN_UM + (rc[:, ::-1] + 0.5) * 8.0) / mpp
+    np.testing.assert_allclose(ad.obsm["spatial"], expect, atol=1e-6)
+    assert ad.obs_names[0].startswith("s_008um_")
+    # the grid covers the tissue: nearly all bins Space Ranger has under tissue (the image's
+    # tissue also reaches past the capture area, where Space Ranger has no bins)
+    truth = pd.read_parquet(
+        trained["new"] / "outs/binned_outputs/square_008um/spatial/tissue_positions.parquet"
+    )
+    sr = set(truth.loc[truth["in_tissue"] == 1, "barcode"])
+    assert len(sr & set(ad.obs_names)) >= 0.97 * len(sr)
+    # predictions: the model's panel, log1p scale, finite
+    from magnet_st.train import load_model
+
+    _, payload = load_model(trained["model"])
+    assert list(ad.var["gene_ids"]) == payload["genes"]
+    assert np.isfinite(ad.X).all() and (ad.X >= 0).all()
+    assert ad.uns["magnet"]["scale"] == "log1p"
+    sf = ad.uns["spatial"][ad.uns["magnet"]["slide"]]["scalefactors"]
+    assert sf["spot_diameter_fullres"] == pytest.approx(8.0 / mpp)
+    assert res.n["bin"] == ad.n_obs
+    for lv in ("spot", "region"):
+        assert anndata.read_h5ad(res.files[lv]).n_obs == res.n[lv] > 0
+    assert (res.out / "tissue_mask.png").is_file()
+    record = json.loads((res.out / "prediction.json").read_text())
+    assert record["n"]["bin"] == ad.n_obs and record["source"] == "image"
+
+
+def test_prediction_draws_with_scanpy(image_only: dict, tmp_path: Path) -> None:
+    import anndata
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import scanpy as sc
+
+    ad = anndata.read_h5ad(image_only["res"].files["bin"])
+    ax = sc.pl.spatial(ad, color=ad.var_names[0], show=False)
+    ax = ax[0] if isinstance(ax, list) else ax
+    assert len(ax.images) == 1  # the H&E image from uns["spatial"]
+    ax.figure.savefig(tmp_path / "map.png")
+    assert (tmp_path / "map.png").stat().st_size > 1000
+
+
+def test_rerun_reuses_the_work_folder(trained: dict, image_only: dict) -> None:
+    from magnet_st.predict import predict
+
+    feats = next((image_only["res"].out / "work/features").glob("*/*/bin.npy"))
+    stamp = feats.stat().st_mtime_ns
+    again = predict(
+        trained["model"],
+        image_only["res"].out,
+        image=trained["new"] / "he_fullres.tif",
+        grid_origin_um=(MARGIN_UM, MARGIN_UM),
+        device="cpu",
+        num_workers=0,
+        progress=False,
+    )
+    assert feats.stat().st_mtime_ns == stamp
+    assert again.n == image_only["res"].n
+
+
+def test_image_only_and_spaceranger_agree_at_shared_bins(trained: dict, image_only: dict) -> None:
+    import anndata
+
+    from magnet_st.predict import predict
+
+    sr = predict(
+        trained["model"],
+        trained["root"] / "pred_sr",
+        image=trained["new"] / "he_fullres.tif",
+        spaceranger=trained["new"],
+        device="cpu",
+        num_workers=0,
+        progress=False,
+    )
+    a = anndata.read_h5ad(image_only["res"].files["bin"])
+    b = anndata.read_h5ad(sr.files["bin"])
+    assert "measured" in b.layers and b.var["measured"].all()
+    shared = a.obs_names.intersection(b.obs_names)
+    assert len(shared) >= 0.9 * min(a.n_obs, b.n_obs)
+    pa, pb = a[shared].X, b[shared].X
+    np.testing.assert_allclose(a[shared].obsm["spatial"], b[shared].obsm["spatial"], atol=0.01)
+    # same bins, same tiles, same features: only the batch graphs at the tissue edge differ
+    r = np.corrcoef(pa.ravel(), pb.ravel())[0, 1]
+    assert r > 0.99
+    assert np.median(np.abs(pa - pb)) < 0.01
+
+
+def test_errors(trained: dict, tmp_path: Path) -> None:
+    import tifffile
+    from PIL import Image
+
+    from magnet_st.predict import predict
+
+    white = tmp_path / "white.tif"
+    tifffile.imwrite(white, np.full((800, 800, 3), 245, np.uint8))
+    with pytest.raises(InputError, match="no tissue"):
+        predict(trained["model"], tmp_path / "o1", image=white, mpp=0.25, progress=False)
+    png = tmp_path / "slide.png"
+    Image.fromarray(np.full((200, 200, 3), 200, np.uint8)).save(png)
+    with pytest.raises(InputError, match="microns per pixel"):
+        predict(trained["model"], tmp_path / "o2", image=png, progress=False)
+    with pytest.raises(InputError, match="not plausible"):
+        predict(trained["model"], tmp_path / "o3", image=png, mpp=25.0, progress=False)
+    with pytest.raises(InputError, match="upsampled"):
+        predict(trained["model"], tmp_path / "o4", image=png, mpp=2.0, progress=False)
+    with pytest.raises(InputError, match="image not found"):
+        predict(trained["model"], tmp_path / "o5", image=tmp_path / "nope.tif", progress=False)
+    with pytest.raises(InputError, match="model file not found"):
+        predict(tmp_path / "none.pt", tmp_path / "o6", image=png, progress=False)
+    # an encoder other than the model's (other weights): refused before predicting
+    import timm
+    import torch
+
+    other = tmp_path / "other.pth"
+    torch.save(timm.create_model(ENC, num_classes=0).state_dict(), other)
+    with pytest.raises(InputError, match="not the one the model was trained with"):
+        predict(
+            trained["model"],
+            tmp_path / "o7",
+            image=trained["new"] / "he_fullres.tif",
+            weights=other,
+            device="cpu",
+            num_workers=0,
+            progress=False,
+        )
