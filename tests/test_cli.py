@@ -102,3 +102,178 @@ def test_loss_weight_option_sets_weights_and_rejects_bad_ones() -> None:
     for bad in ["ctx=1", "pcc", "pcc=abc", "pcc=-1"]:
         with pytest.raises(ConfigError, match="--loss-weight"):
             _train_config(parser.parse_args(["train", "ds", "out", "--loss-weight", bad]))
+
+
+def test_unexpected_error_is_one_line_without_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from magnet_st import cli
+
+    def boom(args: object) -> int:
+        raise RuntimeError("boom\n  second line")
+
+    monkeypatch.setattr(cli, "cmd_info", boom)
+    assert main(["info", "somewhere"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "magnet info: unexpected error: RuntimeError: boom second line "
+        "(run with -v for the traceback)"
+    ]
+    assert "Traceback" not in err
+    for argv in (["-v", "info", "somewhere"], ["info", "somewhere", "-v"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "in boom" in err
+        assert (
+            err.splitlines()[-1] == "magnet info: unexpected error: RuntimeError: boom second line"
+        )
+
+
+def _rejected(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_devices_is_a_positive_integer_or_auto(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in (
+        ["train", "ds", "out"],
+        ["cv", "ds", "out"],
+        ["benchmark", "ds", "out"],
+        ["features", "ds"],
+    ):
+        for bad in ("two", "0", "-1", "1.5"):
+            err = _rejected([*command, "--devices", bad], capsys)
+            assert "argument --devices: must be an integer >= 1 or 'auto', got" in err
+            assert "Traceback" not in err
+        assert build_parser().parse_args([*command, "--devices", "auto"]).devices == "auto"
+        assert build_parser().parse_args([*command, "--devices", "2"]).devices == 2
+        assert build_parser().parse_args(command).devices == 1
+
+
+def test_devices_reach_the_train_config() -> None:
+    from magnet_st.cli import _train_config
+
+    parser = build_parser()
+    assert (
+        _train_config(parser.parse_args(["train", "d", "o", "--devices", "auto"])).devices == "auto"
+    )
+    assert _train_config(parser.parse_args(["train", "d", "o", "--devices", "3"])).devices == 3
+
+
+def test_bin_weights_reach_the_train_config() -> None:
+    from magnet_st.cli import _train_config
+
+    parser = build_parser()
+    args = ["train", "d", "o", "--bin-encoder", "resnet50", "--bin-weights", "r50.pth"]
+    cfg = _train_config(parser.parse_args(args))
+    assert (cfg.bin_encoder, cfg.bin_weights) == ("resnet50", "r50.pth")
+    assert _train_config(parser.parse_args(["train", "d", "o"])).bin_weights is None
+
+
+def test_k_and_folds_are_checked_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["train", "ds", "out"], ["cv", "ds", "out"], ["prepare", "ds"]):
+        assert "argument --k: must be at least 1, got 0" in _rejected([*argv, "--k", "0"], capsys)
+        assert "argument --k: must be an integer" in _rejected([*argv, "--k", "x"], capsys)
+    for argv in (["cv", "ds", "out"], ["benchmark", "ds", "out"]):
+        err = _rejected([*argv, "--scheme", "kfold", "--folds", "1"], capsys)
+        assert "argument --folds: must be at least 2, got 1" in err
+        assert build_parser().parse_args([*argv, "--folds", "2"]).folds == 2
+    assert build_parser().parse_args(["train", "ds", "out", "--k", "1"]).k == 1
+
+
+def test_missing_resume_checkpoint_is_named_before_the_dataset_is_read(tmp_path: Path) -> None:
+    """A mistyped --resume fails at once, naming the file, with no torch import or data load."""
+    ckpt = tmp_path / "missing.ckpt"
+    argv = ["train", str(tmp_path / "no-dataset"), str(tmp_path / "out"), "--resume", str(ckpt)]
+    code = (
+        "import sys; from magnet_st.cli import main; rc = main(sys.argv[1:]); "
+        "sys.exit(99 if 'torch' in sys.modules else rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"magnet train: error: {ckpt}: ") and "not found" in line
+    assert "no-dataset" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_parser_imports_no_heavy_library() -> None:
+    """'magnet --help' stays instant: neither importing the CLI nor building its parser
+    imports torch (or lightning, timm, scanpy, anndata, pandas)."""
+    code = (
+        "import sys, magnet_st.cli; magnet_st.cli.build_parser(); "
+        "heavy = [m for m in ('torch', 'lightning', 'timm', 'scanpy', 'anndata', 'pandas') "
+        "if m in sys.modules]; sys.exit(', '.join(heavy) or None)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, f"imported: {proc.stderr}"
+
+
+def test_package_attributes_load_lazily() -> None:
+    import magnet_st as ms
+
+    assert callable(ms.read.visium_hd)
+    assert ms.Slide.__name__ == "Slide" and ms.SlideImage.__name__ == "SlideImage"
+    assert callable(ms.open_image)
+    assert {"read", "Slide", "InputError"} <= set(dir(ms))
+    with pytest.raises(AttributeError):
+        ms.no_such_thing  # noqa: B018
+
+
+def test_demo_encoder_default_matches_the_demo() -> None:
+    from magnet_st.cli import _DEMO_ENCODER
+    from magnet_st.demo import DEMO_ENCODER
+
+    assert _DEMO_ENCODER == DEMO_ENCODER  # '--help' shows the true default
+
+
+def test_third_party_deprecation_warnings_are_silenced(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    from magnet_st.cli import _silence_third_party_warnings
+
+    monkeypatch.setattr(sys, "warnoptions", [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _silence_third_party_warnings()
+        for module in ("lightning.pytorch.trainer", "anndata._core", "timm.models", "scanpy"):
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.warn_explicit("old", category, "x.py", 1, module=module)
+        # torch_geometric's import-time torch.jit.script call warns in torch's name
+        jit = "`torch.jit.script` is deprecated. Please switch to `torch.compile`."
+        warnings.warn_explicit(jit, FutureWarning, "x.py", 1, module="torch.jit._script")
+        warnings.warn_explicit("ours", FutureWarning, "x.py", 1, module="magnet_st.cv")
+        warnings.warn_explicit("user", UserWarning, "x.py", 1, module="lightning.pytorch")
+        warnings.warn_explicit("other", FutureWarning, "x.py", 1, module="timmy")
+    assert sorted(str(w.message) for w in caught) == ["other", "ours", "user"]
+
+
+def test_explicit_options_win_over_the_paper_variant_presets() -> None:
+    from dataclasses import fields
+
+    from magnet_st.cli import _OPTION_DEFAULTS, _PAPER_PRESETS, _train_config, build_parser
+    from magnet_st.train import VARIANT_PRESETS, TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    assert {k: defaults[k] for k in _OPTION_DEFAULTS} == _OPTION_DEFAULTS  # '--help' is true
+    assert VARIANT_PRESETS["paper"] == _PAPER_PRESETS
+    parse = lambda *a: _train_config(build_parser().parse_args(["train", "ds", "out", *a]))  # noqa: E731
+    cfg = parse("--variant", "paper", "--epochs", "30", "--width", "256")
+    assert (cfg.epochs, cfg.width) == (30, 256)  # given explicitly, even at the default values
+    assert (cfg.optimizer, cfg.context_tokens, cfg.bin_encoder) == ("sgd", 1, "resnet50")
+    cfg = parse("--variant", "paper")
+    assert (cfg.epochs, cfg.width, cfg.consistency) == (51, 1024, "paper")
+    cfg = parse("--pcc-axis", "gene", "--consistency", "aggregate")
+    assert (cfg.epochs, cfg.width, cfg.bin_encoder) == (30, 256, "frozen")
+    assert (cfg.pcc_axis, cfg.consistency) == ("gene", "aggregate")
+
+
+def test_cv_slides_option_selects_slides() -> None:
+    from magnet_st.cli import build_parser
+
+    args = build_parser().parse_args(["cv", "ds", "out", "--slides", "a", "b"])
+    assert args.slides == ["a", "b"]
+    assert build_parser().parse_args(["cv", "ds", "out"]).slides is None
+    assert build_parser().parse_args(["benchmark", "ds", "out", "--slides", "c"]).slides == ["c"]

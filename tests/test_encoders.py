@@ -14,6 +14,7 @@ from PIL import Image
 from magnet_st.encoders import (
     OFFLINE_IMAGENET,
     Preprocess,
+    create_backbone,
     create_encoder,
     encoder_key,
     resolve_device,
@@ -77,6 +78,24 @@ def test_offline_imagenet_matches_its_own_architecture(imagenet_head) -> None:
         torch.testing.assert_close(
             imagenet_head.model.classifier(f), imagenet_head.forward(x), rtol=1e-4, atol=1e-4
         )
+
+
+def test_offline_imagenet_backbone_is_the_encoder_made_trainable(tmp_path: Path) -> None:
+    """The end-to-end bin encoder's start: the same weights as the frozen encoder, without
+    classifier, in train mode with gradients; ``load_weights=False`` reads no weights."""
+    backbone, info = create_backbone(OFFLINE_IMAGENET)
+    enc = create_encoder(OFFLINE_IMAGENET)
+    assert info["weights_checksum"] == enc.weights_checksum
+    assert backbone.training and all(p.requires_grad for p in backbone.parameters())
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.eval()(x), enc.forward(x), rtol=1e-4, atol=1e-4)
+    arch, info = create_backbone(OFFLINE_IMAGENET, load_weights=False)
+    assert info["weights_checksum"] == "random-init"
+    assert arch.conv_stem.weight.shape == backbone.conv_stem.weight.shape
+    assert not torch.equal(arch.conv_stem.weight, backbone.conv_stem.weight)
+    with pytest.raises(ConfigError, match="brings its own weights"):
+        create_backbone(OFFLINE_IMAGENET, tmp_path / "x.pth")
 
 
 def test_offline_encoder_without_its_package(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -249,6 +250,53 @@ def test_errors(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="slides"):
         extract_features(dataset, ENC, slides=["nope"], **FAST)
     assert not (dataset / "features").exists() or not any((dataset / "features").iterdir())
+
+
+def test_check_float16_names_slide_level_and_peak() -> None:
+    ok = np.array([[65504.0, -1.5], [0.0, 3.0]], np.float32)
+    out = F.check_float16(ok, "a", "spot")
+    assert out.dtype == np.float16 and np.isfinite(out).all()
+    for big in (65505.0, 7e4, -1e9):
+        bad = ok.copy()
+        bad[1, 1] = big
+        with pytest.raises(
+            ConfigError, match=rf"slide a, level spot: .*{re.escape(f'{abs(big):g}')}.*65504"
+        ):
+            F.check_float16(bad, "a", "spot")
+    bad = ok.copy()
+    bad[0, 1] = np.nan
+    with pytest.raises(ConfigError, match="slide b, level region: features contain NaN"):
+        F.check_float16(bad, "b", "region")
+
+
+def test_float16_overflow_is_an_error_and_writes_nothing(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = F._encode_batch
+    calls = {"n": 0}
+
+    def overflowing(encoder, batch):
+        pending = real(encoder, batch)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third batch of the spot level holds one huge value
+            pending.host = pending.host.clone()
+            pending.host[1, 5] = -7.0e4
+        return pending
+
+    monkeypatch.setattr(F, "_encode_batch", overflowing)
+    with pytest.raises(ConfigError, match=r"slide syn, level spot: .*70000.*65504"):
+        extract_features(dataset, ENC, levels=["spot"], **{**FAST, "batch_size": 8})
+    folder = dataset / "features" / KEY / "syn"
+    assert sorted(p.name for p in folder.iterdir()) == []  # no final, partial or record file
+    with pytest.raises(InputError):
+        load_features(dataset, ENC, "syn", "spot")
+    # imported features are checked before any is written
+    n = {lv: Dataset(dataset).level("syn", lv).n_obs for lv in ("spot", "region")}
+    arrays = {("syn", lv): np.zeros((n[lv], 4), np.float32) for lv in ("spot", "region")}
+    arrays[("syn", "region")][0, 0] = 1e5
+    with pytest.raises(ConfigError, match=r"slide syn, level region: .*100000"):
+        F.import_features(dataset, "outside", arrays)
+    assert not list((dataset / "features").glob("outside*/syn/*.npy"))
 
 
 def test_two_weight_files_are_two_feature_sets(dataset: Path, tmp_path: Path) -> None:

@@ -165,3 +165,117 @@ def test_bad_model_configs() -> None:
         MagNetConfig(
             n_genes=3, bin_feature_dim=4, spot_feature_dim=4, region_feature_dim=4, width=30
         )
+
+
+def test_attention_depends_on_the_query_only_with_several_context_tokens() -> None:
+    """On ContextAttention alone: one context token makes the softmax weight 1, so the
+    attended context ignores the query (the published defect); five tokens do not."""
+    from magnet_st.model import ContextAttention
+
+    torch.manual_seed(0)
+    attn = ContextAttention(32, 4, 0.0).eval()
+    tiles = torch.randn(6, 32)
+    q1, q2 = torch.randn(3, 32), torch.randn(3, 32)
+    for c, depends in ((1, False), (5, True)):
+        ctx = torch.arange(c).repeat(3, 1)
+        offset = torch.randn(3, c, 2)
+        a1, a2 = attn.attend(q1, tiles, ctx, offset), attn.attend(q2, tiles, ctx, offset)
+        assert torch.allclose(a1, a2, atol=1e-6) != depends, c
+
+
+def test_three_gat_layers_carry_a_change_three_hops_along_a_chain() -> None:
+    from magnet_st.model import GATStack
+
+    torch.manual_seed(0)
+    gat = GATStack(16, 4, 3, 0.0).eval()
+    n = 6
+    i = torch.arange(n - 1)
+    edges = torch.cat([torch.stack([i, i + 1]), torch.stack([i + 1, i])], dim=1)  # a chain
+    x = torch.randn(n, 16)
+    x2 = x.clone()
+    x2[0] += 5.0
+    with torch.no_grad():
+        moved = (gat(x2, edges)[-1] - gat(x, edges)[-1]).abs().amax(dim=1)
+    assert moved[3] > 1e-4  # three hops from node 0: reached through the three layers
+    assert moved[4] < 1e-6 and moved[5] < 1e-6  # four and five hops: out of reach
+    # without edges nothing moves past node 0 (the change travels by message passing)
+    with torch.no_grad():
+        alone = gat(x2, edges[:, :0])[-1] - gat(x, edges[:, :0])[-1]
+    assert alone[1:].abs().max() < 1e-6
+
+
+def test_batch_edges_join_spatial_neighbours() -> None:
+    """The bin graph of a batch is the k-nearest-neighbour graph of the batch's bins."""
+    from scipy.spatial.distance import cdist
+
+    s = _slide(seed=3)
+    bins = blocks(s, 2)[1]
+    b = make_batch(s, bins, k=8, with_targets=False)
+    pos = s.bin_pos[bins]
+    d = cdist(pos, pos)
+    np.fill_diagonal(d, np.inf)
+    kth = np.sort(d, axis=1)[:, 7]  # each bin's 8th-nearest distance
+    src, dst = b["bin_edges"].numpy()
+    # every edge joins a bin to one of its 8 nearest (ties at the 8th distance allowed)
+    assert len(src) > 0
+    assert np.all(d[src, dst] <= np.maximum(kth[src], kth[dst]) + 1e-9)
+    assert np.median(d[src, dst]) <= 8.0 * np.sqrt(2) + 1e-9  # on an 8 um grid: adjacent bins
+    # and every bin has at least 8 neighbours
+    assert np.all(np.bincount(np.concatenate([src, dst]), minlength=len(bins)) >= 8)
+
+
+def test_paper_variant_differs_from_magnet_where_it_should() -> None:
+    dims = {"n_genes": 7, "spot_feature_dim": 16, "region_feature_dim": 16, "bin_feature_dim": 16}
+    paper = MagNetConfig(variant="paper", width=32, context_tokens=1, **dims)
+    ours = MagNetConfig(variant="magnet", width=32, **dims)
+    assert (paper.context_gate, paper.readout) == (False, "mean")
+    assert (ours.context_gate, ours.readout) == (True, "bin")
+    mp, mo = create_model(paper), create_model(ours)
+    assert mp.spot_attn.gate is None and mo.spot_attn.gate is not None
+    assert mo.spot_attn.gate.detach().item() == 0.0  # the context path opens from closed
+    assert mp.bin_tf.pool == 9 and mo.bin_tf.pool == 3  # all tokens vs the bin's own layers
+    # an explicit choice wins over the variant's preset
+    assert MagNetConfig(variant="paper", context_gate=True, **dims).context_gate is True
+    # a checkpoint's config dict rebuilds the same model
+    assert create_model(paper.to_dict()).cfg == paper
+
+
+def test_end_to_end_bin_encoder_with_a_pre_logits_head() -> None:
+    """MobileNetV3's pooled output (1024-d, after its pre-logits conv head) is not timm's
+    ``num_features`` (288): the projection's width comes from a forward pass."""
+    torch.manual_seed(0)
+    s = _slide()
+    s.bin_x = None
+    cfg = MagNetConfig(
+        n_genes=7,
+        spot_feature_dim=16,
+        region_feature_dim=16,
+        bin_encoder="mobilenetv3_small_050",
+        bin_patch_px=32,
+        width=32,
+    )
+    model = create_model(cfg.to_dict())
+    enc = model.bin_encoder
+    assert enc.backbone.training and next(enc.backbone.parameters()).requires_grad
+    rng = np.random.default_rng(0)
+
+    def patches(slide: SlideArrays, bins: np.ndarray, train: bool) -> torch.Tensor:
+        return torch.from_numpy(rng.integers(0, 256, (len(bins), 3, 32, 32), dtype=np.uint8))
+
+    data = BlockDataset(
+        [s], context_tokens=cfg.context_tokens, targets=_log1p, patch_reader=patches
+    )
+    batch = data[0]
+    n = len(data.items[0][1])
+    assert batch["bin_x"].shape == (n, 3, 32, 32)
+    out = model(batch)
+    assert out["bin"].shape == (n, 7) and torch.isfinite(out["bin"]).all()
+    assert out["spot"].shape == (len(batch["spot_index"]), 7)
+    # uint8 patches are normalised with the backbone's timm mean / std (ImageNet here)
+    x = enc.normalise(batch["bin_x"])
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, (batch["bin_x"].float() / 255 - mean) / std)
+    assert enc.proj[0].in_features == enc.backbone(x).shape[1] == 1024
+    # already normalised float patches go through as they are
+    assert enc(torch.randn(5, 3, 32, 32)).shape == (5, 32)

@@ -98,6 +98,49 @@ def test_16um_tiles_over_8um_bins_equal_space_ranger_16um(
     np.testing.assert_allclose(tiles.obsm["spatial"], s16.centers_px[rows], atol=1e-6)
 
 
+@pytest.mark.parametrize("bin_um", [8, 16])
+def test_interior_tiles_hold_equal_numbers_of_bins(
+    synthetic_slide: Path, tmp_path: Path, bin_um: int
+) -> None:
+    """Tile edges are snapped to a whole number of bins: every tile away from the tissue
+    edge holds the same bins, and its image crop is exactly its footprint."""
+    prepare(
+        [_spec(synthetic_slide, bin_size=bin_um)],
+        tmp_path / "ds",
+        PrepareConfig(**SMALL),
+        progress=False,
+    )
+    m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    b = _level(tmp_path / "ds", "syn", "bin")
+    for level in ("spot", "region"):
+        size_um = m["config"][f"{level}_size_um"]
+        per_side = size_um / bin_um
+        assert per_side == int(per_side), (level, size_um)
+        t = _level(tmp_path / "ds", "syn", level)
+        assert t.uns["magnet"]["patch_um"] == size_um
+        assert t.uns["magnet"]["patch_px"] * m["config"]["working_mpp"] == size_um
+        rc = {tuple(x) for x in t.obs[["tile_row", "tile_col"]].to_numpy()}
+        interior = [
+            (r, c) in rc and all((r + i, c + j) in rc for i in (-1, 0, 1) for j in (-1, 0, 1))
+            for r, c in t.obs[["tile_row", "tile_col"]].to_numpy()
+        ]
+        assert sum(interior) >= (4 if level == "spot" else 1), (level, sum(interior))
+        n = t.obs["n_units"].to_numpy()[interior]
+        assert (n == int(per_side) ** 2).all(), (level, sorted(set(n.tolist())))
+        # every bin's tile is the one its array row and column fall in
+        k = int(per_side)
+        rows = b.obs["array_row"].to_numpy() // k
+        cols = b.obs["array_col"].to_numpy() // k
+        tiles = t.obs[["tile_row", "tile_col"]].to_numpy()[b.obs[level].to_numpy()]
+        np.testing.assert_array_equal(tiles, np.column_stack([rows, cols]))
+    # the rule and the sizes are recorded with the dataset
+    tiles = m["tiles"]
+    assert tiles["unit_um"] == bin_um and "multiple" in tiles["rule"]
+    expect = {8: (56.0, 128.0), 16: (64.0, 128.0)}[bin_um]
+    assert (tiles["spot_um"], tiles["region_um"]) == expect
+    assert (tiles["requested_um"]["spot"], tiles["requested_um"]["region"]) == (56.0, 128.0)
+
+
 def test_her2st_sections(her2st_root: Path, tmp_path: Path) -> None:
     specs = [s for s in read.specs_from_paths([her2st_root]) if s.name in ("C2", "C3")]
     res = prepare(specs, tmp_path / "ds", PrepareConfig(train_slides=["C2"]), progress=False)
@@ -280,6 +323,28 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
     f.write_text("tile = 3\n")
     with pytest.raises(InputError, match=r"p.toml: unknown settings \['tile'\]"):
         PrepareConfig.from_file(f)
+
+
+def test_tile_snapping_rule() -> None:
+    from magnet_st.prepare import describe_tiles, snap_tile_px, tile_summary
+
+    assert snap_tile_px(224, 0.25, 8) == 224  # 56 um = 7 bins
+    assert snap_tile_px(224, 0.25, 16) == 256  # 56 um = 3.5 bins -> 64 um (halves up)
+    assert snap_tile_px(200, 0.25, 16) == 192  # 50 um -> 48 um
+    assert snap_tile_px(512, 0.25, 16) == 512
+    assert snap_tile_px(12, 1.0, 16) == 12  # below one bin: left for build_levels to refuse
+    with pytest.raises(ConfigError, match="not a whole number of pixels"):
+        snap_tile_px(200, 0.3, 16)
+    cfg = PrepareConfig()
+    hd16 = cfg.resolved("visium_hd", 16)
+    assert (hd16.spot_tile_px, hd16.region_tile_px, hd16.working_mpp) == (256, 512, 0.25)
+    assert hd16.resolved("visium_hd", 16) == hd16  # a stored resolved config stays as it is
+    assert cfg.resolved("visium", 55).spot_tile_px == 224  # round spots are not snapped
+    line = describe_tiles(tile_summary(hd16, "visium_hd", 16, cfg.resolved("visium_hd")))
+    assert line == (
+        "spot tiles 64 um (4 x 4 bins of 16 um; 56 um asked, snapped to whole bins), "
+        "region tiles 128 um (8 x 8 bins of 16 um)"
+    )
 
 
 def test_empty_tissue_is_an_error(synthetic_copy: Path, tmp_path: Path) -> None:

@@ -21,9 +21,12 @@ from magnet_st.model import create_model
 from magnet_st.prepare import PrepareConfig, prepare
 from magnet_st.read.specs import SlideSpec
 from magnet_st.train import (
+    MagNetModule,
+    PatchReader,
     TrainConfig,
     build_model_config,
     fit,
+    init_bin_encoder,
     load_model,
     predict_slide,
     slide_arrays,
@@ -32,6 +35,7 @@ from magnet_st.train import (
 ENC = "mobilenetv3_small_050"
 KEY = f"{ENC}-random"
 SMALL = {"features": KEY, "width": 32, "epochs": 2, "patience": 5}
+TILES = ("spot", "region")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -126,6 +130,69 @@ def test_no_context_variant_predicts_bins_only(ds_path: Path, tmp_path: Path) ->
     assert set(out) == {"bin"}
 
 
+def test_aggregate_consistency_trains_rate_heads(ds_path: Path, tmp_path: Path) -> None:
+    """The unbiased 'aggregate' consistency: rate heads starting at the training mean count,
+    a Poisson term and a consistency term in the log; prediction returns log1p levels only."""
+    ds = Dataset(ds_path)
+    cfg = TrainConfig(**{**SMALL, "epochs": 1, "consistency": "aggregate", "pcc_axis": "gene"})
+    res = fit(ds, ["s0"], [], cfg, tmp_path, progress=False)
+    row = res.history[0]
+    assert np.isfinite(row["train/poisson"]) and row["train/consistency"] >= 0
+    model, payload = load_model(res.model_path)
+    assert payload["model_config"]["rate_heads"] is True
+    out = predict_slide(model, slide_arrays(ds, "s1", KEY, with_counts=False), payload)
+    assert set(out) == {"bin", "spot", "region"}
+
+
+def test_canary_gene_of_a_scored_slide_never_enters_a_panel(ds_path: Path, tmp_path: Path) -> None:
+    """A gene that varies only in s1 (and so tops a panel chosen on all slides, as prepare's
+    default) never enters the panel of a model trained on s0, nor of the fold testing s1."""
+    import shutil
+
+    import anndata
+    import scipy.sparse as sp
+
+    from magnet_st.cv import cross_validate
+    from magnet_st.panel import select_panel
+    from magnet_st.predict import seen_in_training
+
+    ds_copy = tmp_path / "ds"
+    shutil.copytree(ds_path, ds_copy)
+    ds = Dataset(ds_copy)
+    canary = next(g for g in ds.level("s1", "bin").var["gene_ids"] if g not in ds.panel)
+    rng = np.random.default_rng(0)
+    for slide in ("s0", "s1"):
+        path = ds_copy / "slides" / slide / "bin.h5ad"
+        ad = anndata.read_h5ad(path)
+        x = sp.lil_matrix(ad.X)
+        col = list(ad.var["gene_ids"]).index(canary)
+        x[:, col] = rng.poisson(rng.choice([0, 50], ad.n_obs))[:, None] if slide == "s1" else 0
+        ad.X = sp.csr_matrix(x, dtype=ad.X.dtype)
+        ad.write_h5ad(path)
+    manifest = json.loads((ds_copy / "manifest.json").read_text())
+    ds = Dataset(ds_copy)
+    everywhere = select_panel(
+        [ds.level(s, "bin").X for s in ("s0", "s1")],
+        [list(ds.level(s, "bin").var["gene_ids"]) for s in ("s0", "s1")],
+        method="mean",
+        n_genes=30,
+    )
+    assert canary in everywhere  # chosen on all slides, the canary is in
+    manifest["panel"].update(method="mean", gene_ids=everywhere)  # as prepare on all slides
+    (ds_copy / "manifest.json").write_text(json.dumps(manifest))
+    ds = Dataset(ds_copy)
+    res = fit(ds, ["s0"], [], TrainConfig(**{**SMALL, "epochs": 1}), tmp_path / "m", progress=False)
+    payload = torch.load(res.model_path, weights_only=True)
+    assert canary not in payload["genes"] and payload["training_slides"] == ["s0"]
+    assert not seen_in_training(payload, "s1", None) and seen_in_training(payload, "s0", None)
+    cfg = TrainConfig(**{**SMALL, "epochs": 1})
+    cross_validate(ds_copy, tmp_path / "cv", cfg, variants=[], progress=False)
+    folds = json.loads((tmp_path / "cv/folds.json").read_text())["folds"]
+    (test_s1,) = [i for i, f in enumerate(folds) if f["test"] == ["s1"]]
+    assert canary not in (tmp_path / f"cv/fold{test_s1}/panel.tsv").read_text()
+    assert canary in (tmp_path / f"cv/fold{1 - test_s1}/panel.tsv").read_text()  # trained on s1
+
+
 def test_resume_from_checkpoint(ds_path: Path, tmp_path: Path) -> None:
     ds = Dataset(ds_path)
     cfg = TrainConfig(**{**SMALL, "epochs": 1})
@@ -135,6 +202,149 @@ def test_resume_from_checkpoint(ds_path: Path, tmp_path: Path) -> None:
     assert torch.load(last, weights_only=True)["epoch"] == 0
     res = fit(ds, ["s0"], ["s1"], TrainConfig(**SMALL), tmp_path, resume=last, progress=False)
     assert res.epochs_run == 2 and [r["epoch"] for r in res.history] == [1]
+
+
+def test_end_to_end_bin_encoder_one_epoch_then_predict(ds_path: Path, tmp_path: Path) -> None:
+    """The paper's bin branch (a CNN on the bin patches, trained end to end) with a timm
+    model whose pooled output comes from a pre-logits head, started from a weights file;
+    the model file records the weights' checksum and rebuilds without the file."""
+    import time
+
+    import timm
+
+    from magnet_st.encoders import file_sha256
+
+    ds = Dataset(ds_path)
+    start = timm.create_model(ENC)  # with its classifier, which loading drops
+    weights = tmp_path / "start.pth"
+    torch.save(start.state_dict(), weights)
+    cfg = TrainConfig(
+        **{**SMALL, "epochs": 1},
+        bin_encoder=ENC,
+        bin_weights=str(weights),
+        max_batches=2,
+        block=1,  # ~250 bin patches of 112 px a batch
+    )
+    t0 = time.perf_counter()
+    res = fit(ds, ["s0"], [], cfg, tmp_path / "run", progress=False)
+    print(f"one epoch of 2 batches with {ENC} end to end: {time.perf_counter() - t0:.1f} s")
+    assert res.epochs_run == 1 and len(res.history) == 1
+    assert np.isfinite(res.history[0]["train/loss"])
+    payload = torch.load(res.model_path, weights_only=True)
+    assert payload["model_config"]["bin_encoder"] == ENC
+    assert payload["model_config"]["bin_weights_checksum"] == file_sha256(weights)
+    assert payload["train_config"]["bin_weights"] == str(weights)
+    weights.unlink()  # the trained state dict holds the weights
+    model, payload = load_model(res.model_path)
+    trained = model.bin_encoder.backbone.conv_stem.weight
+    assert trained.shape == start.conv_stem.weight.shape
+    assert not torch.equal(trained, start.conv_stem.weight)  # trained end to end
+    reader = PatchReader({"s1": ds.image("s1")}, ds.patch_um("bin"), ds.patch_px("bin"))
+    arrays = slide_arrays(ds, "s1", KEY, bin_features=False, with_counts=False)
+    pred = predict_slide(model, arrays, payload, patch_reader=reader)
+    n = {lv: ds.level("s1", lv).n_obs for lv in ("bin", "spot", "region")}
+    assert {lv: v.shape for lv, v in pred.items()} == {lv: (n[lv], 30) for lv in n}
+    assert all(np.isfinite(v).all() for v in pred.values())
+
+
+def test_bin_weights_load_into_the_backbone(ds_path: Path, tmp_path: Path) -> None:
+    import timm
+
+    from magnet_st.encoders import file_sha256
+    from magnet_st.model import MagNetConfig
+
+    src = timm.create_model(ENC)
+    path = tmp_path / "w.pth"
+    torch.save(src.state_dict(), path)
+    mcfg = MagNetConfig(n_genes=5, variant="no_context", bin_encoder=ENC, bin_patch_px=32, width=32)
+    cfg = TrainConfig(variant="no_context", bin_encoder=ENC, bin_weights=str(path))
+    module = MagNetModule(mcfg.to_dict(), cfg.to_dict(), {})
+    backbone = module.model.bin_encoder.backbone
+    assert not torch.equal(backbone.conv_stem.weight, src.conv_stem.weight)
+    info = init_bin_encoder(module, cfg)
+    want = src.state_dict()
+    got = backbone.state_dict()
+    assert set(got) == set(want) - {"classifier.weight", "classifier.bias"}
+    for key, value in got.items():
+        assert torch.equal(value, want[key]), key
+    checksum = file_sha256(path)
+    assert info["weights_checksum"] == checksum
+    assert module.hparams["model_config"]["bin_weights_checksum"] == checksum
+    # no file: random init, said so in the model config
+    random = MagNetModule(mcfg.to_dict(), {**cfg.to_dict(), "bin_weights": None}, {})
+    assert init_bin_encoder(random, TrainConfig(bin_encoder=ENC))["weights_checksum"] == (
+        "random-init"
+    )
+    # weights of another architecture: an error naming the file
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "r18.pth")
+    bad = TrainConfig(bin_encoder=ENC, bin_weights=str(tmp_path / "r18.pth"))
+    with pytest.raises(InputError, match="r18.pth.*do not fit"):
+        init_bin_encoder(module, bad)
+    # cached (frozen) bin features have no CNN to start
+    with pytest.raises(ConfigError, match="needs an end-to-end bin encoder"):
+        fit(Dataset(ds_path), ["s0"], [], TrainConfig(**SMALL, bin_weights=str(path)), tmp_path)
+
+
+def test_patch_reader_cuts_bins_as_features_cut_tiles(ds_path: Path) -> None:
+    """One patch-cutting path: PatchReader's patches are the feature cache's tiles for the
+    same centres (whole native pixels, resampled in torch), normalised by the bin encoder
+    with its backbone's timm mean / std; training batches are flipped / rotated copies."""
+    from magnet_st import features as F
+    from magnet_st.encoders import Preprocess, data_config
+    from magnet_st.model import MagNetConfig, create_model
+
+    ds = Dataset(ds_path)
+    image = ds.image("s0")
+    mpp = ds.slide_meta("s0")["microns_per_pixel"]
+    arrays = slide_arrays(ds, "s0", KEY, bin_features=False, with_counts=False)
+    bins = np.arange(40, 64)
+    centers = arrays.bin_px[bins]
+    patch_um = ds.patch_um("bin")
+    native = round(patch_um / mpp)
+    for px in (ds.patch_px("bin"), 48):  # as stored, and resampled
+        reader = PatchReader({"s0": image}, patch_um, px, seed=1)
+        got = reader(arrays, bins, train=False)
+        assert got.dtype == torch.uint8 and got.shape == (len(bins), 3, px, px)
+        tiles = F._TileBatches(image, centers, native, native, mpp, patch_um, len(bins), 0)[0]
+        grey = Preprocess((px, px), (0.0,) * 3, (1 / 255,) * 3, "bicubic")
+        torch.testing.assert_close(got.float(), grey(tiles), rtol=0, atol=1e-3)
+        # normalised by the model as the features path normalises for the same backbone
+        model = create_model(
+            MagNetConfig(n_genes=3, variant="no_context", bin_encoder=ENC, bin_patch_px=px)
+        )
+        pre = data_config(model.bin_encoder.backbone)
+        norm = Preprocess((px, px), pre.mean, pre.std, "bicubic")
+        torch.testing.assert_close(model.bin_encoder.normalise(got), norm(tiles))
+        # augmentation on training batches only: each patch a flip / rotation of itself
+        aug = reader(arrays, bins, train=True)
+        assert not torch.equal(aug, got)
+        for a, b in zip(aug, got, strict=True):
+            views = [torch.rot90(v, r, dims=(-2, -1)) for v in (b, b.flip(-1)) for r in range(4)]
+            assert any(torch.equal(a, v) for v in views)
+    assert native != 48  # the second size was resampled
+
+
+def test_interrupted_run_resumes_exactly(ds_path: Path, tmp_path: Path) -> None:
+    """Killed after epoch 1 of 3 and resumed from its last checkpoint, a run ends with the
+    weights of one that never stopped (dropout on: the random streams are restored too)."""
+    import lightning as L
+
+    class Kill(L.Callback):
+        def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            if trainer.current_epoch == 1:  # epoch 1 of 3 is done and saved
+                raise RuntimeError("killed")
+
+    ds = Dataset(ds_path)
+    cfg = TrainConfig(**{**SMALL, "epochs": 3, "dropout": 0.3})
+    fit(ds, ["s0"], ["s1"], cfg, tmp_path / "full", progress=False)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(ds, ["s0"], ["s1"], cfg, tmp_path / "cut", progress=False, callbacks=[Kill()])
+    last = tmp_path / "cut/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    fit(ds, ["s0"], ["s1"], cfg, tmp_path / "cut", resume=last, progress=False)
+    a = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(last, weights_only=True)["state_dict"]
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
 def test_errors(ds_path: Path, tmp_path: Path) -> None:
@@ -191,6 +401,31 @@ def test_ddp_two_cpu_processes_gloo(ds_path: Path, tmp_path: Path) -> None:
     assert "trained on ['s0', 's1']" in proc.stdout
     model, payload = load_model(tmp_path / "run" / "model.pt")
     assert json.loads(json.dumps(payload["train_config"]))["devices"] == 2
+
+
+def test_cross_validation_ddp_two_cpu_processes(ds_path: Path, tmp_path: Path) -> None:
+    """'magnet cv --devices 2' (gloo): rank 0 saves, predicts and scores after a barrier;
+    the table has the rows of a one-process run."""
+    import pandas as pd
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    tables = {}
+    for devices in ("1", "2"):
+        out = tmp_path / f"cv{devices}"
+        cmd = [sys.executable, "-m", "magnet_st", "cv", str(ds_path), str(out)]
+        cmd += ["--features", KEY, "--width", "32", "--epochs", "1", "--variants", "no_context"]
+        cmd += ["--accelerator", "cpu", "--devices", devices, "--quiet"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("| mean_profile |") == 3  # printed once, by rank 0
+        tables[devices] = pd.read_csv(out / "metrics.csv")
+    key = ["fold", "model", "level", "test_slide"]
+    one, two = (tables[d].sort_values(key).reset_index(drop=True) for d in ("1", "2"))
+    pd.testing.assert_frame_equal(one[key], two[key])
+    assert np.isfinite(two["pcc_gene"]).all()
+    # the models that are not trained match exactly
+    fixed = one["model"].isin(["mean_profile", "ridge"])
+    np.testing.assert_allclose(two[fixed]["mse"], one[fixed]["mse"], rtol=1e-9)
 
 
 def test_cross_validation_tables_and_resume(ds_path: Path, tmp_path: Path) -> None:
@@ -313,6 +548,36 @@ def test_cross_validation_tables_and_resume(ds_path: Path, tmp_path: Path) -> No
         read_gene_groups(tmp_path / "bad.csv")
 
 
+def test_cross_validation_runs_the_ridge_probe_unasked(
+    ds_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import pandas as pd
+
+    import magnet_st.features
+    from magnet_st.cv import _ridge_ready, cross_validate
+
+    cfg = TrainConfig(**SMALL)
+    table = cross_validate(ds_path, tmp_path / "cv", cfg, variants=[], progress=False)
+    assert sorted(set(table["model"])) == ["mean_profile", "ridge"] and len(table) == 2 * 6
+    summary = pd.read_csv(tmp_path / "cv/summary.csv")
+    assert list(summary["model"]) == ["mean_profile", "ridge"] * 3
+    report = json.loads((tmp_path / "cv/fold0/ridge/ridge_cv.json").read_text())
+    # one training slide per fold: alpha cross-validated over x-blocks of it
+    assert report["levels"]["bin"]["cv"]["groups"].endswith("x-blocks of s1")
+    assert report["levels"]["bin"]["sources"] == ["bin", "spot", "region"]
+    # a feature set without bin features: the probe is skipped, and a log line says why
+    real = magnet_st.features.resolve_feature_set
+
+    def no_bins(path, key):
+        fs = real(path, key)
+        return {**fs, "slides": {s: {lv: {"complete": True} for lv in TILES} for s in fs["slides"]}}
+
+    monkeypatch.setattr(magnet_st.features, "resolve_feature_set", no_bins)
+    with caplog.at_level("INFO", logger="magnet_st.cv"):
+        assert not _ridge_ready(Dataset(ds_path), KEY, ["s0", "s1"])
+    assert "ridge probe skipped" in caplog.text and "s0/bin" in caplog.text
+
+
 def test_ridge_baseline_matches_sklearn_and_round_trips(ds_path: Path, tmp_path: Path) -> None:
     from sklearn.decomposition import PCA
     from sklearn.linear_model import Ridge
@@ -328,13 +593,29 @@ def test_ridge_baseline_matches_sklearn_and_round_trips(ds_path: Path, tmp_path:
     pred = model.predict(ds, "s1")
     for lv in ("bin", "spot", "region"):
         assert pred[lv].shape == (ds.level("s1", lv).n_obs, len(genes))
-    # the same model as scikit-learn's StandardScaler -> PCA(8) -> Ridge(alpha), clipped at 0
-    x0 = load_features(ds_path, KEY, "s0", "bin").astype(np.float64)
-    y0 = np.log1p(ds.counts("s0", "bin", genes).toarray())
-    ref = make_pipeline(StandardScaler(), PCA(8, svd_solver="full"), Ridge(alpha=2.0)).fit(x0, y0)
-    x1 = load_features(ds_path, KEY, "s1", "bin").astype(np.float64)
-    np.testing.assert_allclose(pred["bin"], np.maximum(ref.predict(x1), 0), atol=2e-4)
+
+    # the same model as scikit-learn's pipeline on the unit's features and its tiles':
+    # near-constant dimensions dropped -> StandardScaler -> PCA(8) -> Ridge(alpha * n)
+    def inputs(slide: str, lv: str) -> np.ndarray:
+        own = load_features(ds_path, KEY, slide, lv).astype(np.float64)
+        if lv == "spot":
+            region = ds.level(slide, "spot").obs["region"].to_numpy()
+            return np.hstack([own, load_features(ds_path, KEY, slide, "region")[region]])
+        tiles = [load_features(ds_path, KEY, slide, t)[ds.membership(slide, t)] for t in TILES]
+        return np.hstack([own, *tiles]).astype(np.float64)
+
+    for lv in ("bin", "spot"):
+        x0 = inputs("s0", lv)
+        std = x0.std(0)
+        keep = (std > 1e-2 * np.median(std)) & (std > 0)
+        np.testing.assert_array_equal(model.params[lv]["keep"], keep)
+        y0 = np.log1p(ds.counts("s0", lv, genes).toarray())
+        ridge = Ridge(alpha=2.0 * len(x0))
+        ref = make_pipeline(StandardScaler(), PCA(8, svd_solver="full"), ridge).fit(x0[:, keep], y0)
+        want = np.maximum(ref.predict(inputs("s1", lv)[:, keep]), 0)
+        np.testing.assert_allclose(pred[lv], want, atol=2e-4)
     # it learns: in-sample error well below the mean profile's
+    y0 = np.log1p(ds.counts("s0", "bin", genes).toarray())
     fit_mse = np.mean((model.predict(ds, "s0")["bin"] - y0) ** 2)
     assert fit_mse < 0.97 * np.mean((y0 - y0.mean(0)) ** 2)
     model.save(tmp_path / "ridge.npz")

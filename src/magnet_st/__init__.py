@@ -7,11 +7,43 @@ The pipeline runs one way: read -> prepare -> features -> train -> predict -> re
 >>> slide.summary()
 """
 
-from magnet_st import read
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from magnet_st.errors import InputError, MagnetError
-from magnet_st.image import SlideImage, open_image
-from magnet_st.slide import Slide
+
+if TYPE_CHECKING:
+    from magnet_st import read
+    from magnet_st.image import SlideImage, open_image
+    from magnet_st.slide import Slide
 
 __version__ = "0.1.0.dev0"
 
 __all__ = ["InputError", "MagnetError", "Slide", "SlideImage", "open_image", "read", "__version__"]
+
+# Imported on first use, so that 'import magnet_st' (and 'magnet --help') stays light:
+# the readers pull in pandas and scipy.
+_LAZY = {
+    "read": ("magnet_st.read", None),
+    "Slide": ("magnet_st.slide", "Slide"),
+    "SlideImage": ("magnet_st.image", "SlideImage"),
+    "open_image": ("magnet_st.image", "open_image"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

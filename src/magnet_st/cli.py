@@ -11,6 +11,8 @@ import json
 import logging
 import sys
 import time
+import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -45,6 +47,39 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _int_at_least(lowest: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``lowest`` (else argparse's one-line usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+
+
+def _devices(text: str) -> int | str:
+    """An argparse type for --devices: an integer >= 1, or 'auto'."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer >= 1 or 'auto', got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'auto', got {value}")
     return value
 
 
@@ -198,6 +233,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             f"{args.out}: {len(result.processed)} slides prepared, {len(result.skipped)} "
             f"unchanged, panel of {len(result.panel)} genes, in {time.perf_counter() - t0:.1f} s"
         )
+    if getattr(result, "tiles", None):
+        from magnet_st.prepare import describe_tiles
+
+        print(describe_tiles(result.tiles))
     return 0
 
 
@@ -212,7 +251,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "training slides. Unchanged slides are skipped, so reruns are cheap.\n\n"
         "Sizes default to a preset chosen from the data: 'hd' (Visium HD / AnnData): 112, "
         "224, 512 px at 0.25 um/px = 28, 56, 128 um; 'visium': 112, 224, 448 px at 1 um/px; "
-        "'legacy_st' (her2st): 112, 400, 800 px at 1 um/px. Settings may also come from "
+        "'legacy_st' (her2st): 112, 400, 800 px at 1 um/px. On Visium HD, spot and region "
+        "tiles are snapped to a whole number of bins (56 um spot tiles over 16 um bins become "
+        "64 um = 4 x 4 bins), and the summary line says so. Settings may also come from "
         "a TOML/JSON --config file whose keys are the long option names with underscores; "
         "options given on the command line win.",
         formatter_class=_Formatter,
@@ -269,7 +310,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--region-tile-px", type=int, default=None, help="region tile edge, px; default: preset's"
     )
-    p.add_argument("--k", type=int, default=None, help="neighbours in the kNN graphs (default 8)")
+    p.add_argument(
+        "--k", type=_positive_int, default=None, help="neighbours in the kNN graphs (default 8)"
+    )
     p.add_argument(
         "--panel",
         choices=["hvg", "mean"],
@@ -277,7 +320,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         help="gene panel: highly variable genes (scanpy seurat_v3 on raw counts) or top by "
         "mean; default: hvg",
     )
-    p.add_argument("--n-genes", type=int, default=None, help="panel size (default 250)")
+    p.add_argument("--n-genes", type=_positive_int, default=None, help="panel size (default 250)")
     p.add_argument(
         "--genes", default=None, help="text file with one gene id per line: use it as the panel"
     )
@@ -342,7 +385,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         pretrained=args.pretrained,
         encoder_kwargs=kwargs,
-        devices=args.devices,
+        devices=_feature_devices(args.devices, args.device),
         slides=args.slides,
         precision=args.precision,
         input_px=args.input_px,
@@ -360,6 +403,17 @@ def cmd_features(args: argparse.Namespace) -> int:
         f"already complete, in {time.perf_counter() - t0:.1f} s"
     )
     return 0
+
+
+def _feature_devices(devices: int | str, device: str) -> int:
+    """``magnet features --devices``: 'auto' is every visible GPU when the device is CUDA."""
+    if devices != "auto":
+        return int(devices)
+    if str(device) not in ("auto", "cuda"):
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())
 
 
 def _add_features(sub: argparse._SubParsersAction) -> None:
@@ -424,7 +478,7 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--slides", nargs="+", default=None, help="only these slides; default: every slide"
     )
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="tiles per forward pass")
     p.add_argument(
         "--workers",
         type=int,
@@ -439,10 +493,11 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--devices",
-        type=int,
+        type=_devices,
         default=1,
-        help="GPUs to use on this machine: slide/levels are split over one process per GPU "
-        "(CUDA only; other devices use one)",
+        help="GPUs to use on this machine, or 'auto' (every visible GPU when --device is auto "
+        "or cuda): slide/levels are split over one process per GPU (CUDA only; other devices "
+        "use one)",
     )
     p.add_argument(
         "--precision",
@@ -465,7 +520,30 @@ _LOSS_DEFAULTS = {
     "context_pcc": 0.05,
     "consistency": 0.05,
     "context_mse": 0.0,
+    "poisson": 0.05,
 }
+# TrainConfig's defaults and train.VARIANT_PRESETS["paper"], spelled out for '--help'
+# (no torch import; a test checks they agree). Options left unset take the variant's value.
+_OPTION_DEFAULTS = {
+    "optimizer": "adamw",
+    "epochs": 30,
+    "consistency": "paper",
+    "width": 256,
+    "context_tokens": 5,
+    "bin_encoder": "frozen",
+}
+_PAPER_PRESETS = {
+    "optimizer": "sgd",
+    "epochs": 51,
+    "consistency": "paper",
+    "width": 1024,
+    "context_tokens": 1,
+    "bin_encoder": "resnet50",
+}
+
+
+def _preset_help(key: str) -> str:
+    return f"default: {_OPTION_DEFAULTS[key]} (--variant paper: {_PAPER_PRESETS[key]})"
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -486,28 +564,46 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--bin-encoder",
-        default="frozen",
+        default=None,
         help="'frozen': cached bin features of --features (needs 'magnet features --levels "
         "bin'); or a timm model name (e.g. resnet50, as in the paper) trained end to end on "
-        "the bin patches (slow on CPU)",
+        "the bin patches (slow on CPU), or efficientnet_lite0_imagenet (ImageNet weights "
+        "shipped offline); " + _preset_help("bin_encoder"),
     )
-    g.add_argument("--width", type=int, default=256, help="model width (paper: 1024)")
+    g.add_argument(
+        "--bin-weights",
+        metavar="FILE",
+        default=None,
+        help="a state-dict file (.pth/.pt/.bin/.safetensors; timm or torchvision keys, read "
+        "as 'magnet features --weights' reads its file) that the end-to-end --bin-encoder "
+        "starts from, e.g. ImageNet weights; its checksum is recorded in the model file. "
+        "Default: none, a random init (efficientnet_lite0_imagenet: its ImageNet weights)",
+    )
+    g.add_argument(
+        "--width", type=_positive_int, default=None, help="model width; " + _preset_help("width")
+    )
     g.add_argument(
         "--context-tokens",
-        type=int,
-        default=5,
+        type=_positive_int,
+        default=None,
         help="tiles each bin attends to per level: the containing tile and its nearest "
-        "neighbours (1 reproduces the paper, where the attention is a projection)",
+        "neighbours (1 reproduces the paper, where the attention is a projection); "
+        + _preset_help("context_tokens"),
     )
-    g.add_argument("--k", type=int, default=8, help="neighbours in the in-batch kNN graphs")
+    g.add_argument(
+        "--k", type=_positive_int, default=8, help="neighbours in the in-batch kNN graphs"
+    )
     g.add_argument(
         "--block",
-        type=int,
+        type=_positive_int,
         default=2,
         help="a batch holds every bin of a block of BLOCK x BLOCK region tiles",
     )
     g.add_argument(
-        "--optimizer", choices=["adamw", "sgd"], default="adamw", help="the optimiser to train with"
+        "--optimizer",
+        choices=["adamw", "sgd"],
+        default=None,
+        help="the optimiser to train with; " + _preset_help("optimizer"),
     )
     g.add_argument(
         "--lr",
@@ -516,22 +612,34 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help="base learning rate; default 1e-3 for adamw (cosine decay), 0.005 for sgd "
         "(momentum 0.9, polynomial decay, as the paper)",
     )
-    g.add_argument("--epochs", type=int, default=30, help="maximum epochs (paper: 51)")
+    g.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="maximum epochs; " + _preset_help("epochs"),
+    )
     g.add_argument("--patience", type=int, default=10, help="early-stopping patience, in epochs")
     g.add_argument(
         "--max-batches",
-        type=int,
+        type=_positive_int,
         default=None,
         help="at most this many batches per epoch (smoke runs, benchmarks); default: all",
     )
     g.add_argument(
         "--consistency",
         choices=["aggregate", "paper", "none"],
-        default="paper",
+        default=None,
         help="consistency loss: each coarse prediction vs the truth of every bin it holds, "
-        "as the published code (paper); vs the aggregate of the bin predictions in the tile "
-        "(aggregate, 1 - PCC); or none. 'paper' is the default by measurement: "
-        "'aggregate' lowered bin PCC-gene on synthetic HD slides (docs/results.md)",
+        "as the published code (paper); expected-count heads at every level whose tile "
+        "rates must equal the sum of their bins' rates, with a Poisson term (aggregate: "
+        "unbiased, see magnet_st.losses); or none; " + _preset_help("consistency"),
+    )
+    g.add_argument(
+        "--pcc-axis",
+        choices=["unit", "gene"],
+        default="unit",
+        help="the PCC loss terms: per unit across genes (unit, the published code) or per "
+        "gene across the units of a batch (gene, the axis of the PCC-gene metric)",
     )
     g.add_argument(
         "--loss-weight",
@@ -549,10 +657,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--devices",
-        default="1",
-        help="devices per node (an integer, or 'auto'); more than one trains with DDP",
+        type=_devices,
+        default=1,
+        help="devices per node (an integer >= 1, or 'auto'); more than one trains with DDP",
     )
-    g.add_argument("--num-nodes", type=int, default=1, help="machines for multi-node DDP")
+    g.add_argument("--num-nodes", type=_positive_int, default=1, help="machines for multi-node DDP")
     g.add_argument(
         "--precision",
         default=None,
@@ -567,6 +676,7 @@ def _train_config(args: argparse.Namespace):
     kw = {
         "features": args.features,
         "bin_encoder": args.bin_encoder,
+        "bin_weights": args.bin_weights,
         "width": args.width,
         "context_tokens": args.context_tokens,
         "k": args.k,
@@ -577,21 +687,17 @@ def _train_config(args: argparse.Namespace):
         "patience": args.patience,
         "max_batches": args.max_batches,
         "consistency": args.consistency,
+        "pcc_axis": args.pcc_axis,
         "loss_weights": _loss_weights(args.loss_weight),
         "seed": args.seed,
         "num_workers": args.workers,
         "accelerator": args.accelerator,
-        "devices": int(args.devices) if str(args.devices).isdigit() else args.devices,
+        "devices": args.devices,
         "num_nodes": args.num_nodes,
         "precision": args.precision,
     }
-    if args.variant == "paper":
-        # the paper's optimiser, epochs, consistency, width and tokens, unless the user
-        # changed those options from their (non-paper) defaults
-        return TrainConfig.paper(
-            **{k: v for k, v in kw.items() if k not in _PAPER_KEYS or v != _DEFAULTS.get(k)}
-        )
-    return TrainConfig(variant=args.variant, **kw)
+    given = {k: v for k, v in kw.items() if v is not None}  # unset: the variant's choice
+    return TrainConfig.for_variant(args.variant, **given)
 
 
 def _loss_weights(items: list[str]) -> dict[str, float]:
@@ -611,17 +717,13 @@ def _loss_weights(items: list[str]) -> dict[str, float]:
     return weights
 
 
-_PAPER_KEYS = {"optimizer", "epochs", "consistency", "width", "context_tokens"}
-_DEFAULTS = {
-    "optimizer": "adamw",
-    "epochs": 30,
-    "consistency": "paper",
-    "width": 256,
-    "context_tokens": 5,
-}
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from magnet_st.errors import InputError
+
+    # before anything heavy is imported or read: a typo here should not cost a dataset load
+    if args.resume is not None and not Path(args.resume).is_file():
+        what = "is not a file" if Path(args.resume).exists() else "not found"
+        raise InputError(args.resume, f"checkpoint to resume from (--resume) {what}")
     from magnet_st.dataset import Dataset
     from magnet_st.train import fit
 
@@ -700,11 +802,16 @@ def cmd_cv(args: argparse.Namespace) -> int:
         scheme=args.scheme,
         k=args.folds,
         seed=args.split_seed,
+        slides=args.slides,
         gene_groups=groups,
         baselines=args.baselines,
         baseline_settings={"epochs": args.baseline_epochs, "max_batches": cfg.max_batches},
         progress=not args.quiet,
     )
+    from magnet_st.train import is_main_process
+
+    if not is_main_process():  # another DDP rank: rank 0 writes and prints the tables
+        return 0
     if getattr(args, "models", None) is not None:
         from magnet_st.report import plot_results
 
@@ -731,7 +838,7 @@ def _add_cv(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", help="dataset folder written by 'magnet prepare'")
     p.add_argument("out", help="output folder")
     p.add_argument("--scheme", choices=["loso", "kfold"], default="loso", help="fold scheme")
-    p.add_argument("--folds", type=int, default=4, help="k for --scheme kfold")
+    p.add_argument("--folds", type=_int_at_least(2), default=4, help="k for --scheme kfold")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split")
     p.add_argument(
         "--variants",
@@ -746,10 +853,12 @@ def _add_cv(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=list(_BASELINES),
         default=[],
-        help="baselines fitted per fold on the --features feature set, beside the "
-        "mean profile (which always runs): " + _BASELINE_HELP,
+        help="baselines fitted per fold on the --features feature set, beside the mean "
+        "profile and the ridge probe (which always run, ridge when the feature set has bin, "
+        "spot and region features): " + _BASELINE_HELP,
     )
     _add_baseline_options(p)
+    _add_slides_option(p)
     p.add_argument(
         "--gene-groups",
         default=None,
@@ -764,16 +873,28 @@ def _add_cv(sub: argparse._SubParsersAction) -> None:
 # baselines.BASELINE_NAMES, spelled out so that '--help' needs no torch (a test checks)
 _BASELINES = ("ridge", "stnet", "histogene", "his2st", "bleep", "egn")
 _BASELINE_HELP = (
-    "ridge (PCA 256 + ridge, HEST protocol), stnet (ST-Net), histogene (HisToGene), his2st "
-    "(Hist2ST), bleep (BLEEP), egn (EGN); all on the frozen features, one model per level "
-    "(docs/baselines.md)"
+    "ridge (the unit's own + its spot and region tiles' features, near-constant dimensions "
+    "dropped, PCA 256, penalty by cross-validation on the training slides: HEST protocol), "
+    "stnet (ST-Net), histogene (HisToGene), his2st (Hist2ST), bleep (BLEEP), egn (EGN); all "
+    "on the frozen features, one model per level (see the magnet_st.baselines docstrings)"
 )
+
+
+def _add_slides_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--slides",
+        nargs="+",
+        default=None,
+        metavar="SLIDE",
+        help="the slides the cross-validation uses (folds, training and testing); default: "
+        "every slide of the dataset",
+    )
 
 
 def _add_baseline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--baseline-epochs",
-        type=int,
+        type=_positive_int,
         default=30,
         help="most epochs of each neural baseline per level (early-stopped on the fold's "
         "validation slide, patience 5)",
@@ -804,7 +925,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     )
     _add_baseline_options(p)
     p.add_argument("--scheme", choices=["loso", "kfold"], default="loso", help="fold scheme")
-    p.add_argument("--folds", type=int, default=4, help="k for --scheme kfold")
+    p.add_argument("--folds", type=_int_at_least(2), default=4, help="k for --scheme kfold")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split")
     p.add_argument(
         "--gene-groups",
@@ -812,6 +933,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="gene groups for PCC-gene per group, as in 'magnet cv'; default: none",
     )
+    _add_slides_option(p)
     _add_train_options(p)
     p.set_defaults(func=cmd_cv, variants=None, baselines=[])
 
@@ -899,7 +1021,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="encoder weights file, if it moved since training; default: the recorded path",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="tiles per forward pass")
     p.add_argument(
         "--workers",
         type=int,
@@ -1040,9 +1162,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from magnet_st.demo import DEMO_ENCODER
+# demo.DEMO_ENCODER, spelled out so that '--help' needs no torch (a test checks)
+_DEMO_ENCODER = "mobilenetv3_small_050"
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run the whole pipeline on built-in synthetic data",
@@ -1058,7 +1182,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slides", type=int, default=3, help="number of synthetic slides")
     p.add_argument(
         "--encoder",
-        default=DEMO_ENCODER,
+        default=_DEMO_ENCODER,
         help="feature encoder (timm name; efficientnet_lite0_imagenet for offline ImageNet "
         "weights, slower on a CPU)",
     )
@@ -1093,11 +1217,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"magnet-st {__version__}")
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more log output (-vv for debug) and the traceback of an unexpected error",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(sub)
+    for p in sub.choices.values():  # also after the command: 'magnet train ... -v'
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="count",
+            default=argparse.SUPPRESS,
+            help="more log output (-vv for debug) and the traceback of an unexpected error",
+        )
     return parser
 
 
@@ -1124,7 +1260,30 @@ def cli_reference() -> str:
     return "\n".join(parts) + "\n"
 
 
+# Libraries whose own FutureWarnings and DeprecationWarnings (about their internals or
+# their dependencies, nothing a user of 'magnet' can act on) are not shown. Ours are.
+_QUIET_MODULES = (
+    r"(lightning|lightning_fabric|lightning_utilities|pytorch_lightning|torch_geometric"
+    r"|anndata|scanpy|timm)(\.|$)"
+)
+
+
+def _silence_third_party_warnings() -> None:
+    if sys.warnoptions:  # the user chose with -W or PYTHONWARNINGS: leave it to them
+        return
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=_QUIET_MODULES)
+    # torch_geometric calls torch.jit.script at import; torch warns in its own name
+    warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning)
+
+
+def _one_line(exc: BaseException) -> str:
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _silence_third_party_warnings()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
@@ -1139,6 +1298,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"magnet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unforeseen failure: one line, no traceback
+        if args.verbose:
+            traceback.print_exc()
+            print(f"magnet {args.command}: unexpected error: {_one_line(exc)}", file=sys.stderr)
+        else:
+            print(
+                f"magnet {args.command}: unexpected error: {_one_line(exc)} "
+                "(run with -v for the traceback)",
+                file=sys.stderr,
+            )
+        return 1
 
 
 if __name__ == "__main__":

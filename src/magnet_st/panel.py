@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -115,3 +117,41 @@ def _seurat_v3(blocks: list[sp.csr_matrix], candidates: list[str], n_genes: int)
         "panel: %d highly variable genes (seurat_v3) of %d candidates", len(chosen), len(candidates)
     )
     return chosen[:n_genes]
+
+
+@dataclass
+class TrainingPanel:
+    """What a training run learns from its training slides before it sees a batch: the
+    genes to predict and the target statistics per level. Never from a scored slide."""
+
+    genes: list[str]
+    names: list[str]
+    targets: dict[str, Any]  # level -> TargetTransform
+    slides: list[str]  # the slides they were chosen on
+
+
+def training_panel(ds: Any, slides: Sequence[str], seed: int = 0) -> TrainingPanel:
+    """The dataset's panel rule (method, size, or the user's list) and target kind,
+    applied to ``slides`` only (a model's training and validation slides), so that no
+    slide scored later helped choose them. Candidates: genes measured in every slide of
+    the dataset (gene presence only, no counts)."""
+    from magnet_st.targets import TargetTransform
+
+    slides = list(slides)
+    cfg = ds.manifest["panel"]
+    kind = ds.manifest["targets"]["bin"]["kind"]
+    ids = lambda s: list(ds.level(s, "bin").var["gene_ids"].astype(str))  # noqa: E731
+    genes = select_panel(
+        [ds.level(s, "bin").X for s in slides],
+        [ids(s) for s in slides],
+        method=cfg["method"],
+        n_genes=cfg["n_genes"],
+        genes=cfg["gene_ids"] if cfg["method"] == "list" else None,
+        candidates=set.intersection(*(set(ids(s)) for s in ds.slides)),
+        seed=seed,
+    )
+    targets = {
+        lv: TargetTransform(kind).fit([ds.counts(s, lv, genes) for s in slides])
+        for lv in ("bin", "spot", "region")
+    }
+    return TrainingPanel(genes, ds.gene_names(genes), targets, slides)

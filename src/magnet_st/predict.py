@@ -211,6 +211,22 @@ def spatial_uns(image: Any, name: str, unit_um: float, mpp: float) -> dict[str, 
     }
 
 
+def seen_in_training(payload: dict, name: str, image: str | Path | None) -> bool:
+    """Whether a slide (by name or image file) trained the model and chose its gene panel
+    and target statistics; warns if so, since a comparison with its counts is not held out."""
+    images = {str(Path(p).resolve()) for p in payload.get("training_images", []) if p}
+    seen = name in payload.get("training_slides", []) or (
+        image is not None and str(Path(image).resolve()) in images
+    )
+    if seen:
+        log.warning(
+            "%s: this slide trained the model and helped choose its gene panel and target "
+            "statistics; its predicted vs measured comparison is not a held-out evaluation",
+            name,
+        )
+    return seen
+
+
 def _write(adata: Any, path: Path, zarr: bool) -> Path:
     path = path.with_suffix(".zarr" if zarr else ".h5ad")
     with atomic_path(path) as tmp:
@@ -404,6 +420,8 @@ def predict(
         if lv == "bin" and measured is not None:
             ad.layers["measured"] = measured[0]
             ad.var["measured"] = measured[1]
+            if seen_in_training(payload, slide.name, slide.image_path):
+                ad.uns["magnet"]["held_out"] = False
         files[lv] = _write(ad, out / LEVEL_FILES[lv], zarr)
         n[lv] = int(ad.n_obs)
     seconds["write"] = time.perf_counter() - t

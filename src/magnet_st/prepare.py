@@ -16,6 +16,15 @@ the grids are laid on Space Ranger's bin grid (array rows and columns), so 16 um
 over 8 um bins reproduce Space Ranger's 16 um bins exactly; elsewhere the grids start
 at the corner of the tissue's bounding box, in microns.
 
+Tiles are a shared grid, not patches centred on each unit (docs/design.md). On Visium HD
+a tile's edge is snapped to a whole number of bins (the nearest multiple of the bin size,
+halves rounded up, keeping ``working_mpp``): the hd preset's 56 um spot tiles stay 56 um
+(7 x 7 bins) over 8 um bins and become 64 um (4 x 4 bins) over 16 um bins; 128 um region
+tiles are 16 x 16 or 8 x 8 bins. Every tile away from the tissue edge then holds the same
+bins, and its image crop (``patch_um``) is exactly their footprint. Round Visium and
+legacy ST spots are not snapped. The rule and the sizes are recorded under ``tiles`` in
+``manifest.json`` and logged.
+
 Output (``DATASET/``)::
 
     manifest.json                 written last: config, panel, targets, slides, versions, checksums
@@ -62,7 +71,8 @@ FORMAT = "magnet-st dataset"
 FORMAT_VERSION = 1
 
 PRESETS: dict[str, dict[str, float]] = {
-    # MagNet paper sizes at ~0.25 um/px: 112 px (28 um), 224 px (56 um), 512 px (128 um)
+    # MagNet paper sizes at ~0.25 um/px: 112 px (28 um), 224 px (56 um), 512 px (128 um);
+    # tiles are snapped to whole bins (SQUARE_BINS): 56 um -> 64 um (256 px) over 16 um bins
     "hd": {"working_mpp": 0.25, "bin_patch_px": 112, "spot_tile_px": 224, "region_tile_px": 512},
     # 55 um spots on a 100 um pitch: ~4 spots per 224 um tile, ~20 per 448 um region
     "visium": {
@@ -79,6 +89,8 @@ PRESETS: dict[str, dict[str, float]] = {
         "region_tile_px": 800,
     },
 }
+SQUARE_BINS = ("visium_hd",)
+"""Technologies whose units are square bins on an array grid: tiles snap to whole bins."""
 PRESET_OF_TECHNOLOGY = {
     "visium_hd": "hd",
     "anndata": "hd",
@@ -126,8 +138,13 @@ class PrepareConfig:
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
 
-    def resolved(self, technology: str) -> PrepareConfig:
-        """A copy with the preset's sizes filled in, checked."""
+    def resolved(self, technology: str, unit_size_um: float | None = None) -> PrepareConfig:
+        """A copy with the preset's sizes filled in, checked.
+
+        With ``unit_size_um`` on square bins (:data:`SQUARE_BINS`) the spot and region
+        tile sizes are snapped to whole bins (:func:`snap_tile_px`); the result is the same
+        when resolved again, so a resolved config stored in a manifest stays as it is.
+        """
         preset = PRESET_OF_TECHNOLOGY[technology] if self.preset == "auto" else self.preset
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose auto or one of {list(PRESETS)}")
@@ -138,6 +155,13 @@ class PrepareConfig:
                 values[key] = default
         cfg = PrepareConfig(**values)
         cfg.check()
+        if technology in SQUARE_BINS and unit_size_um:
+            for key in ("spot_tile_px", "region_tile_px"):
+                setattr(
+                    cfg,
+                    key,
+                    snap_tile_px(getattr(cfg, key), cfg.working_mpp, unit_size_um, key[:-8]),
+                )
         return cfg
 
     def check(self) -> None:
@@ -161,6 +185,80 @@ class PrepareConfig:
         d = asdict(self)
         d.update({f"{lv}_size_um": self.size_um(lv) for lv in LEVELS} if self.working_mpp else {})
         return d
+
+
+def snap_tile_px(px: int, working_mpp: float, unit_um: float, level: str = "tile") -> int:
+    """The tile edge in pixels at ``working_mpp`` snapped to a whole number of
+    ``unit_um`` bins: the nearest multiple of the bin (halves rounded up), e.g. 56 um ->
+    64 um over 16 um bins. A tile smaller than one bin is left as it is (and refused by
+    :func:`build_levels`). Raises :class:`ConfigError` when the snapped size is not a
+    whole number of pixels at ``working_mpp``."""
+    size_um = px * working_mpp
+    if size_um < unit_um:
+        return px
+    n = int(np.floor(size_um / unit_um + 0.5 + 1e-9))
+    snapped = n * unit_um / working_mpp
+    if abs(snapped - round(snapped)) > 1e-6:
+        raise ConfigError(
+            f"{level} tiles of {size_um:g} um snap to {n * unit_um:g} um ({n} x {unit_um:g} "
+            f"um bins), {snapped:g} px at working_mpp {working_mpp:g}: not a whole number of "
+            f"pixels; choose a working_mpp that divides {unit_um:g} um (e.g. 0.25, 0.5 or 1)"
+        )
+    return int(round(snapped))
+
+
+def tile_summary(
+    cfg: PrepareConfig, technology: str, unit_size_um: float, requested: PrepareConfig
+) -> dict[str, Any]:
+    """How the tiles of a resolved ``cfg`` relate to the units (stored in the manifest):
+    the rule, the unit and tile sizes in microns, the sizes asked for (``requested``,
+    resolved without snapping) and, on square bins, the bins per interior tile."""
+    ratios = [cfg.size_um(lv) / unit_size_um for lv in ("spot", "region")]
+    whole = all(abs(r - round(r)) < 1e-6 for r in ratios)
+    snapped = technology in SQUARE_BINS and whole
+    if snapped:
+        rule = (
+            "shared non-overlapping grid on the array grid; tile edge snapped to the nearest "
+            "multiple of the bin size (halves up), image crop = the tile's footprint"
+        )
+    elif technology in SQUARE_BINS:  # e.g. a model trained on other bins
+        rule = (
+            "shared non-overlapping grid on the array grid; tile sizes (given) are not whole "
+            "multiples of the bin size, so tiles hold different numbers of bins"
+        )
+    else:
+        rule = (
+            "shared non-overlapping grid from the corner of the units' bounding box; "
+            "sizes as configured (round spots are not snapped)"
+        )
+    out: dict[str, Any] = {
+        "rule": rule,
+        "unit_um": float(unit_size_um),
+        "spot_um": cfg.size_um("spot"),
+        "region_um": cfg.size_um("region"),
+        "requested_um": {lv: requested.size_um(lv) for lv in ("spot", "region")},
+    }
+    if snapped:
+        out["bins_per_tile"] = {
+            lv: round(cfg.size_um(lv) / unit_size_um) ** 2 for lv in ("spot", "region")
+        }
+    return out
+
+
+def describe_tiles(tiles: dict[str, Any]) -> str:
+    """One line for logs and summaries, e.g. ``spot tiles 64 um (4 x 4 bins of 16 um; 56 um
+    asked), region tiles 128 um (8 x 8 bins)``."""
+    parts = []
+    for lv in ("spot", "region"):
+        um, asked = tiles[f"{lv}_um"], tiles["requested_um"][lv]
+        notes = []
+        if "bins_per_tile" in tiles:
+            side = round(um / tiles["unit_um"])
+            notes.append(f"{side} x {side} bins of {tiles['unit_um']:g} um")
+        if abs(um - asked) > 1e-9:
+            notes.append(f"{asked:g} um asked, snapped to whole bins")
+        parts.append(f"{lv} tiles {um:g} um" + (f" ({'; '.join(notes)})" if notes else ""))
+    return ", ".join(parts)
 
 
 # -- geometry ------------------------------------------------------------------------------
@@ -237,6 +335,18 @@ def build_levels(slide: Slide, cfg: PrepareConfig) -> dict[str, Any]:
             f"region tiles ({cfg.size_um('region'):g} um) are smaller than spot tiles "
             f"({cfg.size_um('spot'):g} um)"
         )
+    if slide.technology in SQUARE_BINS:
+        for lv in ("spot", "region"):
+            ratio = cfg.size_um(lv) / slide.unit_size_um
+            if abs(ratio - round(ratio)) > 1e-6:
+                log.warning(
+                    "%s: %s tiles of %g um are not a whole number of %g um bins; tiles will "
+                    "hold different numbers of bins",
+                    slide.name,
+                    lv,
+                    cfg.size_um(lv),
+                    slide.unit_size_um,
+                )
     uv, A = grid_frame(slide)
     spot = assign_grid(uv, A, cfg.size_um("spot"))
     region = assign_grid(uv, A, cfg.size_um("region"))
@@ -414,6 +524,8 @@ class PrepareResult:
     skipped: list[str] = field(default_factory=list)
     panel: list[str] = field(default_factory=list)
     nothing_to_do: bool = False
+    tiles: dict[str, Any] = field(default_factory=dict)
+    """The tile sizes and rule, as in the manifest (see :func:`describe_tiles`)."""
 
 
 def _read_slide_record(folder: Path) -> dict | None:
@@ -502,7 +614,8 @@ def prepare(
             and rec is not None
             and rec["spec"] == spec.to_dict()
             and slide_dir_is_complete(out / rec["dir"])
-            and rec["config"] == _config_key(config.resolved(rec["technology"]))
+            and rec["config"]
+            == _config_key(config.resolved(rec["technology"], rec.get("unit_size_um")))
             and unchanged(rec["files"])
         )
 
@@ -514,7 +627,12 @@ def prepare(
         and old["config"] == _resolved_dict(config, old_slides, train)
     ):
         log.info("%s: inputs and settings unchanged; nothing to do", out)
-        return PrepareResult(out, skipped=[s.name for s in specs], nothing_to_do=True)
+        return PrepareResult(
+            out,
+            skipped=[s.name for s in specs],
+            nothing_to_do=True,
+            tiles=old.get("tiles", {}),
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
@@ -524,11 +642,13 @@ def prepare(
     result = PrepareResult(out)
     slides_meta: dict[str, dict] = {}
     resolved: PrepareConfig | None = None
+    first: tuple[str, str, float] = ("", "", 0.0)  # slide, technology, unit size of `resolved`
     bar = tqdm(plan, desc="prepare", unit="slide", disable=not progress)
     for spec, is_fresh in bar:
         if is_fresh:
             rec = old_slides[spec.name]
-            cfg = config.resolved(rec["technology"])
+            technology, unit_um = rec["technology"], float(rec["unit_size_um"])
+            cfg = config.resolved(technology, unit_um)
             slides_meta[spec.name] = rec
             result.skipped.append(spec.name)
         else:
@@ -540,7 +660,8 @@ def prepare(
                     f"slide {spec.name}: no full-resolution image given (--image or the "
                     "sample sheet's image column); the image is needed to cut patches",
                 )
-            cfg = config.resolved(slide.technology)
+            technology, unit_um = slide.technology, float(slide.unit_size_um)
+            cfg = config.resolved(technology, unit_um)
             if add:
                 _check_genes(spec, set(slide.gene_ids.astype(str)), old["panel"]["gene_ids"])
             bar.set_postfix_str(f"{spec.name}: tiles and graphs")
@@ -570,14 +691,31 @@ def prepare(
             slides_meta[spec.name] = record
             result.processed.append(spec.name)
         if resolved is None:
-            resolved = cfg
+            resolved, first = cfg, (spec.name, technology, unit_um)
         elif _config_key(cfg) != _config_key(resolved):
             raise ConfigError(
-                f"slide {spec.name} needs preset {cfg.preset} but earlier slides use "
-                f"{resolved.preset}; prepare different technologies separately"
+                f"slide {spec.name} ({technology}, {unit_um:g} um units) needs preset "
+                f"{cfg.preset} with spot / region tiles of {cfg.size_um('spot'):g} / "
+                f"{cfg.size_um('region'):g} um, but slide {first[0]} ({first[1]}, "
+                f"{first[2]:g} um units) has {resolved.preset} with "
+                f"{resolved.size_um('spot'):g} / {resolved.size_um('region'):g} um; prepare "
+                "different technologies separately, or give tile sizes that are whole "
+                "multiples of every bin size"
             )
     assert resolved is not None
     resolved.train_slides = train
+    if add and old is not None and "tiles" in old:
+        tiles = old["tiles"]
+    else:
+        tiles = tile_summary(resolved, first[1], first[2], config.resolved(first[1]))
+    result.tiles = tiles
+    explicit = {"spot": config.spot_tile_px, "region": config.region_tile_px}
+    changed = [
+        lv
+        for lv in ("spot", "region")
+        if not add and explicit[lv] is not None and tiles[f"{lv}_um"] != tiles["requested_um"][lv]
+    ]  # a size the user gave that was snapped: say so louder than the preset's
+    (log.warning if changed else log.info)("%s: %s", out, describe_tiles(tiles))
 
     # Remove slides that are no longer part of the dataset.
     keep = {s.name for s in specs}
@@ -608,6 +746,7 @@ def prepare(
             "gene_names": gene_names,
         },
         "targets": targets,
+        "tiles": tiles,
         "levels": list(LEVELS),
         "slides": slides_meta,
     }
@@ -626,8 +765,9 @@ def _resolved_dict(config: PrepareConfig, slides: dict[str, dict], train: list[s
     """``config`` resolved for the technology of recorded ``slides``, as stored in a manifest."""
     if not slides:
         return {}
+    rec = next(iter(slides.values()))
     try:
-        cfg = config.resolved(next(iter(slides.values()))["technology"])
+        cfg = config.resolved(rec["technology"], rec.get("unit_size_um"))
     except ConfigError:
         return {}
     cfg.train_slides = train
@@ -727,7 +867,7 @@ def prepare_unmeasured(
     """
     out = Path(out)
     cfg = PrepareConfig(**{k: v for k, v in config.items() if not k.endswith("_um")})
-    cfg = cfg.resolved(slide.technology) if cfg.preset == "auto" else cfg
+    cfg = cfg.resolved(slide.technology, slide.unit_size_um) if cfg.preset == "auto" else cfg
     h = hashlib.sha256(np.ascontiguousarray(slide.centers_px, np.float64).tobytes())
     h.update(json.dumps([_config_key(cfg), panel, fingerprint_extra]).encode())
     key = h.hexdigest()[:32]
@@ -777,6 +917,7 @@ def prepare_unmeasured(
             "gene_names": list(gene_names),
         },
         "targets": targets,
+        "tiles": tile_summary(cfg, slide.technology, slide.unit_size_um, cfg),
         "levels": list(LEVELS),
         "slides": {slide.name: record},
     }
@@ -799,10 +940,14 @@ def dataset_is_complete(path: str | Path) -> bool:
 __all__ = [
     "LEVELS",
     "PRESETS",
+    "SQUARE_BINS",
     "PrepareConfig",
     "PrepareResult",
     "build_levels",
     "dataset_is_complete",
+    "describe_tiles",
     "prepare",
     "prepare_unmeasured",
+    "snap_tile_px",
+    "tile_summary",
 ]

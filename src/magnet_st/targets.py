@@ -8,6 +8,7 @@ new slide needs nothing from its own counts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -36,18 +37,22 @@ class TargetTransform:
         """Fit statistics on the training slides' panel counts (units x panel genes)."""
         if not self.needs_fit:
             return self
-        n = sum(c.shape[0] for c in counts)
-        s1 = sum(np.asarray(_log1p(c).sum(axis=0), dtype=np.float64).ravel() for c in counts)
-        s2 = sum(np.asarray(_log1p(c).power(2).sum(axis=0)).ravel() for c in counts)
-        mean = s1 / n
-        std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
+        n, mean, var = log1p_moments(counts)
+        if n == 0:
+            raise ConfigError("cannot fit target statistics on no units")
+        std = np.sqrt(var)
         self.mean = mean.tolist()
         self.std = np.where(std > 1e-6, std, 1.0).tolist()
         return self
 
     def transform(self, counts: sp.spmatrix | np.ndarray) -> np.ndarray:
         """Dense float32 targets for ``counts`` (units x panel genes)."""
-        y = np.asarray(_log1p(counts).todense(), dtype=np.float32)
+        return self.from_log1p(np.asarray(_log1p(counts).todense(), dtype=np.float32))
+
+    def from_log1p(self, y: np.ndarray) -> np.ndarray:
+        """Targets from values on the log1p scale (the inverse of :meth:`inverse`); since
+        the transform is affine per gene, it also maps a log1p mean to the target mean."""
+        y = np.asarray(y, dtype=np.float32)
         if self.kind == "log1p_zscore":
             self._check_fitted()
             y = (y - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
@@ -70,6 +75,63 @@ class TargetTransform:
     @classmethod
     def from_dict(cls, d: dict) -> TargetTransform:
         return cls(**d)
+
+
+def log1p_moments(
+    counts: Iterable[sp.spmatrix | np.ndarray], chunk: int = 20_000
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(n, mean, var)``: the number of rows and each gene's mean and (population)
+    variance of ``log1p(counts)`` over the rows of every matrix of ``counts`` (units x
+    genes, sparse or dense; consumed one at a time, so a generator keeps one in memory).
+
+    The one implementation of these statistics (target z-scores, the mean-profile baseline,
+    the head bias, the top-variable genes). Rows are read ``chunk`` at a time and converted
+    to float64 before ``log1p``; each chunk's mean and sum of squared deviations are merged
+    into the running ones (Chan et al.), all in float64, so float32 counts, millions of
+    rows or a gene of nearly constant value lose no precision; memory is bounded by one
+    chunk. With no rows, the mean and variance are zeros.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    n, mean, m2 = 0, None, None
+    for c in counts:
+        if mean is None or m2 is None:
+            mean = np.zeros(c.shape[1], np.float64)
+            m2 = np.zeros(c.shape[1], np.float64)
+        elif c.shape[1] != len(mean):
+            raise ValueError(f"matrices of {len(mean)} and {c.shape[1]} genes")
+        if sp.issparse(c):
+            c = sp.csr_matrix(c)
+        for i in range(0, c.shape[0], chunk):
+            rows, m_c, m2_c = _chunk_moments(c[i : i + chunk])
+            if rows == 0:
+                continue
+            delta = m_c - mean
+            total = n + rows
+            mean += delta * (rows / total)
+            m2 += m2_c + delta**2 * (n * rows / total)
+            n = total
+    if mean is None or m2 is None:
+        return 0, np.zeros(0), np.zeros(0)
+    return n, mean, (m2 / n if n else m2)
+
+
+def _chunk_moments(part: sp.spmatrix | np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Rows, per-gene mean and sum of squared deviations of ``log1p(part)``, in float64."""
+    rows = part.shape[0]
+    if not sp.issparse(part):
+        y = np.log1p(np.asarray(part, dtype=np.float64))
+        mean = y.mean(axis=0) if rows else np.zeros(y.shape[1])
+        return rows, mean, ((y - mean) ** 2).sum(axis=0)
+    y = sp.csr_matrix(part, dtype=np.float64, copy=True)
+    y.sum_duplicates()
+    y.data = np.log1p(y.data)
+    g = y.shape[1]
+    mean = np.asarray(y.sum(axis=0)).ravel() / max(rows, 1)
+    d = y.data - mean[y.indices]
+    nnz = np.bincount(y.indices, minlength=g)
+    m2 = np.bincount(y.indices, weights=d * d, minlength=g) + (rows - nnz) * mean**2
+    return rows, mean, m2
 
 
 def _log1p(counts: sp.spmatrix | np.ndarray) -> sp.csr_matrix:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,16 +25,30 @@ from magnet_st.atomic import write_text
 from magnet_st.batching import BlockDataset, SlideArrays
 from magnet_st.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
-from magnet_st.losses import CONSISTENCY_FORMS, LossWeights, magnet_loss
-from magnet_st.metrics import evaluate
+from magnet_st.losses import CONSISTENCY_FORMS, PCC_AXES, LossWeights, magnet_loss
+from magnet_st.metrics import GenePearson
 from magnet_st.model import MagNetConfig, create_model
-from magnet_st.targets import TargetTransform
+from magnet_st.targets import TargetTransform, log1p_moments
 
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "magnet-st model"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# Settings that only concern the machine: changing them does not invalidate a resume.
+MACHINE_KEYS = ("num_workers", "accelerator", "devices", "num_nodes")
+
+# The paper's choices, used by --variant paper for every option the user does not set.
+VARIANT_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "optimizer": "sgd",
+        "epochs": 51,
+        "consistency": "paper",
+        "width": 1024,
+        "context_tokens": 1,
+        "bin_encoder": "resnet50",
+    }
+}
 
 
 @dataclass
@@ -43,6 +58,7 @@ class TrainConfig:
     features: str = "resnet50"
     variant: str = "magnet"
     bin_encoder: str = "frozen"
+    bin_weights: str | None = None  # a state-dict file the bin encoder starts from
     width: int = 256
     context_tokens: int = 5
     k: int = 8
@@ -53,6 +69,7 @@ class TrainConfig:
     epochs: int = 30
     patience: int = 10
     consistency: str = "paper"
+    pcc_axis: str = "unit"
     loss_weights: dict[str, float] = field(default_factory=lambda: asdict(LossWeights()))
     dropout: float = 0.1
     seed: int = 0
@@ -68,6 +85,8 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.consistency not in CONSISTENCY_FORMS:
             raise ConfigError(f"consistency must be one of {CONSISTENCY_FORMS}")
+        if self.pcc_axis not in PCC_AXES:
+            raise ConfigError(f"pcc_axis must be one of {PCC_AXES}")
         if self.epochs < 1 or self.block < 1:
             raise ConfigError("epochs and block must be at least 1")
         unknown = set(self.loss_weights) - set(asdict(LossWeights()))
@@ -80,20 +99,17 @@ class TrainConfig:
         return self.lr if self.lr is not None else (0.005 if self.optimizer == "sgd" else 1e-3)
 
     @classmethod
-    def paper(cls, **kw: Any) -> TrainConfig:
-        base = {
-            "variant": "paper",
-            "optimizer": "sgd",
-            "epochs": 51,
-            "consistency": "paper",
-            "width": 1024,
-            "context_tokens": 1,
-        }
-        base.update(kw)
-        return cls(**base)
+    def for_variant(cls, variant: str = "magnet", **given: Any) -> TrainConfig:
+        """The variant's presets (:data:`VARIANT_PRESETS`), then the options ``given``:
+        an option the user sets always wins over the variant's choice."""
+        return cls(**{"variant": variant, **VARIANT_PRESETS.get(variant, {}), **given})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def science_dict(self) -> dict[str, Any]:
+        """The settings that change the result: all but :data:`MACHINE_KEYS`."""
+        return {k: v for k, v in asdict(self).items() if k not in MACHINE_KEYS}
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -137,23 +153,42 @@ def slide_arrays(
 
 
 class PatchReader:
-    """Cuts bin patches from a slide image for an end-to-end bin encoder; flips and
-    90-degree rotations when training. Picklable for DataLoader workers."""
+    """Cuts bin patches from a slide image for an end-to-end bin encoder, the way the
+    feature cache cuts its tiles (:class:`magnet_st.patches.TileCutter`: a box of whole
+    native pixels, resampled in torch to ``patch_px``, antialiased); flips and 90-degree
+    rotations when training. Returns uint8 ``(n, 3, patch_px, patch_px)``, which the bin
+    encoder normalises with its backbone's mean / std (:class:`magnet_st.model.BinEncoder`).
+    Picklable for DataLoader workers."""
 
-    def __init__(self, images: dict[str, Any], patch_um: float, patch_px: int, seed: int = 0):
+    def __init__(
+        self,
+        images: dict[str, Any],
+        patch_um: float,
+        patch_px: int,
+        seed: int = 0,
+        interpolation: str = "bicubic",
+    ):
+        from magnet_st.encoders import Preprocess
+
         self.images = images
         self.patch_um = patch_um
         self.patch_px = patch_px
         self.seed = seed
         self.calls = 0
+        # resampling only (Preprocess.resize): the model normalises
+        self.resampler = Preprocess((patch_px, patch_px), (0.0,) * 3, (1.0,) * 3, interpolation)
+
+    def cutter(self, slide: str) -> Any:
+        """The :class:`~magnet_st.patches.TileCutter` of ``slide``'s bin patches."""
+        from magnet_st.patches import TileCutter
+
+        mpp = self.images[slide].microns_per_pixel
+        return TileCutter.plan(self.patch_um, mpp, self.patch_px)
 
     def __call__(self, slide: SlideArrays, bins: np.ndarray, train: bool) -> torch.Tensor:
-        img = self.images[slide.name]
-        box = self.patch_um / img.microns_per_pixel
-        out = np.empty((len(bins), self.patch_px, self.patch_px, 3), np.uint8)
-        for j, (cx, cy) in enumerate(slide.bin_px[bins]):
-            out[j] = img.read_region(cx - box / 2, cy - box / 2, box, box, (self.patch_px,) * 2)
-        x = torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255)
+        tiles = self.cutter(slide.name).cut(self.images[slide.name], slide.bin_px[bins])
+        x = self.resampler.resize(torch.from_numpy(tiles))  # grey levels, (n, 3, P, P)
+        x = x.round_().clamp_(0, 255).to(torch.uint8).contiguous()
         if train:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(bins[0]) + self.calls)
             self.calls += 1
@@ -163,9 +198,27 @@ class PatchReader:
             for r in (1, 2, 3):
                 sel = rot == r
                 x[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return x
+
+
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A new order of the batches each epoch, a function of (seed, epoch) only: a run
+    resumed at epoch e sees the same order as one that never stopped. The epoch comes from
+    ``epoch()`` (the trainer's current epoch) when the order is drawn; Lightning's own
+    ``set_epoch`` counts from 0 again after a resume, so it is not used."""
+
+    def __init__(self, n: int, seed: int, epoch: Callable[[], int]):
+        self.n, self.seed, self.epoch = n, seed, epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        # a generator: the order is drawn when the first batch is fetched, not when
+        # Lightning creates the iterator (on a resume it does so before the epoch is set)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.epoch()))
+        order = torch.randperm(self.n, generator=g).tolist()
+        yield from order
 
 
 class SpatialDataModule(L.LightningDataModule):
@@ -197,21 +250,50 @@ class SpatialDataModule(L.LightningDataModule):
             patch_reader=self.patch_reader,
             train=train,
         )
-        g = torch.Generator().manual_seed(self.cfg.seed)
         return torch.utils.data.DataLoader(
             data,
             batch_size=None,
-            shuffle=train,
-            generator=g if train else None,
+            sampler=EpochShuffle(len(data), self.cfg.seed, self._epoch) if train else None,
+            # the loader's own generator: creating an iterator draws no global random number,
+            # so dropout's random stream is the same in a resumed run as in an uninterrupted one
+            generator=torch.Generator().manual_seed(self.cfg.seed),
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
         )
+
+    def _epoch(self) -> int:
+        return int(self.trainer.current_epoch) if self.trainer is not None else 0
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         return self._loader(self.train_slides, True)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         return self._loader(self.val_slides, False)
+
+
+def _rng_states() -> dict[str, Any]:
+    import random
+
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": [int(v) for v in random.getstate()[1]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    torch.set_rng_state(torch.as_tensor(states["torch"]).cpu())
+    keys = torch.as_tensor(states["numpy"]).numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(states["numpy_pos"]), 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in states["python"]), None))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 # -- the LightningModule ---------------------------------------------------------------------
@@ -227,7 +309,7 @@ class MagNetModule(L.LightningModule):
         self.cfg = TrainConfig(**train_config)
         self.weights = LossWeights(**self.cfg.loss_weights)
         self.targets = {lv: TargetTransform.from_dict(d) for lv, d in targets.items()}
-        self._val: dict[int, dict[str, list]] = {}
+        self._val: dict[int, GenePearson] = {}
 
     def _to_log1p(self) -> dict[str, Any]:
         fns = {}
@@ -243,9 +325,22 @@ class MagNetModule(L.LightningModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.model(batch)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the random streams (dropout, augmentation), so that a resumed run continues them
+        checkpoint["rng_states"] = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
+
+    def _loss(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict:
+        return magnet_loss(
+            out, batch, self.weights, self.cfg.consistency, self._to_log1p(), self.cfg.pcc_axis
+        )
+
     def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
         out = self.model(batch)
-        parts = magnet_loss(out, batch, self.weights, self.cfg.consistency, self._to_log1p())
+        parts = self._loss(out, batch)
         n = int(batch["bin_index"].numel())
         for key, value in parts.items():
             self.log(f"train/{key}", value, batch_size=n, on_step=False, on_epoch=True)
@@ -253,24 +348,32 @@ class MagNetModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
         out = self.model(batch)
-        parts = magnet_loss(out, batch, self.weights, self.cfg.consistency, self._to_log1p())
+        parts = self._loss(out, batch)
         n = int(batch["bin_index"].numel())
         self.log("val/loss", parts["loss"], batch_size=n, on_epoch=True, prog_bar=True)
-        acc = self._val.setdefault(int(batch["slide"]), {"pred": [], "true": []})
-        acc["pred"].append(out["bin"].float().cpu().numpy())
-        acc["true"].append(batch["y_bin"].float().cpu().numpy())
+        # PCC-gene from per-gene sums: no copy of the slide's predictions, and the sums of
+        # all DDP ranks add up to the whole slide's (see on_validation_epoch_end)
+        acc = self._val.setdefault(int(batch["slide"]), GenePearson(out["bin"].shape[1]))
+        acc.update(batch["y_bin"].float().cpu().numpy(), out["bin"].float().cpu().numpy())
 
     def on_validation_epoch_end(self) -> None:
-        scores = []
-        for acc in self._val.values():
-            tt = self.targets["bin"]
-            pred = tt.inverse(np.concatenate(acc["pred"]))
-            true = tt.inverse(np.concatenate(acc["true"]))
-            scores.append(evaluate(true, pred)["pcc_gene"])
+        n_slides = len(getattr(self.trainer.datamodule, "val_slides", []) or [])
+        if not n_slides:
+            self._val = {}
+            return
+        g = self.model.cfg.n_genes
+        state = torch.zeros((n_slides, 7, g), dtype=torch.float64, device=self.device)
+        for slide, acc in self._val.items():
+            state[slide] = torch.from_numpy(acc.state)
         self._val = {}
-        if scores:
-            score = float(np.nanmean(scores)) if np.isfinite(scores).any() else 0.0
-            self.log("val/pcc_gene", score, prog_bar=True, sync_dist=True)
+        state = self.trainer.strategy.reduce(state, reduce_op="sum")  # identity on one device
+        # PCC is unchanged by the per-gene affine map back to log1p (z-score targets)
+        scores = [
+            np.nanmean(r) if np.isfinite(r).any() else np.nan
+            for r in (GenePearson.from_state(s.cpu().numpy()).compute() for s in state)
+        ]
+        score = float(np.nanmean(scores)) if np.isfinite(scores).any() else 0.0
+        self.log("val/pcc_gene", score, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         lr = self.cfg.base_lr
@@ -287,6 +390,18 @@ class MagNetModule(L.LightningModule):
             lam = lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total) / total))  # noqa: E731
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def is_main_process() -> bool:
+    """True outside DDP and in its rank-0 process. Lightning starts the other ranks by
+    running the same command again with ``LOCAL_RANK`` (and ``NODE_RANK``) set."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 # -- fit, save, load, predict ----------------------------------------------------------------
@@ -311,8 +426,7 @@ def build_model_config(ds: Dataset, cfg: TrainConfig, n_genes: int, slide: str) 
         heads=4 if cfg.width < 1024 else 8,
         context_tokens=cfg.context_tokens,
         dropout=cfg.dropout,
-        context_gate=cfg.variant != "paper",
-        readout="mean" if cfg.variant == "paper" else "bin",
+        rate_heads=cfg.consistency == "aggregate",
     )
 
 
@@ -346,6 +460,7 @@ def fit(
     targets: dict[str, TargetTransform] | None = None,
     resume: str | Path | None = None,
     progress: bool = True,
+    callbacks: list[L.Callback] | None = None,
 ) -> FitResult:
     """Train on ``train_slides``, choose the checkpoint on ``val_slides`` (PCC-gene of the
     bins; without validation slides, the last epoch), and write ``out/model.pt``."""
@@ -359,10 +474,22 @@ def fit(
         logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    genes = genes or ds.panel
-    targets = targets or ds.target_transforms
+    if genes is None:  # the panel and target statistics of the training slides alone
+        from magnet_st.panel import training_panel
+
+        chosen = training_panel(ds, list(train_slides) + list(val_slides), cfg.seed)
+        genes, targets = chosen.genes, targets or chosen.targets
+    elif targets is None:  # the given genes' statistics, from the training slides alone
+        kind = ds.manifest["targets"]["bin"]["kind"]
+        slides = list(train_slides) + list(val_slides)
+        targets = {
+            lv: TargetTransform(kind).fit([ds.counts(s, lv, genes) for s in slides])
+            for lv in ("bin", "spot", "region")
+        }
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     bin_feats = cfg.bin_encoder == "frozen"
+    if bin_feats and cfg.bin_weights is not None:
+        raise ConfigError("bin_weights (--bin-weights) needs an end-to-end bin encoder")
     train = [
         slide_arrays(ds, s, cfg.features, genes=genes, bin_features=bin_feats) for s in train_slides
     ]
@@ -377,11 +504,13 @@ def fit(
     module = MagNetModule(
         mcfg.to_dict(), cfg.to_dict(), {k: v.to_dict() for k, v in targets.items()}
     )
+    if not bin_feats:
+        init_bin_encoder(module, cfg)
     if resume is None:
         init_head_bias(module.model, train, targets)
     data = SpatialDataModule(train, val, cfg, targets, reader)
     history = _History()
-    callbacks: list[L.Callback] = [history]
+    callbacks = [history, *(callbacks or [])]
     ckpt = None
     if val:
         ckpt = ModelCheckpoint(
@@ -423,8 +552,10 @@ def fit(
             gene_names=ds.gene_names(genes),
             ds=ds,
             features=cfg.features,
+            training_slides=list(train_slides) + list(val_slides),
         )
         write_text(out / "history.json", json.dumps(history.rows, indent=1))
+    trainer.strategy.barrier()  # every rank leaves once model.pt is written
     score = ckpt.best_model_score
     return FitResult(
         model_path=out / "model.pt",
@@ -435,15 +566,29 @@ def fit(
     )
 
 
+def init_bin_encoder(module: MagNetModule, cfg: TrainConfig) -> dict[str, Any]:
+    """Load the weights the end-to-end bin encoder starts from into its backbone: the
+    file ``cfg.bin_weights`` (read as ``magnet features --weights`` reads its file, by
+    :func:`magnet_st.encoders.load_backbone_weights`), the offline ImageNet weights for
+    ``efficientnet_lite0_imagenet``, or none (random init). Their checksum goes into the
+    model config (``model_config["bin_weights_checksum"]`` of the model file); rebuilding
+    the model needs no file, since the trained state dict holds the weights."""
+    from magnet_st.encoders import load_backbone_weights
+
+    backbone = module.model.bin_encoder.backbone
+    info = load_backbone_weights(backbone, cfg.bin_encoder, cfg.bin_weights)
+    checksum = info["weights_checksum"]
+    module.model.cfg.bin_weights_checksum = checksum
+    module.hparams["model_config"]["bin_weights_checksum"] = checksum
+    log.info("bin encoder %s starts from %s", cfg.bin_encoder, info["weights_path"] or checksum)
+    return info
+
+
 def target_mean(tt: TargetTransform, counts: list, chunk: int = 20_000) -> np.ndarray:
-    """Mean target per gene over the rows of ``counts`` (in chunks: bounded memory)."""
-    total, n = 0.0, 0
-    for c in counts:
-        for i in range(0, c.shape[0], chunk):
-            y = tt.transform(c[i : i + chunk])
-            total = total + y.sum(axis=0, dtype=np.float64)
-            n += y.shape[0]
-    return (total / max(n, 1)).astype(np.float32)
+    """Mean target per gene over the rows of ``counts`` (in chunks: bounded memory); the
+    transform is affine in log1p, so this is the transformed log1p mean."""
+    _, mean, _ = log1p_moments(counts, chunk)
+    return tt.from_log1p(mean).astype(np.float32)
 
 
 def init_head_bias(
@@ -459,6 +604,12 @@ def init_head_bias(
             continue
         with torch.no_grad():
             head[-1].bias.copy_(torch.from_numpy(target_mean(targets[lv], counts)))
+        rates = getattr(model, "rate_heads", None)
+        if rates is not None:  # expected counts start at the training mean count
+            total = sum(np.asarray(c.sum(axis=0), np.float64).ravel() for c in counts)
+            mean = np.maximum(total / max(sum(c.shape[0] for c in counts), 1), 1e-4)
+            with torch.no_grad():  # softplus^-1(mean)
+                rates[lv][1].bias.copy_(torch.from_numpy(np.log(np.expm1(mean))).float())
 
 
 def save_model(
@@ -469,8 +620,11 @@ def save_model(
     gene_names: list[str],
     ds: Dataset,
     features: str,
+    training_slides: list[str] | None = None,
 ) -> None:
-    """Everything prediction needs, as tensors and plain types (loads with weights_only)."""
+    """Everything prediction needs, as tensors and plain types (loads with weights_only).
+    ``training_slides``: the slides that trained the model and chose its panel and target
+    statistics (an evaluation on one of them is not held out)."""
     from magnet_st.atomic import atomic_path
     from magnet_st.features import resolve_feature_set
 
@@ -484,6 +638,11 @@ def save_model(
         "genes": list(genes),
         "gene_names": list(gene_names),
         "dataset_config": dict(ds.config),
+        "dataset_name": ds.path.name,
+        "training_slides": list(training_slides or []),
+        "training_images": [
+            str(ds.slide_meta(s).get("image") or "") for s in (training_slides or [])
+        ],
         "units": _units(ds),
         "features": json.loads(json.dumps(resolve_feature_set(ds.path, features), default=str)),
         "state_dict": {k: v.detach().cpu() for k, v in module.model.state_dict().items()},
@@ -560,6 +719,7 @@ def predict_slide(
     ):
         batch = {k: v.to(device) for k, v in data[i].items()}
         out = model(batch)
+        out = {lv: out[lv] for lv in sums if lv in out}  # the predictions, not the rate heads
         for lv, pred in out.items():
             idx = batch[f"{lv}_index"].cpu().numpy()
             np.add.at(sums[lv], idx, pred.float().cpu().numpy())

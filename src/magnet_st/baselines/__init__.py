@@ -1,12 +1,14 @@
 """Baselines that run through the same datasets, folds, gene panels and metrics as MagNet.
 
-The mean-profile baseline (each gene's training mean) is built into every
-cross-validation (:mod:`magnet_st.cv`). The models here are chosen by name
+The mean-profile baseline (each gene's training mean) and the ridge probe are built into
+every cross-validation (:mod:`magnet_st.cv`). The models here are chosen by name
 (:data:`BASELINE_NAMES`, :func:`create_baseline`, :func:`load_baseline`), fitted on a
 fold's training slides (the neural ones early-stopped on its validation slide) and scored
 on its test slides by ``magnet cv --baselines`` and ``magnet benchmark``:
 
-- ``ridge``: PCA 256 + ridge on frozen features (HEST), :mod:`.ridge`;
+- ``ridge``: the HEST linear probe (PCA 256 + ridge) on the frozen features MagNet gets (a
+  unit's own, its spot tile's and its region tile's), near-constant dimensions dropped,
+  alpha cross-validated on the training slides, :mod:`.ridge`;
 - ``stnet``, ``histogene``, ``his2st``, ``bleep``, ``egn``: the MagNet paper's neural
   baselines on frozen features, :mod:`.neural` (each class says what was simplified).
 
@@ -29,7 +31,8 @@ BASELINE_NAMES = ("ridge", "stnet", "histogene", "his2st", "bleep", "egn")
 
 def create_baseline(name: str, features: str, **settings: Any):
     """A baseline by name, reading the feature set ``features``; ``settings`` go to its
-    constructor (ridge: ``n_components``, ``alpha``; neural: :class:`.neural.BaselineConfig`)."""
+    constructor (ridge: ``n_components``, ``alpha`` (``None``: cross-validated), ``context``
+    ...; neural: :class:`.neural.BaselineConfig`)."""
     if name not in BASELINE_NAMES:
         raise ConfigError(f"unknown baseline {name!r}; available: {list(BASELINE_NAMES)}")
     if name == "ridge":
