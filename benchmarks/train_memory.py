@@ -33,8 +33,11 @@ cfg = TrainConfig(features=sys.argv[2], width=128, epochs=1, max_batches=int(sys
 t0 = time.perf_counter()
 res = fit(ds, ds.slides, [], cfg, sys.argv[5], progress=False)
 dt = time.perf_counter() - t0
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": dt, "peak_rss_mb": rss}))
+# VmHWM: this process's own peak (ru_maxrss survives exec on Linux, so a child started by a
+# large parent would report the parent's peak)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")]
+rss = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": dt, "peak_rss_mb": rss, "steps": res.steps_per_epoch}))
 """
 
 

@@ -1,4 +1,10 @@
-"""Shared fixtures: paths of the real data in ../shared/data and small synthetic slides."""
+"""Shared fixtures: paths of the real data and small synthetic slides.
+
+The real data live under ``$MAGNET_ST_SHARED_DATA`` (development default: ``../shared/data``
+next to the clone). Without them, the tests that need them are skipped with a line that
+says where to get them; under CI (``CI`` set) they fail instead, so CI never passes
+without running them.
+"""
 
 from __future__ import annotations
 
@@ -26,18 +32,39 @@ HER2ST = SHARED / "her2st"
 HD_TOY = SHARED / "formats" / "visium_hd_toy_002um_binned_outputs"
 
 
+HER2ST_SOURCE = (
+    "get the data/ folder of the public her2st repository (https://github.com/almaan/her2st) "
+    "as her2st/data/ and set MAGNET_ST_SHARED_DATA to the folder that holds her2st/"
+)
+HD_TOY_SOURCE = (
+    "get the Visium HD toy layout of the VisiumIO package's test data (Bioconductor) as "
+    "formats/visium_hd_toy_002um_binned_outputs/ and set MAGNET_ST_SHARED_DATA to the "
+    "folder that holds formats/"
+)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_data(path: Path, what: str, source: str) -> Path:
+    """``path`` if it is a folder; else skip with one line saying how to get it (fail in CI)."""
+    if path.is_dir():
+        return path
+    message = f"{what} not found at {path}: {source}"
+    if in_ci():
+        pytest.fail(f"{message} (CI is set: these tests must run)", pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def her2st_root() -> Path:
-    if not HER2ST.is_dir():
-        pytest.fail(f"real her2st data not found at {HER2ST} (set MAGNET_ST_SHARED_DATA)")
-    return HER2ST
+    return require_data(HER2ST, "her2st sections", HER2ST_SOURCE)
 
 
 @pytest.fixture(scope="session")
 def hd_toy() -> Path:
-    if not HD_TOY.is_dir():
-        pytest.fail(f"Visium HD toy layout not found at {HD_TOY} (set MAGNET_ST_SHARED_DATA)")
-    return HD_TOY
+    return require_data(HD_TOY, "Visium HD toy layout", HD_TOY_SOURCE)
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,19 @@ def test_info_json_hd_toy(hd_toy: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert s["units_under_tissue"] == 10 and s["genes"] == 10 and s["unit_size_um"] == 2.0
 
 
+def test_info_finds_the_image_of_a_synth_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    args = ["synth", str(run), "--size-mm", "0.2", "--bin-sizes", "16", "--genes", "20"]
+    assert main([*args, "--no-mtx", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "none given" not in out
+    assert f"{run.resolve() / 'he_fullres.tif'} (found in the run folder" in out
+
+
 def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "magnet_st", "info", str(tmp_path / "missing")],
@@ -268,6 +281,7 @@ def test_explicit_options_win_over_the_paper_variant_presets() -> None:
     cfg = parse("--pcc-axis", "gene", "--consistency", "aggregate")
     assert (cfg.epochs, cfg.width, cfg.bin_encoder) == (30, 256, "frozen")
     assert (cfg.pcc_axis, cfg.consistency) == ("gene", "aggregate")
+    assert cfg.deterministic is True and parse("--nondeterministic").deterministic is False
 
 
 def test_cv_slides_option_selects_slides() -> None:
@@ -277,3 +291,24 @@ def test_cv_slides_option_selects_slides() -> None:
     assert args.slides == ["a", "b"]
     assert build_parser().parse_args(["cv", "ds", "out"]).slides is None
     assert build_parser().parse_args(["benchmark", "ds", "out", "--slides", "c"]).slides == ["c"]
+
+
+def test_legacy_st_pitch_and_filled_genes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from legacy_files import array_grid, write_section
+
+    root = tmp_path / "st"
+    write_section(root, "M1", ["a", "b", "c"], array_grid(8, 8, True), pitch_um=100, mpp=(0.5, 0.5))
+    write_section(root, "M2", ["b", "c"], array_grid(8, 8, True), pitch_um=100, mpp=(0.5, 0.5))
+    assert main(["info", str(root), "--section", "M1"]) == 0
+    assert "microns per pixel    0.5000   (from 100 um array pitch (checkerboard" in (
+        capsys.readouterr().out
+    )
+    assert main(["info", str(root), "--section", "M1", "--spot-pitch", "200"]) == 0
+    assert "microns per pixel    1.0000   (from given 200 um array pitch" in capsys.readouterr().out
+    args = ["prepare", str(tmp_path / "ds"), str(root), "--panel", "mean", "--n-genes", "3"]
+    assert main([*args, "--quiet"]) == 0
+    assert "slide M2: 1 panel genes not listed in its counts, filled with zeros" in (
+        capsys.readouterr().out
+    )

@@ -213,6 +213,24 @@ def test_skip_when_complete_and_overwrite(dataset: Path, monkeypatch: pytest.Mon
     assert load_features(dataset, ENC, "syn", "region").shape[0] == first["jobs"][0]["rows"]
 
 
+def _mtimes(root: Path) -> dict[str, int]:
+    return {str(q.relative_to(root)): q.stat().st_mtime_ns for q in sorted(root.rglob("*"))}
+
+
+def test_rerun_with_nothing_to_do_touches_no_file(reference: dict, tmp_path: Path) -> None:
+    """Make-style workflows see nothing changed: not even meta.json is rewritten."""
+    ds = tmp_path / "ds"
+    shutil.copytree(reference["path"], ds)
+    before = _mtimes(ds)
+    argv = ["features", str(ds), "--encoder", ENC, "--device", "cpu", "--quiet"]
+    assert main([*argv, "--batch-size", "16", "--workers", "1"]) == 0
+    assert _mtimes(ds) == before
+    result = extract_features(ds, ENC, levels=["spot"], **FAST)
+    assert [j["status"] for j in result["jobs"]] == ["skipped"]
+    assert result["meta"]["slides"]["syn"]["spot"]["complete"]
+    assert _mtimes(ds) == before
+
+
 def test_bin_level_on_request(dataset: Path) -> None:
     # 32 px input (a preprocessing override through encoder_kwargs) keeps ~2300 bins quick
     small = {"pretrained_cfg_overlay": {"input_size": [3, 32, 32]}}

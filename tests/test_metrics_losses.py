@@ -222,3 +222,24 @@ def test_streaming_evaluation_matches_evaluate_in_chunks_and_across_ranks() -> N
     merged = GenePearson.from_state(a.state + b.state).compute()
     np.testing.assert_allclose(merged, pcc_per_gene(y, p), rtol=1e-9, atol=1e-12)
     assert np.isnan(merged[3]) and merged[5] == 0.0
+
+
+def test_between_group_share_shows_collapse_to_tile_averages() -> None:
+    from magnet_st.metrics import BetweenGroupShare
+
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(40), 25)
+    own = rng.normal(size=(1000, 6))  # every unit its own value: little between groups
+    tile = rng.normal(size=(40, 6))[groups]  # every unit its tile's value: all between
+    for values, lo, hi in ((own, 0.0, 0.1), (tile, 1 - 1e-9, 1 + 1e-9)):
+        share = BetweenGroupShare(40, 6)
+        for i in range(0, 1000, 300):  # streamed in chunks
+            share.update(values[i : i + 300], groups[i : i + 300])
+        assert lo <= share.compute() <= hi
+    # against the definition: between-group over total sum of squares, pooled over genes
+    mix = own + tile
+    share = BetweenGroupShare(40, 6)
+    share.update(mix, groups)
+    means = np.stack([mix[groups == g].mean(0) for g in range(40)])
+    between = ((means[groups] - mix.mean(0)) ** 2).sum()
+    assert share.compute() == pytest.approx(between / ((mix - mix.mean(0)) ** 2).sum())

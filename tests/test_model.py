@@ -279,3 +279,22 @@ def test_end_to_end_bin_encoder_with_a_pre_logits_head() -> None:
     assert enc.proj[0].in_features == enc.backbone(x).shape[1] == 1024
     # already normalised float patches go through as they are
     assert enc(torch.randn(5, 3, 32, 32)).shape == (5, 32)
+
+
+def test_bin_batches_are_compact_whole_tiles_of_about_the_target_size() -> None:
+    from magnet_st.batching import bin_batches
+
+    s = _slide(n_side=40)  # 1,600 bins in 4 x 4-bin spot tiles (16 bins each), 10 x 10 tiles
+    for target, side in ((64, 2), (256, 4), (100_000, 80)):
+        batches = bin_batches(s, target)
+        joined = np.sort(np.concatenate(batches))
+        np.testing.assert_array_equal(joined, np.arange(s.n_bins))  # a partition
+        for b in batches:
+            tiles = np.unique(s.bin_spot[b])
+            assert np.sum(np.isin(s.bin_spot, tiles)) == len(b)  # whole spot tiles only
+            assert len(b) <= max(target, 16) or len(batches) == 1
+            # compact: within a square of side x side spot tiles (32 um each)
+            assert np.ptp(s.bin_pos[b], axis=0).max() < side * 32.0
+        # the steps per epoch follow the target, not the tile size
+        assert len(batches) == int(np.ceil(10 / min(side, 10))) ** 2
+    assert [len(b) for b in bin_batches(s, 256)].count(256) == 4  # full 4 x 4-tile squares

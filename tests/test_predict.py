@@ -95,7 +95,7 @@ def test_image_only_prediction_bins_positions_and_files(trained: dict, image_onl
     sr = set(truth.loc[truth["in_tissue"] == 1, "barcode"])
     assert len(sr & set(ad.obs_names)) >= 0.97 * len(sr)
     # predictions: the model's panel, log1p scale, finite
-    from magnet_st.train import load_model
+    from magnet_st.modelfile import load_model
 
     _, payload = load_model(trained["model"])
     assert list(ad.var["gene_ids"]) == payload["genes"]

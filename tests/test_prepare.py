@@ -152,12 +152,14 @@ def test_her2st_sections(her2st_root: Path, tmp_path: Path) -> None:
     assert m["slides"]["C2"]["n"]["bin"] == 187
     b = _level(tmp_path / "ds", "C2", "bin")
     assert b.shape == (187, 15706)
-    # the panel is seurat_v3 on C2 alone, among the genes both sections measure
+    # the panel is seurat_v3 on C2 alone: a gene C3's table does not list is zero in C3
     c2 = read.her2st(her2st_root, "C2", with_image=False)
     c3 = read.her2st(her2st_root, "C3", with_image=False)
-    shared = set(c2.gene_ids) & set(c3.gene_ids)
-    expect = select_panel([c2.counts], [list(c2.gene_ids)], n_genes=250, candidates=shared)
+    expect = select_panel([c2.counts], [list(c2.gene_ids)], n_genes=250)
     assert m["panel"]["gene_ids"] == expect
+    absent = set(expect) - set(c3.gene_ids)
+    assert m["slides"]["C3"]["panel_genes_filled"] == len(absent) > 0
+    assert res.filled == {"C2": 0, "C3": len(absent)}
     panel = pd.read_csv(tmp_path / "ds/panel.tsv", sep="\t")
     assert list(panel["gene_id"]) == expect
 
@@ -356,10 +358,33 @@ def test_empty_tissue_is_an_error(synthetic_copy: Path, tmp_path: Path) -> None:
         prepare([_spec(synthetic_copy)], tmp_path / "ds", progress=False)
 
 
-def test_missing_image_is_an_error(synthetic_slide: Path, tmp_path: Path) -> None:
-    spec = SlideSpec(name="a", path=str(synthetic_slide), bin_size=8)
+def test_missing_image_is_an_error_and_leaves_no_folders(
+    synthetic_copy: Path, tmp_path: Path
+) -> None:
+    (synthetic_copy / "he_fullres.tif").unlink()  # a synthetic run's image is found otherwise
+    spec = SlideSpec(name="a", path=str(synthetic_copy), bin_size=8)
     with pytest.raises(InputError, match="no full-resolution image given"):
-        prepare([spec], tmp_path / "ds", progress=False)
+        prepare([spec], tmp_path / "new" / "ds", progress=False)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no full-resolution image given"):
+        prepare([spec], tmp_path / "empty", progress=False)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_patches_coarser_than_the_image_allows_are_refused(
+    synthetic_slide: Path, tmp_path: Path
+) -> None:
+    """Space Ranger's lowres image (~1.17 um/px): 14 um bin patches would be 12 px."""
+    png = synthetic_slide / "outs/binned_outputs/square_008um/spatial/tissue_lowres_image.png"
+    spec = SlideSpec(name="a", path=str(synthetic_slide), image=str(png), bin_size=8)
+    with pytest.raises(
+        ConfigError, match=r"bin patches of 14 um cover only 12\.\d px .*--bin-patch-px"
+    ):
+        prepare([spec], tmp_path / "ds", PrepareConfig(bin_patch_px=56, **SMALL), progress=False)
+    assert not (tmp_path / "ds").exists()
+    prepare([spec], tmp_path / "ds", PrepareConfig(bin_patch_px=80, **SMALL), progress=False)
+    assert dataset_is_complete(tmp_path / "ds")
 
 
 def test_knn_edges_match_brute_force() -> None:
@@ -375,3 +400,94 @@ def test_knn_edges_match_brute_force() -> None:
     np.testing.assert_allclose(np.sort(dist.reshape(300, 5), axis=1), np.sort(d, axis=1)[:, :5])
     e, _ = knn_edges(pts[:3], k=8)  # fewer points than k
     assert e.shape == (2, 6)
+
+
+# -- inputs as users have them (issue 15) ------------------------------------------------------
+
+
+def _legacy_pair(root: Path) -> tuple[SlideSpec, SlideSpec, list[str]]:
+    """Sections A (genes g0..g11, g0 the most expressed) and B, whose table omits g0."""
+    from legacy_files import array_grid, write_section
+
+    genes = [f"g{i}" for i in range(12)]
+    means = np.linspace(1, 3, len(genes))
+    means[0] = 20.0
+    write_section(root, "A1", genes, array_grid(6, 6), means=means, seed=1)
+    write_section(root, "B1", genes[1:], array_grid(6, 6), means=means[1:], seed=2)
+    specs = {s.name: s for s in read.specs_from_paths([root])}
+    return specs["A1"], specs["B1"], genes
+
+
+def test_legacy_section_without_a_panel_gene_is_added_with_zeros(tmp_path: Path) -> None:
+    from magnet_st.dataset import Dataset
+
+    a, b, _ = _legacy_pair(tmp_path / "st")
+    ds = tmp_path / "ds"
+    prepare([a], ds, PrepareConfig(panel="mean", n_genes=4), progress=False)
+    panel = json.loads((ds / "manifest.json").read_text())["panel"]["gene_ids"]
+    assert panel[0] == "g0"
+    res = prepare([b], ds, add=True, progress=False)
+    assert res.processed == ["B1"] and res.filled == {"A1": 0, "B1": 1}
+    d = Dataset(ds)
+    assert d.slide_meta("B1")["panel_genes_filled"] == 1
+    for level in ("bin", "spot", "region"):
+        y = d.counts("B1", level)
+        assert y.shape[1] == 4 and y[:, 0].nnz == 0 and y[:, 1:].sum() > 0
+    # a slide that lists its whole reference (Space Ranger style) lacking g0 is refused
+    slide = read.her2st(tmp_path / "st", "B1")
+    slide.lists_all_genes = True
+    slide.to_anndata().write_h5ad(tmp_path / "b_sr.h5ad")
+    spec = SlideSpec(name="C", path=str(tmp_path / "b_sr.h5ad"), image=str(slide.image_path))
+    with pytest.raises(InputError, match=r"slide C lacks 1 genes of the dataset's panel: \['g0'\]"):
+        prepare([spec], ds, add=True, progress=False)
+
+
+def test_panel_across_legacy_sections_counts_unlisted_genes_as_zero(tmp_path: Path) -> None:
+    from magnet_st.dataset import Dataset
+    from magnet_st.panel import training_panel
+
+    a, b, _ = _legacy_pair(tmp_path / "st")
+    ds = tmp_path / "ds"
+    res = prepare([a, b], ds, PrepareConfig(panel="mean", n_genes=4), progress=False)
+    assert res.panel[0] == "g0" and res.filled == {"A1": 0, "B1": 1}
+    d = Dataset(ds)
+    assert d.counts("B1", "bin")[:, 0].nnz == 0
+    assert d.gene_names(["g0"]) == ["g0"]
+    chosen = training_panel(d, ["B1", "A1"])  # B1 first: g0 comes from A1 alone
+    assert chosen.genes[0] == "g0"
+
+
+def test_anndata_preset_follows_the_unit_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from magnet_st.cli import main
+
+    a, _, _ = _legacy_pair(tmp_path / "st")
+    slide = a.load()
+    ad = slide.to_anndata()
+    del ad.uns["spatial"]["A1"]["scalefactors"]["bin_size_um"]
+    ad.write_h5ad(tmp_path / "a.h5ad")
+    base = [
+        str(tmp_path / "a.h5ad"),
+        "--image",
+        str(slide.image_path),
+        "--panel",
+        "mean",
+        "--n-genes",
+        "4",
+    ]
+    assert main(["prepare", str(tmp_path / "x"), *base, "--quiet"]) == 2
+    assert "--unit-size UM" in capsys.readouterr().err
+    for unit, preset, spot_um in ((100, "legacy_st", 400), (55, "visium", 224)):
+        out = tmp_path / f"ds{unit}"
+        assert main(["prepare", str(out), *base, "--unit-size", str(unit), "--quiet"]) == 0
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["config"]["preset"] == preset and m["config"]["spot_size_um"] == spot_um
+        assert m["slides"]["a"]["unit_size_um"] == unit
+    capsys.readouterr()
+    # tiles smaller than the units: the message names the options that fix it
+    hd = ["--unit-size", "100", "--preset", "hd", "--bin-patch-px", "200", "--quiet"]
+    assert main(["prepare", str(tmp_path / "y"), *base, *hd]) == 2
+    err = capsys.readouterr().err
+    assert "spot tiles of 56 um are smaller than the 100 um units" in err
+    assert "--spot-tile-px" in err and "--unit-size UM" in err

@@ -160,6 +160,40 @@ def test_auto_detects_every_hd_entry_point(synthetic_slide: Path) -> None:
     assert slide.unit_size_um == 8
 
 
+@pytest.mark.parametrize("kind", ["hires", "lowres"])
+def test_space_ranger_downsampled_image_is_scaled(
+    synthetic_slide: Path, tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Space Ranger's own hires / lowres image: centres x scale factor, mpp / scale factor."""
+    spatial = synthetic_slide / "outs/binned_outputs/square_008um/spatial"
+    scalef = json.loads((spatial / "scalefactors_json.json").read_text())[f"tissue_{kind}_scalef"]
+    assert scalef < 1
+    full = read.visium_hd(synthetic_slide, 8, image=synthetic_slide / "he_fullres.tif")
+    png = spatial / f"tissue_{kind}_image.png"
+    with caplog.at_level("WARNING", logger="magnet_st"):
+        small = read.visium_hd(synthetic_slide, 8, image=png)
+    np.testing.assert_allclose(small.centers_px, full.centers_px * scalef)
+    assert small.microns_per_pixel == pytest.approx(full.microns_per_pixel / scalef)
+    np.testing.assert_allclose(small.centers_um, full.centers_um)
+    assert f"tissue_{kind}_scalef" in small.sources["microns_per_pixel"]
+    assert f"{small.microns_per_pixel:.4g} microns per pixel" in caplog.text
+    assert "patches will be coarse" in caplog.text
+    # a copy outside the run (same name and size), or that of another bin size's folder
+    copy = tmp_path / png.name
+    shutil.copyfile(png, copy)
+    other = synthetic_slide / f"outs/binned_outputs/square_016um/spatial/{png.name}"
+    for image in (copy, other):
+        again = read.visium_hd(synthetic_slide, 8, image=image)
+        np.testing.assert_allclose(again.centers_px, small.centers_px)
+
+
+def test_synthetic_run_finds_its_image(synthetic_slide: Path) -> None:
+    slide = read.visium_hd(synthetic_slide, 16)
+    assert slide.image_path == synthetic_slide.resolve() / "he_fullres.tif"
+    assert "found in the run folder" in slide.sources["image"]
+    slide.check_image_bounds()
+
+
 # -- standard Visium -----------------------------------------------------------------------
 
 
@@ -385,3 +419,75 @@ def test_error_h5ad_without_spatial_or_with_normalised_values(tmp_path: Path) ->
     a.write_h5ad(tmp_path / "b.h5ad")
     with pytest.raises(InputError, match="b.h5ad: X: the count matrix holds non-integer values"):
         read.h5ad(tmp_path / "b.h5ad", microns_per_pixel=1, unit_size_um=8)
+
+
+# -- legacy ST arrays and AnnData options (issue 15) ------------------------------------------
+
+
+def test_legacy_st_checkerboard_array_gives_the_true_mpp(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from legacy_files import array_grid, write_section
+
+    genes = [f"g{i}" for i in range(5)]
+    # a checkerboard: spots where x + y is even, 100 um between array positions
+    write_section(tmp_path, "M1", genes, array_grid(8, 8, True), pitch_um=100, mpp=(0.5, 0.5))
+    with caplog.at_level("WARNING"):
+        slide = read.her2st(tmp_path, "M1")
+    assert slide.microns_per_pixel == pytest.approx(0.5)
+    assert "100 um array pitch (checkerboard layout)" in slide.sources["microns_per_pixel"]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    # the 1k array (spots on every position, 200 um apart) keeps its rule
+    write_section(tmp_path, "K1", genes, array_grid(6, 5), pitch_um=200, mpp=(0.8, 0.8))
+    assert read.her2st(tmp_path, "K1").microns_per_pixel == pytest.approx(0.8)
+    # a pitch given by the user wins over the layout's
+    (given,) = read.auto(tmp_path / "ST-cnts/M1.tsv.gz", spot_pitch_um=150)
+    assert given.microns_per_pixel == pytest.approx(0.75)
+    assert given.sources["microns_per_pixel"].startswith("given 150 um array pitch")
+    assert not slide.lists_all_genes  # legacy ST tables list only detected genes
+
+
+def test_legacy_st_stretched_image_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from legacy_files import array_grid, write_section
+
+    genes = ["a", "b"]
+    write_section(tmp_path, "S1", genes, array_grid(6, 6), mpp=(1.0, 1.05))  # 5 % taller
+    write_section(tmp_path, "S2", genes, array_grid(6, 6), mpp=(1.0, 1.01))  # within 2 %
+    with caplog.at_level("WARNING"):
+        read.her2st(tmp_path, "S2")
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        read.her2st(tmp_path, "S1")
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "pixels are 1.0000 um wide but 1.0500 um tall" in msg and "stretched" in msg
+
+
+def test_unit_size_and_spot_pitch_options(synthetic_slide: Path, tmp_path: Path) -> None:
+    from legacy_files import array_grid, write_section
+
+    write_section(tmp_path, "C1", ["a", "b"], array_grid(4, 4))
+    slide = read.her2st(tmp_path, "C1")
+    ad = slide.to_anndata()
+    del ad.uns["spatial"]["C1"]["scalefactors"]["bin_size_um"]
+    ad.write_h5ad(tmp_path / "c1.h5ad")
+    with pytest.raises(InputError, match=r"unit size unknown: pass it \(--unit-size UM"):
+        read.h5ad(tmp_path / "c1.h5ad")
+    (back,) = read.auto(tmp_path / "c1.h5ad", unit_size_um=100)
+    assert back.unit_size_um == 100 and not back.lists_all_genes  # kept from the metadata
+    (spots55,) = read.auto(tmp_path / "c1.h5ad", unit_size_um=55)
+    assert spots55.unit_size_um == 55
+    with pytest.raises(InputError, match="--spot-pitch given for a visium_hd input"):
+        read.auto(synthetic_slide, spot_pitch_um=100)
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("name,path,spot_pitch_um,unit_size_um\nx,c1.h5ad,,55\ny,ST-cnts,150,\n")
+    x, y = read.specs_from_sheet(sheet)
+    assert (x.spot_pitch_um, x.unit_size_um, y.spot_pitch_um, y.unit_size_um) == (
+        None,
+        55.0,
+        150.0,
+        None,
+    )
+    assert "spot_pitch_um" not in x.to_dict()  # unset: specs recorded earlier stay equal
+    sheet.write_text("name,path,unit_size_um\nx,c1.h5ad,-3\n")
+    with pytest.raises(InputError, match="row 2: unit_size_um must be a positive number"):
+        read.specs_from_sheet(sheet)

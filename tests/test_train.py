@@ -18,6 +18,7 @@ from magnet_st.errors import ConfigError, InputError
 from magnet_st.features import extract_features
 from magnet_st.losses import LossWeights, magnet_loss
 from magnet_st.model import create_model
+from magnet_st.modelfile import load_model, predict_slide
 from magnet_st.prepare import PrepareConfig, prepare
 from magnet_st.read.specs import SlideSpec
 from magnet_st.train import (
@@ -27,8 +28,6 @@ from magnet_st.train import (
     build_model_config,
     fit,
     init_bin_encoder,
-    load_model,
-    predict_slide,
     slide_arrays,
 )
 
@@ -334,16 +333,22 @@ def test_interrupted_run_resumes_exactly(ds_path: Path, tmp_path: Path) -> None:
             if trainer.current_epoch == 1:  # epoch 1 of 3 is done and saved
                 raise RuntimeError("killed")
 
+    class Final(L.Callback):
+        def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            self.step = trainer.global_step
+
     ds = Dataset(ds_path)
     cfg = TrainConfig(**{**SMALL, "epochs": 3, "dropout": 0.3})
-    fit(ds, ["s0"], ["s1"], cfg, tmp_path / "full", progress=False)
+    full, resumed = Final(), Final()
+    fit(ds, ["s0"], ["s1"], cfg, tmp_path / "full", progress=False, callbacks=[full])
     with pytest.raises(RuntimeError, match="killed"):
         fit(ds, ["s0"], ["s1"], cfg, tmp_path / "cut", progress=False, callbacks=[Kill()])
     last = tmp_path / "cut/checkpoints/last.ckpt"
     assert torch.load(last, weights_only=True)["epoch"] == 0
-    fit(ds, ["s0"], ["s1"], cfg, tmp_path / "cut", resume=last, progress=False)
-    a = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(last, weights_only=True)["state_dict"]
+    fit(ds, ["s0"], ["s1"], cfg, tmp_path / "cut", resume=last, progress=False, callbacks=[resumed])
+    assert resumed.step == full.step > 0
+    a, b = full.state, resumed.state
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
@@ -417,7 +422,7 @@ def test_cross_validation_ddp_two_cpu_processes(ds_path: Path, tmp_path: Path) -
         cmd += ["--accelerator", "cpu", "--devices", devices, "--quiet"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stdout.count("| mean_profile |") == 3  # printed once, by rank 0
+        assert proc.stdout.count("### bin level") == 2  # summary + groups, once, by rank 0
         tables[devices] = pd.read_csv(out / "metrics.csv")
     key = ["fold", "model", "level", "test_slide"]
     one, two = (tables[d].sort_values(key).reset_index(drop=True) for d in ("1", "2"))
@@ -472,6 +477,12 @@ def test_cross_validation_tables_and_resume(ds_path: Path, tmp_path: Path) -> No
     assert plan["folds"] == make_folds(["s0", "s1"])
     summary = pd.read_csv(tmp_path / "cv/summary.csv")
     assert summary.iloc[0]["model"] == "mean_profile" and summary.iloc[0]["level"] == "bin"
+    # the collapse diagnostic on bins: the prediction's and the truth's between-tile share
+    bins = table[(table["level"] == "bin") & (table["model"] == "no_context")]
+    assert bins["between_tile_share"].between(0, 1).all()
+    assert bins["between_tile_share_true"].between(0, 1).all()
+    assert table[table["level"] == "spot"]["between_tile_share"].isna().all()
+    assert "var. between spot tiles (truth)" in (tmp_path / "cv/summary.md").read_text()
     assert (tmp_path / "cv/fold0/no_context/model.pt").is_file()
     assert (tmp_path / "cv/fold1/no_context/pred_s1_bin.h5ad").is_file()
     # a rerun finds every fold done and trains nothing
@@ -561,6 +572,10 @@ def test_cross_validation_runs_the_ridge_probe_unasked(
     assert sorted(set(table["model"])) == ["mean_profile", "ridge"] and len(table) == 2 * 6
     summary = pd.read_csv(tmp_path / "cv/summary.csv")
     assert list(summary["model"]) == ["mean_profile", "ridge"] * 3
+    # synthetic slides bring their planted gene groups: PCC-gene per group without a flag
+    groups = pd.read_csv(tmp_path / "cv/groups.csv")
+    assert {"cell", "context"} <= set(groups["group"])  # those with genes in the panels
+    assert set(groups["model"]) == {"mean_profile", "ridge"}
     report = json.loads((tmp_path / "cv/fold0/ridge/ridge_cv.json").read_text())
     # one training slide per fold: alpha cross-validated over x-blocks of it
     assert report["levels"]["bin"]["cv"]["groups"].endswith("x-blocks of s1")

@@ -1,4 +1,5 @@
-"""Spatial batches: all bins of a block of adjacent region tiles, with their context.
+"""Spatial batches: compact patches of tissue (about N bins in squares of whole spot tiles,
+or all bins of a block of adjacent region tiles), with their context.
 
 The published code drew 256 bins at random from a whole slide and built its "spatial"
 graph among them, so graph neighbours were not spatial neighbours. Here a batch holds
@@ -85,6 +86,25 @@ def blocks(slide: SlideArrays, block: int, offset: tuple[int, int] = (0, 0)) -> 
     return [np.sort(b) for b in np.split(order, starts[1:])]
 
 
+def bin_batches(slide: SlideArrays, target: int) -> list[np.ndarray]:
+    """Spatially compact batches of about ``target`` bins, whatever the slide or tile
+    size: square cells of ``side x side`` spot tiles, ``side`` chosen so that a cell of
+    full tiles holds about ``target`` bins (a spot tile is never split). Several batches per
+    region tile when tiles are large, several region tiles per batch when they are small;
+    cells at the tissue's edge hold fewer bins."""
+    if target < 1:
+        raise ValueError(f"target bins per batch must be at least 1, got {target}")
+    cell = np.floor(slide.spot_pos / slide.spot_size_um).astype(np.int64)
+    per_tile = np.bincount(slide.bin_spot, minlength=len(cell))
+    full = max(int(per_tile.max(initial=1)), 1)
+    side = max(1, int(round(np.sqrt(target / full))))
+    key = (cell // side) @ np.array([1 << 20, 1])
+    bin_key = key[slide.bin_spot]
+    order = np.argsort(bin_key, kind="stable")
+    _, starts = np.unique(bin_key[order], return_index=True)
+    return [np.sort(b) for b in np.split(order, starts[1:]) if len(b)]
+
+
 def _local(global_idx: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return np.searchsorted(global_idx, wanted)
 
@@ -151,6 +171,7 @@ class BlockDataset(torch.utils.data.Dataset):
         targets=None,
         patch_reader=None,
         train: bool = False,
+        batch_bins: int | None = None,
     ):
         self.slides = slides
         self.kw = {
@@ -162,7 +183,13 @@ class BlockDataset(torch.utils.data.Dataset):
         }
         self.patch_reader = patch_reader
         self.train = train
-        self.items = [(i, b) for i, s in enumerate(slides) for b in blocks(s, block)]
+        # batch_bins: about that many bins per batch (bin_batches); else blocks of
+        # block x block region tiles
+        self.items = [
+            (i, b)
+            for i, s in enumerate(slides)
+            for b in (bin_batches(s, batch_bins) if batch_bins else blocks(s, block))
+        ]
 
     def __len__(self) -> int:
         return len(self.items)

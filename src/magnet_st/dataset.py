@@ -11,7 +11,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from magnet_st.errors import InputError
-from magnet_st.prepare import FORMAT, LEVELS, MANIFEST, slide_dir_is_complete
+from magnet_st.panel import gene_columns
+from magnet_st.prepare import FORMAT, LEVELS, MANIFEST, slide_dir_is_complete, slide_lists_all
 from magnet_st.targets import TargetTransform
 
 if TYPE_CHECKING:
@@ -80,6 +81,11 @@ class Dataset:
         except KeyError:
             raise InputError(self.path, f"no slide {slide!r}; slides: {self.slides}") from None
 
+    def lists_all_genes(self, slide: str) -> bool:
+        """Whether the slide's counts list every gene of its reference; if not (legacy
+        ST), a gene it does not list has zero counts there (see :func:`slide_lists_all`)."""
+        return slide_lists_all(self.slide_meta(slide))
+
     def patch_px(self, level: str) -> int:
         """Edge of the level's patches in pixels at the working resolution."""
         return int(self.config[f"{_LEVEL_KEY[level]}_px"])
@@ -109,26 +115,35 @@ class Dataset:
         return self._levels[key]
 
     def counts(self, slide: str, level: str, genes: list[str] | None = None) -> sp.csr_matrix:
-        """Raw counts (units x genes) for ``genes`` (gene ids; default: the panel)."""
+        """Raw counts (units x genes) for ``genes`` (gene ids; default: the panel).
+
+        On a slide that lists only the genes it detected (legacy ST), a gene it does not
+        list is a column of zeros; elsewhere it is an error."""
         ad = self.level(slide, level)
         genes = self.panel if genes is None else genes
-        col = {g: i for i, g in enumerate(ad.var["gene_ids"].astype(str))}
-        missing = [g for g in genes if g not in col]
-        if missing:
+        ids = ad.var["gene_ids"].astype(str)
+        try:
+            return gene_columns(ad.X, ids, genes, fill_absent=not self.lists_all_genes(slide))
+        except KeyError as exc:
             raise InputError(
                 self.path / self.slide_meta(slide)["dir"],
-                f"slide {slide} lacks genes {missing[:10]}",
-            )
-        return sp.csr_matrix(ad.X)[:, [col[g] for g in genes]]
+                f"slide {slide} lacks genes {exc.args[0][:10]}",
+            ) from None
 
     def targets(self, slide: str, level: str, genes: list[str] | None = None) -> np.ndarray:
         """Regression targets on the dataset's target scale (float32, units x genes)."""
         return self.target_transforms[level].transform(self.counts(slide, level, genes))
 
     def gene_names(self, genes: list[str]) -> list[str]:
-        """Gene names (symbols) of gene ids, as the first slide names them."""
-        ad = self.level(self.slides[0], "bin")
-        name = dict(zip(ad.var["gene_ids"].astype(str), ad.var_names.astype(str), strict=True))
+        """Gene names (symbols) of gene ids, as the first slide that lists them names them."""
+        name: dict[str, str] = {}
+        for slide in self.slides:
+            if all(g in name for g in genes):
+                break
+            ad = self.level(slide, "bin")
+            ids, names = ad.var["gene_ids"].astype(str), ad.var_names.astype(str)
+            for g, n in zip(ids, names, strict=True):
+                name.setdefault(g, n)
         return [name.get(g, g) for g in genes]
 
     def positions_px(self, slide: str, level: str) -> np.ndarray:

@@ -64,6 +64,8 @@ import numpy as np
 from magnet_st import patches
 from magnet_st.atomic import write_text
 from magnet_st.errors import ConfigError, InputError, MagnetError
+from magnet_st.levels import LEVELS
+from magnet_st.provenance import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,8 @@ META = "meta.json"
 FORMAT = "magnet-st features"
 FORMAT_VERSION = 1
 DEFAULT_LEVELS = ("spot", "region")
-ALL_LEVELS = ("bin", "spot", "region")
+ALL_LEVELS = LEVELS
+FEATURE_PACKAGES = ("magnet-st", "torch", "torchvision", "timm", "numpy", "pillow", "tifffile")
 DTYPE = np.float16
 MIN_READ_CAP = patches.MIN_READ_CAP
 """Native boxes up to this edge (or 4x the encoder input, if larger) are read unreduced."""
@@ -279,21 +282,18 @@ def _is_complete(root: Path, job: _Job, dim: int) -> bool:
     return _npy_shape(p["npy"]) == ((job.n, dim), np.dtype(DTYPE))
 
 
-def _package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("magnet-st", "torch", "torchvision", "timm", "numpy", "pillow", "tifffile"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
 def _write_meta(
-    root: Path, enc_desc: dict, ds: Any, jobs: list[_Job], levels: Sequence[str], run: dict
+    root: Path,
+    enc_desc: dict,
+    ds: Any,
+    jobs: list[_Job],
+    levels: Sequence[str],
+    run: dict,
+    *,
+    computed: bool = True,
 ) -> dict:
+    """Write ``meta.json``. With ``computed=False`` (a run that encoded nothing) a meta
+    whose content is unchanged but for its times and last run is left untouched."""
     dim = int(enc_desc["feature_dim"])
     old = _read_json(root / META) or {}
     slides: dict[str, dict] = {}
@@ -335,10 +335,16 @@ def _write_meta(
         "interpolation": enc_desc["interpolation"],
         "levels": level_info,
         "slides": slides,
-        "packages": _package_versions(),
+        "packages": package_versions(FEATURE_PACKAGES),
         "last_run": run,
     }
-    write_text(root / META, json.dumps(meta, indent=1))
+    text = json.dumps(meta, indent=1)
+    if not computed and old:
+        volatile = ("updated", "last_run")
+        same = {k: v for k, v in json.loads(text).items() if k not in volatile}
+        if same == {k: v for k, v in old.items() if k not in volatile}:
+            return old
+    write_text(root / META, text)
     return meta
 
 
@@ -819,7 +825,7 @@ def extract_features(
         "num_workers": workers,
         "precision": encoder.precision,
     }
-    _write_meta(root, enc_desc, ds, all_jobs, levels, run)
+    _write_meta(root, enc_desc, ds, all_jobs, levels, run, computed=bool(plans))
     opts = {
         "batch_size": int(batch_size),
         "num_workers": workers,
@@ -839,7 +845,7 @@ def extract_features(
             for job, centers in plans:
                 results.append(_run_job(encoder, ds, root, job, centers, **opts))
     finally:
-        meta = _write_meta(root, enc_desc, ds, all_jobs, levels, run)
+        meta = _write_meta(root, enc_desc, ds, all_jobs, levels, run, computed=bool(plans))
     order = {(s, lv): i for i, (s, lv) in enumerate((s, lv) for s in chosen for lv in levels)}
     results.sort(key=lambda r: order[(r["slide"], r["level"])])
     return {

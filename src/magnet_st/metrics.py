@@ -1,4 +1,4 @@
-"""Accuracy metrics, named apart because they are not comparable (docs/BENCHMARK.md).
+"""Accuracy metrics, named apart because they are not comparable (docs/design.md).
 
 - ``pcc_gene``: Pearson per gene across the units of a slide, averaged over genes (the
   field's usual metric: HEST, TRIPLEX, Img2ST-Net). Genes whose truth is constant in the
@@ -167,6 +167,36 @@ class StreamingEvaluation:
             top = r_gene[np.asarray(top_genes)]
             out["pcc_gene_top"] = float(np.nanmean(top)) if np.isfinite(top).any() else float("nan")
         return out
+
+
+class BetweenGroupShare:
+    """The share of a prediction's variance that lies between groups of units (e.g. the
+    bins of one spot tile), pooled over genes: sum over genes of the between-group sum of
+    squares over the sum over genes of the total sum of squares. 1 means every unit of a
+    group gets the same values (predictions collapsed to tile averages); the truth's share
+    says what to expect. Streamed: per-group sums only."""
+
+    def __init__(self, n_groups: int, n_genes: int):
+        self.sums = np.zeros((n_groups, n_genes))
+        self.n = np.zeros(n_groups)
+        self.total = np.zeros(n_genes)
+        self.total_sq = np.zeros(n_genes)
+
+    def update(self, values: np.ndarray, groups: np.ndarray) -> None:
+        v = np.asarray(values, np.float64)
+        np.add.at(self.sums, groups, v)
+        np.add.at(self.n, groups, 1)
+        self.total += v.sum(0)
+        self.total_sq += (v * v).sum(0)
+
+    def compute(self) -> float:
+        n = self.n.sum()
+        if n < 2:
+            return float("nan")
+        seen = self.n > 0
+        between = (self.sums[seen] ** 2 / self.n[seen, None]).sum(0) - self.total**2 / n
+        total = self.total_sq - self.total**2 / n
+        return float(between.sum() / total.sum()) if total.sum() > 0 else float("nan")
 
 
 def summarize(rows: list[dict[str, float]], keys: list[str]) -> dict[str, tuple[float, float]]:

@@ -40,9 +40,9 @@ import torch.nn as nn
 from torch_geometric.nn import GATv2Conv
 
 from magnet_st.errors import ConfigError
+from magnet_st.levels import LEVELS
 
 VARIANTS = ("magnet", "paper", "no_context")
-LEVELS = ("bin", "spot", "region")
 READOUTS = ("bin", "mean")
 
 

@@ -25,6 +25,49 @@ def common_genes(gene_id_lists: Sequence[Sequence[str]]) -> list[str]:
     return [g for g in gene_id_lists[0] if g in common]
 
 
+def usable_genes(
+    gene_id_lists: Sequence[Sequence[str]], lists_all: Sequence[bool] | None = None
+) -> list[str]:
+    """Gene ids a panel may hold across slides, in order of first appearance.
+
+    A slide whose counts list every gene of its reference (``lists_all`` true, Space
+    Ranger) must list the gene: absent there means another reference. A slide that lists
+    only the genes it detected (legacy ST) has zero counts of a gene it does not list. So:
+    the genes of every listing-all slide, among the genes of any slide.
+    """
+    lists_all = [True] * len(gene_id_lists) if lists_all is None else list(lists_all)
+    order = list(dict.fromkeys(g for ids in gene_id_lists for g in ids))
+    for ids, full in zip(gene_id_lists, lists_all, strict=True):
+        if full:
+            have = set(ids)
+            order = [g for g in order if g in have]
+    return order
+
+
+def gene_columns(
+    X, gene_ids: Sequence[str], genes: Sequence[str], *, fill_absent: bool = False
+) -> sp.csr_matrix:
+    """The columns of ``X`` (units x genes with ids ``gene_ids``) for ``genes``, in order.
+
+    A gene absent from ``gene_ids`` is a column of zeros with ``fill_absent`` (a slide
+    that lists only detected genes), else a :class:`KeyError` naming the absent genes.
+    """
+    col = {str(g): i for i, g in enumerate(gene_ids)}
+    missing = [g for g in genes if g not in col]
+    X = sp.csr_matrix(X)
+    if not missing:
+        return X[:, [col[g] for g in genes]]
+    if not fill_absent:
+        raise KeyError(missing)
+    where = np.array([j for j, g in enumerate(genes) if g in col], dtype=np.int64)
+    sub = X[:, [col[genes[j]] for j in where]].tocoo()
+    return sp.csr_matrix(
+        (sub.data, (sub.row, where[sub.col] if len(where) else sub.col)),
+        shape=(X.shape[0], len(genes)),
+        dtype=X.dtype,
+    )
+
+
 def select_panel(
     counts: Sequence[sp.csr_matrix],
     gene_ids: Sequence[Sequence[str]],
@@ -33,6 +76,7 @@ def select_panel(
     n_genes: int = 250,
     genes: Sequence[str] | None = None,
     candidates: set[str] | None = None,
+    lists_all: Sequence[bool] | None = None,
     max_units_per_slide: int = 100_000,
     seed: int = 0,
 ) -> list[str]:
@@ -47,14 +91,19 @@ def select_panel(
         genes: the user's list for ``method="list"``.
         candidates: if given, only these gene ids may be chosen (e.g. the genes that
             every slide of a dataset measures, training or not).
+        lists_all: per training slide, whether its counts list every gene of its
+            reference (default: all do); see :func:`usable_genes`.
         max_units_per_slide: units sampled per slide (seeded) to bound the cost on HD slides.
 
-    Only genes present in every training slide (and in ``candidates``) can be chosen.
+    Only genes of every training slide that lists all genes (:func:`usable_genes`; a
+    slide listing detected genes only counts an absent gene as zero), and of
+    ``candidates``, can be chosen.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown panel method {method!r}; choose one of {METHODS}")
     allowed = candidates
-    candidates = [g for g in common_genes(gene_ids) if allowed is None or g in allowed]
+    lists_all = [True] * len(gene_ids) if lists_all is None else list(lists_all)
+    candidates = [g for g in usable_genes(gene_ids, lists_all) if allowed is None or g in allowed]
     if method == "list":
         if not genes:
             raise ConfigError("panel method 'list' needs a list of genes")
@@ -70,9 +119,8 @@ def select_panel(
         )
     rng = np.random.default_rng(seed)
     blocks = []
-    for m, ids in zip(counts, gene_ids, strict=True):
-        col = {g: i for i, g in enumerate(ids)}
-        m = sp.csr_matrix(m)[:, [col[g] for g in candidates]]
+    for m, ids, full in zip(counts, gene_ids, lists_all, strict=True):
+        m = gene_columns(m, ids, candidates, fill_absent=not full)
         if m.shape[0] > max_units_per_slide:
             m = m[np.sort(rng.choice(m.shape[0], max_units_per_slide, replace=False))]
         blocks.append(m)
@@ -133,8 +181,9 @@ class TrainingPanel:
 def training_panel(ds: Any, slides: Sequence[str], seed: int = 0) -> TrainingPanel:
     """The dataset's panel rule (method, size, or the user's list) and target kind,
     applied to ``slides`` only (a model's training and validation slides), so that no
-    slide scored later helped choose them. Candidates: genes measured in every slide of
-    the dataset (gene presence only, no counts)."""
+    slide scored later helped choose them. Candidates: genes every slide of the dataset
+    measures, counting a gene a legacy ST slide does not list as measured zero
+    (:func:`usable_genes`; gene presence only, no counts)."""
     from magnet_st.targets import TargetTransform
 
     slides = list(slides)
@@ -147,7 +196,10 @@ def training_panel(ds: Any, slides: Sequence[str], seed: int = 0) -> TrainingPan
         method=cfg["method"],
         n_genes=cfg["n_genes"],
         genes=cfg["gene_ids"] if cfg["method"] == "list" else None,
-        candidates=set.intersection(*(set(ids(s)) for s in ds.slides)),
+        candidates=set(
+            usable_genes([ids(s) for s in ds.slides], [ds.lists_all_genes(s) for s in ds.slides])
+        ),
+        lists_all=[ds.lists_all_genes(s) for s in slides],
         seed=seed,
     )
     targets = {

@@ -1,7 +1,7 @@
 """prepare: turn slides into MagNet's multi-level dataset, once.
 
 Every target unit (an HD bin, a Visium spot or a legacy ST spot) is seen at three
-levels (docs/MAGNET.md):
+levels (docs/design.md):
 
 ========  ==============================  ===========================================
 level     image                           expression target
@@ -57,14 +57,15 @@ from tqdm.auto import tqdm
 from magnet_st.atomic import atomic_path, clean_stale, write_text
 from magnet_st.errors import ConfigError, InputError
 from magnet_st.graph import knn_adjacency
-from magnet_st.panel import select_panel
+from magnet_st.levels import LEVELS
+from magnet_st.panel import gene_columns, select_panel, usable_genes
+from magnet_st.provenance import package_versions
 from magnet_st.read.specs import SlideSpec
 from magnet_st.slide import Slide
 from magnet_st.targets import TargetTransform
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("bin", "spot", "region")
 MANIFEST = "manifest.json"
 SLIDE_RECORD = "slide.json"
 FORMAT = "magnet-st dataset"
@@ -97,6 +98,18 @@ PRESET_OF_TECHNOLOGY = {
     "visium": "visium",
     "legacy_st": "legacy_st",
 }
+"""The preset of a technology when the unit size is not known."""
+
+
+def preset_for(technology: str, unit_size_um: float | None = None) -> str:
+    """The size preset that fits units of ``unit_size_um``, whatever the container:
+    ``hd`` for bins of 16 um or less, ``visium`` up to 75 um (55 um spots), ``legacy_st``
+    above (100 um spots); without a unit size, :data:`PRESET_OF_TECHNOLOGY`."""
+    if not unit_size_um:
+        return PRESET_OF_TECHNOLOGY[technology]
+    if unit_size_um <= 16:
+        return "hd"
+    return "visium" if unit_size_um <= 75 else "legacy_st"
 
 
 @dataclass
@@ -138,14 +151,18 @@ class PrepareConfig:
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
 
-    def resolved(self, technology: str, unit_size_um: float | None = None) -> PrepareConfig:
+    def resolved(
+        self, technology: str, unit_size_um: float | None = None, *, snap: bool = True
+    ) -> PrepareConfig:
         """A copy with the preset's sizes filled in, checked.
 
-        With ``unit_size_um`` on square bins (:data:`SQUARE_BINS`) the spot and region
-        tile sizes are snapped to whole bins (:func:`snap_tile_px`); the result is the same
-        when resolved again, so a resolved config stored in a manifest stays as it is.
+        The ``auto`` preset follows the unit size (:func:`preset_for`). With
+        ``unit_size_um`` on square bins (:data:`SQUARE_BINS`) and ``snap``, the spot and
+        region tile sizes are snapped to whole bins (:func:`snap_tile_px`); the result is
+        the same when resolved again, so a resolved config stored in a manifest stays as
+        it is.
         """
-        preset = PRESET_OF_TECHNOLOGY[technology] if self.preset == "auto" else self.preset
+        preset = preset_for(technology, unit_size_um) if self.preset == "auto" else self.preset
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose auto or one of {list(PRESETS)}")
         values = asdict(self)
@@ -155,7 +172,7 @@ class PrepareConfig:
                 values[key] = default
         cfg = PrepareConfig(**values)
         cfg.check()
-        if technology in SQUARE_BINS and unit_size_um:
+        if technology in SQUARE_BINS and unit_size_um and snap:
             for key in ("spot_tile_px", "region_tile_px"):
                 setattr(
                     cfg,
@@ -321,14 +338,40 @@ def membership_matrix(index: np.ndarray, n_groups: int) -> sp.csr_matrix:
 # -- one slide -----------------------------------------------------------------------------
 
 
+MIN_PATCH_NATIVE_PX = 16
+"""A patch must cover at least this many pixels of the slide's own image (its edge)."""
+
+
+def check_patch_resolution(slide: Slide, cfg: PrepareConfig) -> None:
+    """Refuse a level whose patches cover fewer than :data:`MIN_PATCH_NATIVE_PX` pixels of
+    the slide's image (e.g. Space Ranger's downsampled ``tissue_hires_image.png``)."""
+    if slide.image_path is None:
+        return
+    options = {"bin": "bin_patch_px", "spot": "spot_tile_px", "region": "region_tile_px"}
+    for lv, option in options.items():
+        native = cfg.size_um(lv) / slide.microns_per_pixel
+        if native < MIN_PATCH_NATIVE_PX:
+            raise ConfigError(
+                f"slide {slide.name}: {lv} patches of {cfg.size_um(lv):g} um cover only "
+                f"{native:.1f} px of its image {slide.image_path} at "
+                f"{slide.microns_per_pixel:.4g} um/px (fewer than {MIN_PATCH_NATIVE_PX}); give "
+                f"the full-resolution image, or larger {lv} patches with "
+                f"--{option.replace('_', '-')} ({option} in a config file)"
+            )
+
+
 def build_levels(slide: Slide, cfg: PrepareConfig) -> dict[str, Any]:
     """The bin, spot and region AnnData objects of one slide (counts of all genes)."""
     import anndata
 
+    check_patch_resolution(slide, cfg)
     if cfg.size_um("spot") < slide.unit_size_um:
         raise ConfigError(
             f"spot tiles of {cfg.size_um('spot'):g} um are smaller than the "
-            f"{slide.unit_size_um:g} um units of {slide.name}"
+            f"{slide.unit_size_um:g} um units of {slide.name}: give larger tiles "
+            f"(--spot-tile-px and --region-tile-px, pixels at {cfg.working_mpp:g} um/px), or, "
+            "if the unit size is wrong, the right one (--unit-size UM, or the sample "
+            "sheet's unit_size_um column)"
         )
     if cfg.size_um("region") < cfg.size_um("spot"):
         raise ConfigError(
@@ -502,18 +545,6 @@ def unchanged(recorded: dict[str, dict]) -> bool:
     return True
 
 
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("magnet-st", "numpy", "scipy", "pandas", "anndata", "scanpy", "h5py", "tifffile"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
 # -- the dataset ---------------------------------------------------------------------------
 
 
@@ -526,6 +557,8 @@ class PrepareResult:
     nothing_to_do: bool = False
     tiles: dict[str, Any] = field(default_factory=dict)
     """The tile sizes and rule, as in the manifest (see :func:`describe_tiles`)."""
+    filled: dict[str, int] = field(default_factory=dict)
+    """Per slide that lists only detected genes: panel genes it does not list (zeros)."""
 
 
 def _read_slide_record(folder: Path) -> dict | None:
@@ -634,9 +667,9 @@ def prepare(
             tiles=old.get("tiles", {}),
         )
 
-    out.mkdir(parents=True, exist_ok=True)
+    # Folders are made when the first slide is written, so that a run stopped by bad
+    # input leaves no empty folders behind.
     clean_stale(out)
-    (out / "slides").mkdir(exist_ok=True)
     clean_stale(out / "slides")
 
     result = PrepareResult(out)
@@ -662,7 +695,7 @@ def prepare(
                 )
             technology, unit_um = slide.technology, float(slide.unit_size_um)
             cfg = config.resolved(technology, unit_um)
-            if add:
+            if add and slide.lists_all_genes:  # else absent panel genes are zeros
                 _check_genes(spec, set(slide.gene_ids.astype(str)), old["panel"]["gene_ids"])
             bar.set_postfix_str(f"{spec.name}: tiles and graphs")
             levels = build_levels(slide, cfg)
@@ -680,6 +713,7 @@ def prepare(
                 "microns_per_pixel": float(slide.microns_per_pixel),
                 "image": str(Path(slide.image_path).resolve()),
                 "n_genes_measured": int(slide.n_genes),
+                "lists_all_genes": bool(slide.lists_all_genes),
                 "n": {name: int(ad.n_obs) for name, ad in levels.items()},
             }
             (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new one is written
@@ -707,7 +741,8 @@ def prepare(
     if add and old is not None and "tiles" in old:
         tiles = old["tiles"]
     else:
-        tiles = tile_summary(resolved, first[1], first[2], config.resolved(first[1]))
+        requested = config.resolved(first[1], first[2], snap=False)
+        tiles = tile_summary(resolved, first[1], first[2], requested)
     result.tiles = tiles
     explicit = {"spot": config.spot_tile_px, "region": config.region_tile_px}
     changed = [
@@ -725,8 +760,10 @@ def prepare(
 
     panel_ids, targets = _panel_and_targets(out, slides_meta, resolved, old if add else None)
     result.panel = panel_ids
-    _check_panel(out, slides_meta, panel_ids)
-    gene_names = _gene_names(out, slides_meta[train[0]], panel_ids)
+    result.filled = _check_panel(out, slides_meta, panel_ids)
+    for name, n_filled in result.filled.items():
+        slides_meta[name] = {**slides_meta[name], "panel_genes_filled": n_filled}
+    gene_names = _gene_names(out, [slides_meta[n] for n in train + sorted(keep)], panel_ids)
     write_text(
         out / "panel.tsv",
         "gene_id\tgene_name\n"
@@ -787,16 +824,21 @@ def _panel_and_targets(
     if old is not None:
         return list(old["panel"]["gene_ids"]), old["targets"]
     bins = {name: _read_level(out, slides[name], "bin") for name in train}
-    # Candidates are the genes every slide of the dataset measures: legacy ST tables omit
-    # genes a section never detected, and a panel gene must exist in every slide.
-    candidates = set.intersection(*(_slide_gene_ids(out, meta) for meta in slides.values()))
+    # Candidates are the genes every slide of the dataset measures. Legacy ST tables omit
+    # the genes a section did not detect: there an absent gene is zero, so it counts as
+    # measured; a Space Ranger matrix lists its whole reference, so absent = not measured.
+    metas = list(slides.values())
+    candidates = set(
+        usable_genes([sorted(_slide_gene_ids(out, m)) for m in metas], map(slide_lists_all, metas))
+    )
     panel = select_panel(
         [bins[n].X for n in train],
-        [list(bins[n].var["gene_ids"]) for n in train],
+        [list(bins[n].var["gene_ids"].astype(str)) for n in train],
         method=cfg.panel,
         n_genes=cfg.n_genes,
         genes=cfg.genes,
         candidates=candidates,
+        lists_all=[slide_lists_all(slides[n]) for n in train],
         seed=cfg.seed,
     )
     targets = {}
@@ -804,18 +846,27 @@ def _panel_and_targets(
         tt = TargetTransform(cfg.target)
         if tt.needs_fit:
             ads = bins if level == "bin" else {n: _read_level(out, slides[n], level) for n in train}
-            tt.fit([panel_counts(ads[n], panel) for n in train])
+            tt.fit(
+                [
+                    panel_counts(ads[n], panel, fill_absent=not slide_lists_all(slides[n]))
+                    for n in train
+                ]
+            )
         targets[level] = tt.to_dict()
     return panel, targets
 
 
-def panel_counts(adata, panel: list[str]) -> sp.csr_matrix:
-    """The columns of ``adata.X`` for the panel's gene ids, in panel order."""
-    col = {g: i for i, g in enumerate(adata.var["gene_ids"].astype(str))}
-    missing = [g for g in panel if g not in col]
-    if missing:
-        raise KeyError(missing)
-    return sp.csr_matrix(adata.X)[:, [col[g] for g in panel]]
+def panel_counts(adata, panel: list[str], *, fill_absent: bool = False) -> sp.csr_matrix:
+    """The columns of ``adata.X`` for the panel's gene ids, in panel order; a gene absent
+    from ``adata`` is zeros with ``fill_absent``, else a :class:`KeyError`."""
+    ids = list(adata.var["gene_ids"].astype(str))
+    return gene_columns(adata.X, ids, panel, fill_absent=fill_absent)
+
+
+def slide_lists_all(meta: dict) -> bool:
+    """Whether a slide (its manifest record) lists every gene of its reference; records
+    written before this was stored: every technology but legacy ST does."""
+    return bool(meta.get("lists_all_genes", meta.get("technology") != "legacy_st"))
 
 
 def _check_genes(spec: SlideSpec | dict, have: set[str], panel: list[str]) -> None:
@@ -839,15 +890,35 @@ def _slide_gene_ids(out: Path, meta: dict) -> set[str]:
         return {v.decode() if isinstance(v, bytes) else str(v) for v in ids[:]}
 
 
-def _check_panel(out: Path, slides: dict[str, dict], panel: list[str]) -> None:
-    for meta in slides.values():
-        _check_genes(meta["spec"], _slide_gene_ids(out, meta), panel)
+def _check_panel(out: Path, slides: dict[str, dict], panel: list[str]) -> dict[str, int]:
+    """Refuse a slide that lists its whole reference but lacks panel genes; for slides that
+    list only detected genes, the number of panel genes they do not list (zeros there)."""
+    filled = {}
+    for name, meta in slides.items():
+        have = _slide_gene_ids(out, meta)
+        if slide_lists_all(meta):
+            _check_genes(meta["spec"], have, panel)
+            continue
+        filled[name] = sum(g not in have for g in panel)
+        if filled[name]:
+            log.info(
+                "slide %s: %d panel genes not listed in its counts, filled with zeros",
+                name,
+                filled[name],
+            )
+    return filled
 
 
-def _gene_names(out: Path, meta: dict, panel: list[str]) -> list[str]:
-    ad = _read_level(out, meta, "bin")
-    name = dict(zip(ad.var["gene_ids"].astype(str), ad.var_names.astype(str), strict=True))
-    return [name[g] for g in panel]
+def _gene_names(out: Path, metas: list[dict], panel: list[str]) -> list[str]:
+    """Panel gene names as the first of ``metas`` that lists each gene names it."""
+    name: dict[str, str] = {}
+    for meta in metas:
+        if all(g in name for g in panel):
+            break
+        ad = _read_level(out, meta, "bin")
+        for g, n in zip(ad.var["gene_ids"].astype(str), ad.var_names.astype(str), strict=True):
+            name.setdefault(g, n)
+    return [name.get(g, g) for g in panel]
 
 
 def prepare_unmeasured(
@@ -877,11 +948,11 @@ def prepare_unmeasured(
     if rec is not None and rec.get("units_sha256") == key and manifest is not None:
         log.info("%s: units and settings unchanged; reusing it", out)
         return out
+    levels = build_levels(slide, cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     (out / "slides").mkdir(exist_ok=True)
     clean_stale(out / "slides")
-    levels = build_levels(slide, cfg)
     record = {
         "spec": {"name": slide.name, "path": str(slide.image_path)},
         "dir": rel,

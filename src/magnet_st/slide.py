@@ -37,6 +37,10 @@ class Slide:
         image_path: the full-resolution image, or ``None`` when none was given.
         array_coords: ``(n_units, 2)`` int ``(array_row, array_col)``, or ``None``.
         sources: what was read from where (``"counts"``, ``"positions"``, ...).
+        lists_all_genes: whether the counts list every gene of the reference, detected or
+            not (Space Ranger), so that a gene absent from them is not in the reference;
+            ``False`` where the format lists only the genes the section detected (legacy
+            ST tables), so that an absent gene has zero counts in every unit.
     """
 
     name: str
@@ -51,6 +55,7 @@ class Slide:
     image_path: Path | None = None
     array_coords: np.ndarray | None = None
     sources: dict[str, str] = field(default_factory=dict)
+    lists_all_genes: bool = True
     _image: SlideImage | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -179,6 +184,7 @@ class Slide:
                 },
                 "metadata": {
                     "technology": self.technology,
+                    "lists_all_genes": bool(self.lists_all_genes),
                     "image_path": str(self.image_path) if self.image_path else "",
                 },
             }

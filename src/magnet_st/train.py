@@ -24,19 +24,18 @@ import torch
 from magnet_st.atomic import write_text
 from magnet_st.batching import BlockDataset, SlideArrays
 from magnet_st.dataset import Dataset
-from magnet_st.errors import ConfigError, InputError
+from magnet_st.errors import ConfigError
 from magnet_st.losses import CONSISTENCY_FORMS, PCC_AXES, LossWeights, magnet_loss
 from magnet_st.metrics import GenePearson
 from magnet_st.model import MagNetConfig, create_model
+from magnet_st.modelfile import save_model
 from magnet_st.targets import TargetTransform, log1p_moments
 
 log = logging.getLogger(__name__)
 
-MODEL_FORMAT = "magnet-st model"
-
 
 # Settings that only concern the machine: changing them does not invalidate a resume.
-MACHINE_KEYS = ("num_workers", "accelerator", "devices", "num_nodes")
+MACHINE_KEYS = ("num_workers", "accelerator", "devices", "num_nodes", "deterministic")
 
 # The paper's choices, used by --variant paper for every option the user does not set.
 VARIANT_PRESETS: dict[str, dict[str, Any]] = {
@@ -63,6 +62,7 @@ class TrainConfig:
     context_tokens: int = 5
     k: int = 8
     block: int = 2
+    batch_bins: int | None = 256  # bins per step (None: blocks of block x block regions)
     optimizer: str = "adamw"
     lr: float | None = None
     weight_decay: float = 1e-4
@@ -79,6 +79,7 @@ class TrainConfig:
     num_nodes: int = 1
     precision: str | None = None
     max_batches: int | None = None  # per epoch, for smoke runs and benchmarks; None = all
+    deterministic: bool = True  # some CUDA backward kernels refuse it: --nondeterministic
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
@@ -89,6 +90,8 @@ class TrainConfig:
             raise ConfigError(f"pcc_axis must be one of {PCC_AXES}")
         if self.epochs < 1 or self.block < 1:
             raise ConfigError("epochs and block must be at least 1")
+        if self.batch_bins is not None and self.batch_bins < 1:
+            raise ConfigError("batch_bins must be at least 1")
         unknown = set(self.loss_weights) - set(asdict(LossWeights()))
         if unknown:
             raise ConfigError(f"unknown loss weights {sorted(unknown)}")
@@ -243,6 +246,7 @@ class SpatialDataModule(L.LightningDataModule):
         data = BlockDataset(
             slides,
             block=self.cfg.block,
+            batch_bins=self.cfg.batch_bins,
             k=self.cfg.k,
             context_tokens=self.cfg.context_tokens,
             with_context=self.cfg.variant != "no_context",
@@ -392,6 +396,10 @@ class MagNetModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def _steps(n: float) -> int:
+    return int(n) if math.isfinite(n) else 0
+
+
 def is_main_process() -> bool:
     """True outside DDP and in its rank-0 process. Lightning starts the other ranks by
     running the same command again with ``LOCAL_RANK`` (and ``NODE_RANK``) set."""
@@ -437,6 +445,7 @@ class FitResult:
     epochs_run: int
     seconds: float
     history: list[dict[str, float]]
+    steps_per_epoch: int = 0
 
 
 class _History(L.Callback):
@@ -531,7 +540,7 @@ def fit(
         num_nodes=cfg.num_nodes,
         precision=cfg.precision,
         callbacks=callbacks,
-        deterministic=True,
+        deterministic=cfg.deterministic,
         logger=L.pytorch.loggers.CSVLogger(out, name="logs", version=""),
         enable_progress_bar=progress,
         enable_model_summary=False,
@@ -563,6 +572,7 @@ def fit(
         epochs_run=int(trainer.current_epoch),
         seconds=time.perf_counter() - t0,
         history=history.rows,
+        steps_per_epoch=_steps(trainer.num_training_batches),
     )
 
 
@@ -610,125 +620,3 @@ def init_head_bias(
             mean = np.maximum(total / max(sum(c.shape[0] for c in counts), 1), 1e-4)
             with torch.no_grad():  # softplus^-1(mean)
                 rates[lv][1].bias.copy_(torch.from_numpy(np.log(np.expm1(mean))).float())
-
-
-def save_model(
-    path: Path,
-    module: MagNetModule,
-    *,
-    genes: list[str],
-    gene_names: list[str],
-    ds: Dataset,
-    features: str,
-    training_slides: list[str] | None = None,
-) -> None:
-    """Everything prediction needs, as tensors and plain types (loads with weights_only).
-    ``training_slides``: the slides that trained the model and chose its panel and target
-    statistics (an evaluation on one of them is not held out)."""
-    from magnet_st.atomic import atomic_path
-    from magnet_st.features import resolve_feature_set
-
-    hp = module.hparams
-    payload = {
-        "format": MODEL_FORMAT,
-        "format_version": 1,
-        "model_config": dict(hp["model_config"]),
-        "train_config": dict(hp["train_config"]),
-        "targets": dict(hp["targets"]),
-        "genes": list(genes),
-        "gene_names": list(gene_names),
-        "dataset_config": dict(ds.config),
-        "dataset_name": ds.path.name,
-        "training_slides": list(training_slides or []),
-        "training_images": [
-            str(ds.slide_meta(s).get("image") or "") for s in (training_slides or [])
-        ],
-        "units": _units(ds),
-        "features": json.loads(json.dumps(resolve_feature_set(ds.path, features), default=str)),
-        "state_dict": {k: v.detach().cpu() for k, v in module.model.state_dict().items()},
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def _units(ds: Dataset) -> dict[str, Any]:
-    """The target units the model was trained on (size, technology) and the scans' mpp."""
-    metas = [ds.slide_meta(s) for s in ds.slides]
-    return {
-        "unit_size_um": float(metas[0]["unit_size_um"]),
-        "technology": str(metas[0]["technology"]),
-        "microns_per_pixel": sorted({float(m["microns_per_pixel"]) for m in metas}),
-    }
-
-
-def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """The model (eval mode) and the rest of the model file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "model file not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for foreign files
-        raise InputError(path, f"not a magnet-st model file ({exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise InputError(path, "not a magnet-st model file")
-    model = create_model(payload["model_config"])
-    model.load_state_dict(payload["state_dict"])
-    model.eval()
-    return model, payload
-
-
-@torch.inference_mode()
-def predict_slide(
-    model: torch.nn.Module,
-    slide: SlideArrays,
-    payload: dict,
-    *,
-    patch_reader: PatchReader | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> dict[str, np.ndarray]:
-    """Predictions on the log1p scale for every bin, spot tile and region tile of a slide.
-
-    Tiles seen by several batches (as context) get the mean of their predictions. Memory:
-    the outputs plus one batch (a block of region tiles).
-    """
-    from tqdm.auto import tqdm
-
-    tcfg = TrainConfig(**payload["train_config"])
-    targets = {lv: TargetTransform.from_dict(d) for lv, d in payload["targets"].items()}
-    data = BlockDataset(
-        [slide],
-        block=tcfg.block,
-        k=tcfg.k,
-        context_tokens=tcfg.context_tokens,
-        with_context=tcfg.variant != "no_context",
-        with_targets=False,
-        patch_reader=patch_reader,
-    )
-    model = model.to(device).eval()
-    g = len(payload["genes"])
-    sums = {
-        "bin": np.zeros((slide.n_bins, g), np.float32),
-        "spot": np.zeros((len(slide.spot_pos), g), np.float32),
-        "region": np.zeros((len(slide.region_pos), g), np.float32),
-    }
-    counts = {k: np.zeros(len(v), np.float32) for k, v in sums.items()}
-    for i in tqdm(
-        range(len(data)), desc=f"predict {slide.name}", unit="block", disable=not progress
-    ):
-        batch = {k: v.to(device) for k, v in data[i].items()}
-        out = model(batch)
-        out = {lv: out[lv] for lv in sums if lv in out}  # the predictions, not the rate heads
-        for lv, pred in out.items():
-            idx = batch[f"{lv}_index"].cpu().numpy()
-            np.add.at(sums[lv], idx, pred.float().cpu().numpy())
-            np.add.at(counts[lv], idx, 1)
-    result = {}
-    for lv in out:
-        seen = counts[lv] > 0
-        mean = sums[lv]  # in place: no second copy of the largest array
-        mean[seen] /= counts[lv][seen, None]
-        # log1p of a count is never negative
-        result[lv] = np.maximum(targets[lv].inverse(mean), 0).astype(np.float32, copy=False)
-    return result

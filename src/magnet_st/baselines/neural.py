@@ -35,11 +35,11 @@ from torch import nn
 from magnet_st.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
 from magnet_st.graph import knn_edges
+from magnet_st.levels import LEVELS
 from magnet_st.metrics import pcc_per_gene
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("bin", "spot", "region")
 FORMAT = "magnet-st-baseline"
 
 

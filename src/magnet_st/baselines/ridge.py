@@ -12,10 +12,10 @@ import numpy as np
 
 from magnet_st.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
+from magnet_st.levels import LEVELS
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("bin", "spot", "region")
 #: the feature sets each level's input concatenates (``context=True``): a unit's own
 #: features, then those of the spot tile and the region tile it lies in
 SOURCES = {"bin": ("bin", "spot", "region"), "spot": ("spot", "region"), "region": ("region",)}

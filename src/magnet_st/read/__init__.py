@@ -69,6 +69,8 @@ def auto(
     image: str | Path | None = None,
     microns_per_pixel: float | None = None,
     bin_size_um: int | None = None,
+    spot_pitch_um: float | None = None,
+    unit_size_um: float | None = None,
     sections: list[str] | None = None,
     with_image: bool = True,
 ) -> list[Slide]:
@@ -76,9 +78,22 @@ def auto(
 
     ``bin_size_um`` (Visium HD) defaults to 8 um when present, else the only or the
     finest bin size available. ``sections`` selects her2st sections (default: all).
+    ``spot_pitch_um`` (legacy ST: microns between neighbouring array positions) and
+    ``unit_size_um`` (.h5ad and legacy ST: bin edge or spot diameter) override what the
+    reader derives; Space Ranger inputs state both, so they are refused there.
     """
     path = Path(path)
     fmt = detect_format(path)
+    given = {"--spot-pitch": spot_pitch_um, "--unit-size": unit_size_um}
+    allowed = {"h5ad": ("--unit-size",), "legacy_st": tuple(given), "her2st": tuple(given)}
+    wrong = [k for k, v in given.items() if v is not None and k not in allowed.get(fmt, ())]
+    if wrong:
+        raise InputError(
+            path,
+            f"{' and '.join(wrong)} given for a {fmt} input, which states its own unit size "
+            "and scale (--spot-pitch is for legacy ST; --unit-size for legacy ST and .h5ad)",
+        )
+    legacy = {"spot_pitch_um": spot_pitch_um, "unit_size_um": unit_size_um}
     if fmt == "visium_hd":
         if bin_size_um is None:
             sizes = sorted(hd_bin_folders(path))
@@ -87,12 +102,17 @@ def auto(
     if fmt == "visium":
         return [visium(path, image, microns_per_pixel=microns_per_pixel)]
     if fmt == "h5ad":
-        return [h5ad(path, image, microns_per_pixel=microns_per_pixel)]
+        return [h5ad(path, image, microns_per_pixel=microns_per_pixel, unit_size_um=unit_size_um)]
     if fmt == "legacy_st":
         section = path.name.split(".")[0]
         root = path.parent.parent
-        return [her2st(root, section, microns_per_pixel=microns_per_pixel, with_image=with_image)]
+        return [
+            her2st(
+                root, section, microns_per_pixel=microns_per_pixel, with_image=with_image, **legacy
+            )
+        ]
     names = sections or her2st_sections(path)
     return [
-        her2st(path, s, microns_per_pixel=microns_per_pixel, with_image=with_image) for s in names
+        her2st(path, s, microns_per_pixel=microns_per_pixel, with_image=with_image, **legacy)
+        for s in names
     ]

@@ -22,10 +22,19 @@ def h5ad(
 ) -> Slide:
     """Read an AnnData file whose ``obsm["spatial"]`` holds unit centres in full-resolution pixels.
 
-    Raw counts are taken from ``layers[counts_layer]`` if given, else ``layers["counts"]``,
-    else ``raw.X``, else ``X``; they must be non-negative integers. ``microns_per_pixel``
-    and ``unit_size_um`` default to ``uns["spatial"][<library>]["scalefactors"]``
-    (``microns_per_pixel``, ``bin_size_um``) when present.
+    Keys used:
+
+    - counts: ``layers[counts_layer]`` if given, else ``layers["counts"]``, else ``raw.X``
+      (genes from ``raw.var``), else ``X``; non-negative integers;
+    - genes: ``var["gene_ids"]`` (else the var names) as ids, the var names as symbols;
+    - positions: ``obsm["spatial"]`` (x, y in full-resolution pixels); optional
+      ``obs["array_row"]``, ``obs["array_col"]``;
+    - ``uns["spatial"][<library>]`` (one library): ``scalefactors["microns_per_pixel"]``
+      and ``scalefactors["bin_size_um"]`` (the unit size: bin edge or spot diameter),
+      used when ``microns_per_pixel`` / ``unit_size_um`` are not given; and
+      ``metadata["lists_all_genes"]`` (default true; false when the counts list only
+      the genes the section detected, as legacy ST tables do, or when
+      ``metadata["technology"]`` is ``"legacy_st"``).
     """
     import anndata
 
@@ -60,9 +69,12 @@ def h5ad(
         raise InputError(path, f"{where}: {exc.problem}") from exc
 
     sf: dict = {}
+    meta: dict = {}
     libraries = adata.uns.get("spatial", {})
     if isinstance(libraries, dict) and len(libraries) == 1:
-        sf = dict(next(iter(libraries.values())).get("scalefactors", {}))
+        library = next(iter(libraries.values()))
+        sf = dict(library.get("scalefactors", {}))
+        meta = dict(library.get("metadata", {}))
     if microns_per_pixel is None:
         microns_per_pixel = sf.get("microns_per_pixel")
         if microns_per_pixel is None:
@@ -77,7 +89,17 @@ def h5ad(
     if unit_size_um is None:
         unit_size_um = sf.get("bin_size_um")
         if unit_size_um is None:
-            raise InputError(path, "unit size unknown: pass unit_size_um (bin or spot size, um)")
+            raise InputError(
+                path,
+                "unit size unknown: pass it (--unit-size UM, or the sample sheet's "
+                "unit_size_um column: bin edge or spot diameter in microns) or store it in "
+                'uns["spatial"][lib]["scalefactors"]["bin_size_um"]',
+            )
+    if not (np.isfinite(float(unit_size_um)) and float(unit_size_um) > 0):
+        raise InputError(path, f"the unit size must be a positive number, got {unit_size_um!r}")
+    lists_all = meta.get("lists_all_genes")
+    if lists_all is None:
+        lists_all = str(meta.get("technology", "")) != "legacy_st"
     gene_ids = (
         var["gene_ids"].astype(str).to_numpy(dtype=object)
         if "gene_ids" in var
@@ -99,6 +121,7 @@ def h5ad(
         unit_size_um=float(unit_size_um),
         microns_per_pixel=float(microns_per_pixel),
         technology="anndata",
+        lists_all_genes=bool(lists_all),
         image_path=None if image is None else Path(image),
         sources={
             "counts": f"{path} {where}",

@@ -1,9 +1,21 @@
-"""Legacy Spatial Transcriptomics (100 um spots on a 200 um pitch), as laid out by her2st.
+"""Legacy Spatial Transcriptomics (100 um spots on an array), as laid out by her2st.
 
 Counts are a spots x genes table whose row names are ``"XxY"`` (array x and y);
 the spot table (``*_selection.tsv``) has columns ``x y new_x new_y pixel_x pixel_y
-selected`` and joins the counts on ``x`` and ``y``. No resolution is stored: it is
-derived from the 200 um spot pitch unless given.
+selected`` and joins the counts on ``x`` and ``y``. The tables list only the genes a
+section detected: a gene absent from one is zero there (``Slide.lists_all_genes`` is
+``False``).
+
+No resolution is stored: it is derived from the array pitch, the distance between
+neighbouring array positions (``x`` to ``x + 1``), unless given (:func:`array_scale`):
+
+- spots on every array position (the 1k array, her2st): 200 um, so neighbouring spots
+  are 200 um apart;
+- spots only where ``x + y`` has one parity (a checkerboard, as in the public mouse
+  olfactory bulb ST data): 100 um, so the nearest spots are diagonal, 141 um apart.
+
+The pixel scale is fitted per image axis from array vs pixel positions, and a warning
+says when the two axes differ by more than 2 % (a stretched image).
 """
 
 from __future__ import annotations
@@ -23,6 +35,11 @@ log = logging.getLogger(__name__)
 
 SPOT_DIAMETER_UM = 100.0
 SPOT_PITCH_UM = 200.0
+"""Microns between neighbouring array positions when spots fill every position (1k array)."""
+CHECKERBOARD_PITCH_UM = 100.0
+"""Microns between neighbouring array positions when spots fill every other one."""
+STRETCH_TOLERANCE = 0.02
+"""Relative difference of the pixel scale along x and y above which a warning is given."""
 SPOT_COLUMNS = ["x", "y", "pixel_x", "pixel_y", "selected"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
@@ -36,12 +53,64 @@ def _read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
         raise InputError(path, f"cannot read the {what} as a tab-separated table ({exc})") from exc
 
 
+def array_scale(
+    array_xy: np.ndarray,
+    centers_px: np.ndarray,
+    source: str | Path,
+    spot_pitch_um: float | None = None,
+) -> tuple[float, str]:
+    """Microns per pixel of a legacy ST image from its spot array, and where it came from.
+
+    The pitch (microns between neighbouring array positions) is ``spot_pitch_um`` or, by
+    the layout, :data:`SPOT_PITCH_UM` when neighbouring positions both hold spots and
+    :data:`CHECKERBOARD_PITCH_UM` when spots sit only where ``x + y`` has one parity (a
+    checkerboard). The nearest spots are then 1 or sqrt(2) array units apart, and microns
+    per pixel make the median nearest-neighbour distance that many pitches.
+
+    The pixel scale along the image's x and y is also fitted by least squares (pixel vs
+    array positions, any rotation): when the two differ by more than
+    :data:`STRETCH_TOLERANCE` the image is stretched and a warning says so.
+    """
+    xy = np.rint(np.asarray(array_xy, dtype=np.float64)).astype(np.int64)
+    px = np.asarray(centers_px, dtype=np.float64)
+    checkerboard = len(xy) >= 2 and len(np.unique(xy.sum(axis=1) % 2)) == 1
+    layout = "checkerboard layout" if checkerboard else "spots on every array position"
+    if spot_pitch_um is None:
+        pitch, given = (CHECKERBOARD_PITCH_UM if checkerboard else SPOT_PITCH_UM), ""
+    else:
+        pitch, given = float(spot_pitch_um), "given "
+        if not (np.isfinite(pitch) and pitch > 0):
+            raise InputError(source, f"the spot pitch must be a positive number, got {pitch!r}")
+    nn_units = np.sqrt(2.0) if checkerboard else 1.0
+    mpp = mpp_from_pitch(px, pitch * nn_units, source)
+    design = np.column_stack([xy, np.ones(len(xy))]).astype(np.float64)
+    if len(xy) >= 3 and np.linalg.matrix_rank(design) == 3:
+        A, *_ = np.linalg.lstsq(design, px, rcond=None)
+        px_per_unit = np.linalg.norm(A[:2], axis=0)  # along the image's x and y
+        mpp_x, mpp_y = pitch / px_per_unit
+        stretch = abs(mpp_x / mpp_y - 1.0)
+        if stretch > STRETCH_TOLERANCE:
+            log.warning(
+                "%s: by the spot array, pixels are %.4f um wide but %.4f um tall (%.1f %% "
+                "apart): the image looks stretched; %.4f um per pixel is used for both axes "
+                "(pass the microns per pixel, or the spot pitch, if that is wrong)",
+                source,
+                mpp_x,
+                mpp_y,
+                100 * stretch,
+                mpp,
+            )
+    return mpp, f"{given}{pitch:g} um array pitch ({layout}) of {source}"
+
+
 def legacy_st(
     counts: str | Path,
     spots: str | Path,
     image: str | Path | None = None,
     *,
     microns_per_pixel: float | None = None,
+    spot_pitch_um: float | None = None,
+    unit_size_um: float | None = None,
     name: str | None = None,
 ) -> Slide:
     """Read one legacy ST section.
@@ -50,7 +119,10 @@ def legacy_st(
         counts: spots x genes count table (``.tsv`` or ``.tsv.gz``), row names ``"XxY"``.
         spots: the spot table (``*_selection.tsv``).
         image: the full-resolution H&E image the pixel positions refer to.
-        microns_per_pixel: override the value derived from the 200 um spot pitch.
+        microns_per_pixel: override the value derived from the array pitch.
+        spot_pitch_um: microns between neighbouring array positions (``x`` to ``x + 1``);
+            default: from the layout (:func:`array_scale`).
+        unit_size_um: spot diameter; default: 100 um.
         name: the section's name; default: the counts file's stem (``C2``).
     """
     counts, spots = Path(counts), Path(spots)
@@ -97,9 +169,12 @@ def legacy_st(
     pos = selected.iloc[where[rows]]
     centers = pos[["pixel_x", "pixel_y"]].to_numpy(np.float64)
     if microns_per_pixel is None:
-        all_centers = spot_df[["pixel_x", "pixel_y"]].to_numpy(np.float64)
-        mpp = mpp_from_pitch(all_centers, SPOT_PITCH_UM, spots)
-        mpp_source = f"{SPOT_PITCH_UM:g} um spot pitch of {spots}"
+        mpp, mpp_source = array_scale(
+            spot_df[["x", "y"]].to_numpy(np.float64),
+            spot_df[["pixel_x", "pixel_y"]].to_numpy(np.float64),
+            spots,
+            spot_pitch_um,
+        )
     else:
         mpp, mpp_source = float(microns_per_pixel), "given by the user"
     genes = table.columns.astype(str).to_numpy(dtype=object)
@@ -111,9 +186,10 @@ def legacy_st(
         unit_ids=table.index.astype(str).to_numpy(dtype=object)[rows],
         centers_px=centers,
         array_coords=pos[["y", "x"]].round().astype(np.int64).to_numpy(),
-        unit_size_um=SPOT_DIAMETER_UM,
+        unit_size_um=SPOT_DIAMETER_UM if unit_size_um is None else float(unit_size_um),
         microns_per_pixel=mpp,
         technology="legacy_st",
+        lists_all_genes=False,
         image_path=None if image is None else Path(image),
         sources={
             "counts": str(counts),
@@ -144,6 +220,8 @@ def her2st(
     section: str,
     *,
     microns_per_pixel: float | None = None,
+    spot_pitch_um: float | None = None,
+    unit_size_um: float | None = None,
     with_image: bool = True,
 ) -> Slide:
     """Read section ``section`` (e.g. ``"C2"``) of a folder in the her2st repository's layout.
@@ -172,4 +250,12 @@ def her2st(
                 img_dir, f"expected exactly one image for section {section}, found {len(images)}"
             )
         image = images[0]
-    return legacy_st(counts, spots, image, microns_per_pixel=microns_per_pixel, name=section)
+    return legacy_st(
+        counts,
+        spots,
+        image,
+        microns_per_pixel=microns_per_pixel,
+        spot_pitch_um=spot_pitch_um,
+        unit_size_um=unit_size_um,
+        name=section,
+    )

@@ -13,7 +13,11 @@ from magnet_st.slide import Slide
 
 @dataclass(frozen=True)
 class SlideSpec:
-    """Where one slide's data lives. ``section`` selects one her2st section."""
+    """Where one slide's data lives. ``section`` selects one her2st section.
+
+    ``spot_pitch_um`` (legacy ST: microns between neighbouring array positions) and
+    ``unit_size_um`` (AnnData and legacy ST: bin edge or spot diameter) override what
+    the reader would derive."""
 
     name: str
     path: str
@@ -21,9 +25,15 @@ class SlideSpec:
     mpp: float | None = None
     bin_size: int | None = None
     section: str | None = None
+    spot_pitch_um: float | None = None
+    unit_size_um: float | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for key in _OPTIONAL:  # unset: as recorded before these existed (no needless rebuild)
+            if d[key] is None:
+                del d[key]
+        return d
 
     def load(self, with_image: bool = True) -> Slide:
         from magnet_st.read import auto
@@ -33,11 +43,16 @@ class SlideSpec:
             image=self.image,
             microns_per_pixel=self.mpp,
             bin_size_um=self.bin_size,
+            spot_pitch_um=self.spot_pitch_um,
+            unit_size_um=self.unit_size_um,
             sections=[self.section] if self.section else None,
             with_image=with_image,
         )
         slide.name = self.name
         return slide
+
+
+_OPTIONAL = ("spot_pitch_um", "unit_size_um")
 
 
 def specs_from_paths(
@@ -46,6 +61,8 @@ def specs_from_paths(
     image: str | Path | None = None,
     mpp: float | None = None,
     bin_size: int | None = None,
+    spot_pitch_um: float | None = None,
+    unit_size_um: float | None = None,
 ) -> list[SlideSpec]:
     """One spec per slide found at ``paths`` (a her2st folder gives one per section)."""
     from magnet_st.read import detect_format, her2st_sections
@@ -58,7 +75,15 @@ def specs_from_paths(
         fmt = detect_format(p)
         if fmt == "her2st":
             specs += [
-                SlideSpec(name=s, path=str(p), mpp=mpp, section=s) for s in her2st_sections(p)
+                SlideSpec(
+                    name=s,
+                    path=str(p),
+                    mpp=mpp,
+                    section=s,
+                    spot_pitch_um=spot_pitch_um,
+                    unit_size_um=unit_size_um,
+                )
+                for s in her2st_sections(p)
             ]
             continue
         if fmt == "legacy_st":
@@ -75,17 +100,29 @@ def specs_from_paths(
                 image=None if image is None else str(image),
                 mpp=mpp,
                 bin_size=bin_size,
+                spot_pitch_um=spot_pitch_um,
+                unit_size_um=unit_size_um,
             )
         )
     return check_unique(specs)
 
 
-SHEET_COLUMNS = ("name", "path", "image", "mpp", "bin_size", "section")
+SHEET_COLUMNS = (
+    "name",
+    "path",
+    "image",
+    "mpp",
+    "bin_size",
+    "section",
+    "spot_pitch_um",
+    "unit_size_um",
+)
 
 
 def specs_from_sheet(sheet: str | Path) -> list[SlideSpec]:
     """Read a sample sheet (CSV or TSV) with columns ``name, path`` and optionally
-    ``image, mpp, bin_size, section``. Relative paths are relative to the sheet's folder."""
+    ``image, mpp, bin_size, section, spot_pitch_um, unit_size_um``. Relative paths are
+    relative to the sheet's folder."""
     sheet = Path(sheet)
     if not sheet.is_file():
         raise InputError(sheet, "sample sheet not found")
@@ -111,8 +148,12 @@ def specs_from_sheet(sheet: str | Path) -> list[SlideSpec]:
         try:
             mpp = float(row["mpp"]) if row.get("mpp") else None
             bin_size = int(row["bin_size"]) if row.get("bin_size") else None
+            sizes = {k: float(row[k]) if row.get(k) else None for k in _OPTIONAL}
         except ValueError as exc:
             raise InputError(sheet, f"row {i + 2}: {exc}") from exc
+        bad = [k for k, v in sizes.items() if v is not None and not v > 0]
+        if bad:
+            raise InputError(sheet, f"row {i + 2}: {bad[0]} must be a positive number of microns")
         if not row["name"] or not row["path"]:
             raise InputError(sheet, f"row {i + 2}: empty name or path")
         specs.append(
@@ -123,6 +164,7 @@ def specs_from_sheet(sheet: str | Path) -> list[SlideSpec]:
                 mpp=mpp,
                 bin_size=bin_size,
                 section=row.get("section") or None,
+                **sizes,
             )
         )
     return check_unique(specs, sheet)

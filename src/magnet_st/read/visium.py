@@ -26,6 +26,16 @@ POSITION_COLUMNS = [
 ]
 VISIUM_SPOT_DIAMETER_UM = 55.0
 VISIUM_SPOT_PITCH_UM = 100.0
+#: Space Ranger's own downsampled images under ``spatial/`` and their scale factor keys.
+SPACERANGER_IMAGES = {
+    "tissue_hires_image.png": "tissue_hires_scalef",
+    "tissue_lowres_image.png": "tissue_lowres_scalef",
+}
+#: Full-resolution images found in a run folder when no image is given: the one that
+#: ``magnet synth`` writes next to ``outs/`` (runs marked by ``SYNTHETIC_MARKER``).
+RUN_IMAGES = ("he_fullres.tif",)
+SYNTHETIC_MARKER = "synthetic_truth.json"
+FOUND_NOTE = " (found in the run folder; no image was given)"
 
 
 def hd_bin_folders(path: str | Path) -> dict[int, Path]:
@@ -164,6 +174,86 @@ def _microns_per_pixel(
     )
 
 
+def _png_size(path: Path) -> tuple[int, int] | None:
+    """``(width, height)`` of an image from its header, or ``None`` if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _spaceranger_image(image: Path, spatial: Path, sf: dict, sf_path: Path) -> float | None:
+    """The scale factor of ``image`` if it is Space Ranger's own hires or lowres image.
+
+    It is when it is the run's ``spatial/tissue_hires_image.png`` (or ``..._lowres_...``),
+    or a file of that name with the pixel size of the run's copy (or the run keeps none).
+    """
+    key = SPACERANGER_IMAGES.get(image.name.lower())
+    if key is None:
+        return None
+    own = spatial / image.name.lower()
+    if own.is_file():
+        same = own.resolve() == image.resolve()
+        if not same:
+            size = _png_size(image)
+            same = size is not None and size == _png_size(own)
+        if not same:
+            return None
+    try:
+        scalef = float(sf[key])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(
+            sf_path,
+            f"{image} is Space Ranger's {image.name} but the scale factors have no valid "
+            f"{key!r}; give the full-resolution image instead",
+        ) from None
+    if not (np.isfinite(scalef) and 0 < scalef <= 1):
+        raise InputError(sf_path, f"{key} must be in (0, 1], got {sf[key]!r}")
+    return scalef
+
+
+def _image_scale(
+    image: Path, spatial: Path, sf: dict, sf_path: Path, pos: pd.DataFrame, mpp: float, source: str
+) -> tuple[pd.DataFrame, float, str]:
+    """Positions and microns per pixel for ``image``: scaled when it is Space Ranger's
+    hires or lowres image (positions refer to the full-resolution image)."""
+    scalef = _spaceranger_image(image, spatial, sf, sf_path)
+    if scalef is None:
+        return pos, mpp, source
+    key = SPACERANGER_IMAGES[image.name.lower()]
+    pos = pos.copy()
+    cols = ["pxl_row_in_fullres", "pxl_col_in_fullres"]
+    pos[cols] = pos[cols].to_numpy(np.float64) * scalef
+    scaled = mpp / scalef
+    log.warning(
+        "%s is Space Ranger's downsampled %s: unit centres scaled by %s %g (%s), "
+        "%.4g microns per pixel instead of %.4g; patches will be coarse: for real use give "
+        "the full-resolution image that was given to Space Ranger",
+        image,
+        image.name,
+        key,
+        scalef,
+        sf_path,
+        scaled,
+        mpp,
+    )
+    return pos, scaled, f"{source} / {key} {scalef:g}"
+
+
+def _run_image(run: Path) -> Path | None:
+    """The full-resolution image kept in a run folder written by ``magnet synth``."""
+    if not (run / SYNTHETIC_MARKER).is_file():
+        return None
+    for name in RUN_IMAGES:
+        if (run / name).is_file():
+            log.info("%s: using the run's image %s (no image given)", run, run / name)
+            return run / name
+    return None
+
+
 def _to_slide(
     m: CountMatrix,
     pos: pd.DataFrame,
@@ -175,6 +265,7 @@ def _to_slide(
     technology: str,
     image: str | Path | None,
     positions_path: Path,
+    image_note: str = "",
 ) -> Slide:
     slide = Slide(
         name=name,
@@ -192,7 +283,7 @@ def _to_slide(
             "counts": str(m.source),
             "positions": str(positions_path),
             "microns_per_pixel": mpp_source,
-            **({"image": str(image)} if image is not None else {}),
+            **({"image": f"{image}{image_note}"} if image is not None else {}),
         },
     )
     slide.check_image_bounds()
@@ -213,8 +304,12 @@ def visium_hd(
     Args:
         path: the run folder, its ``outs/``, ``outs/binned_outputs/``, or a ``square_XXXum`` folder.
         bin_size_um: 2, 8 or 16.
-        image: the full-resolution H&E image given to Space Ranger (not ``tissue_hires_image.png``).
-        microns_per_pixel: override the value of ``scalefactors_json.json``.
+        image: the full-resolution H&E image given to Space Ranger. Space Ranger's own
+            ``spatial/tissue_hires_image.png`` or ``tissue_lowres_image.png`` is recognised
+            and its scale factor applied (coarse patches: a warning says so). Default: the
+            image of a run written by ``magnet synth``, else none.
+        microns_per_pixel: override the value of ``scalefactors_json.json`` (of the
+            full-resolution image).
         matrix: ``"filtered"`` (bins under tissue) or ``"raw"`` (then filtered by ``in_tissue``).
         name: the slide's name; default: the run folder's name.
     """
@@ -239,10 +334,17 @@ def visium_hd(
     positions, positions_path = read_positions(spatial)
     m, pos = _join(_read_matrix(folder, matrix), positions, positions_path)
     mpp, mpp_source = _microns_per_pixel(microns_per_pixel, sf, sf_path, pos, float(bin_size_um))
+    run = folder.resolve()
+    while run.name.startswith("square_") or run.name in ("binned_outputs", "outs"):
+        run = run.parent
+    note = ""
+    if image is None:
+        image = _run_image(run)
+        note = FOUND_NOTE if image is not None else ""
+    if image is not None:
+        image = Path(image)
+        pos, mpp, mpp_source = _image_scale(image, spatial, sf, sf_path, pos, mpp, mpp_source)
     if name is None:
-        run = folder.resolve()
-        while run.name.startswith("square_") or run.name in ("binned_outputs", "outs"):
-            run = run.parent
         name = run.name
     return _to_slide(
         m,
@@ -254,6 +356,7 @@ def visium_hd(
         technology="visium_hd",
         image=image,
         positions_path=positions_path,
+        image_note=note,
     )
 
 
@@ -270,7 +373,8 @@ def visium(
     Positions come from ``spatial/tissue_positions.csv`` (Space Ranger >= 2.0) or the
     headerless ``spatial/tissue_positions_list.csv``. The image resolution is
     ``microns_per_pixel`` if given, else that of the scale factors file, else derived
-    from the 100 um centre-to-centre pitch of the spots.
+    from the 100 um centre-to-centre pitch of the spots. Space Ranger's own hires or lowres
+    image is recognised as in :func:`visium_hd`.
     """
     path = Path(path)
     if not path.exists():
@@ -284,6 +388,13 @@ def visium(
     positions, positions_path = read_positions(spatial)
     m, pos = _join(_read_matrix(outs, matrix), positions, positions_path)
     mpp, mpp_source = _microns_per_pixel(microns_per_pixel, sf, sf_path, pos, VISIUM_SPOT_PITCH_UM)
+    note = ""
+    if image is None:
+        image = _run_image((outs.parent if outs.name == "outs" else outs).resolve())
+        note = FOUND_NOTE if image is not None else ""
+    if image is not None:
+        image = Path(image)
+        pos, mpp, mpp_source = _image_scale(image, spatial, sf, sf_path, pos, mpp, mpp_source)
     return _to_slide(
         m,
         pos,
@@ -294,4 +405,5 @@ def visium(
         technology="visium",
         image=image,
         positions_path=positions_path,
+        image_note=note,
     )

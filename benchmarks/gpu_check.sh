@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU checks of one session, in one run (< 8 min on one H100/H200), from a clone with the
+# environment built (bash scripts/env.sh ...). Prints figures for docs/performance.md:
+#  1. features: tiles/s of resnet50 in bf16 on a 1 mm synthetic slide, end to end vs the
+#     forward pass alone (benchmarks/features_throughput.py);
+#  2. one training epoch with --precision bf16-mixed (frozen bin features), and one with the
+#     end-to-end bin encoder (--bin-encoder resnet50), each with its peak GPU memory;
+#  3. nvidia-smi's view of the device.
+#   bash benchmarks/gpu_check.sh [WORK_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work="${1:-${OUT:-/tmp}/gpu_check}"
+mkdir -p "$work"
+run() { bash scripts/env.sh "$@"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+
+echo "== 1. features throughput (resnet50, bf16, 1 mm slide)"
+timeout 240 bash scripts/env.sh python benchmarks/features_throughput.py --size-mm 1 \
+  --encoders resnet50 --levels spot region bin --batch-size 256 --device cuda || echo "features: failed ($?)"
+
+echo "== 2. training epochs on the GPU"
+slide="$work/slide"
+[ -d "$slide/outs" ] || run magnet synth "$slide" --size-mm 1 --seed 0 --quiet
+ds="$work/ds"
+[ -f "$ds/manifest.json" ] || run magnet prepare "$ds" "$slide" --bin-size 8 --quiet
+run magnet features "$ds" --encoder resnet50 --levels bin spot region --device cuda --quiet
+for mode in "bf16 --precision bf16-mixed" "e2e --precision bf16-mixed --bin-encoder resnet50 --nondeterministic"; do
+  name="${mode%% *}"; opts="${mode#* }"
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  timeout 240 bash scripts/env.sh python - "$ds" "$work/train_$name" $opts <<'PY' || echo "train $name: failed ($?)"
+import sys, time, torch
+from magnet_st.cli import main
+torch.cuda.reset_peak_memory_stats()
+t = time.perf_counter()
+rc = main(["train", sys.argv[1], sys.argv[2], "--features", "resnet50", "--epochs", "1",
+           "--accelerator", "gpu", "--devices", "1", "--quiet", *sys.argv[3:]])
+print(f"train {' '.join(sys.argv[3:])}: exit {rc}, {time.perf_counter() - t:.1f} s, "
+      f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+PY
+  echo "   wall $(( $(date +%s) - start )) s"
+done
