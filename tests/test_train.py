@@ -159,6 +159,7 @@ def test_canary_gene_of_a_scored_slide_never_enters_a_panel(ds_path: Path, tmp_p
     shutil.copytree(ds_path, ds_copy)
     ds = Dataset(ds_copy)
     canary = next(g for g in ds.level("s1", "bin").var["gene_ids"] if g not in ds.panel)
+    ds.close()  # its level files are open (backed) and are rewritten below
     rng = np.random.default_rng(0)
     for slide in ("s0", "s1"):
         path = ds_copy / "slides" / slide / "bin.h5ad"
@@ -342,6 +343,9 @@ def test_interrupted_run_resumes_exactly(ds_path: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(**{**SMALL, "epochs": 3, "dropout": 0.3})
     full, resumed = Final(), Final()
     fit(ds, ["s0"], ["s1"], cfg, tmp_path / "full", progress=False, callbacks=[full])
+    # last.ckpt follows every epoch, improved or not (it is what a resume starts from)
+    saved = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=True)
+    assert saved["global_step"] == full.step
     with pytest.raises(RuntimeError, match="killed"):
         fit(ds, ["s0"], ["s1"], cfg, tmp_path / "cut", progress=False, callbacks=[Kill()])
     last = tmp_path / "cut/checkpoints/last.ckpt"

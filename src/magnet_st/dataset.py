@@ -103,7 +103,9 @@ class Dataset:
 
     # -- data ---------------------------------------------------------------------------------
     def level(self, slide: str, level: str) -> anndata.AnnData:
-        """The AnnData of one level of one slide (read once, then cached)."""
+        """The AnnData of one level of one slide (read once, then cached), backed: its
+        count matrix stays on disk (:meth:`counts` reads the columns it needs in row chunks),
+        so a run holds the panel's counts, not every gene of every level of every slide."""
         import anndata
 
         if level not in LEVELS:
@@ -111,8 +113,15 @@ class Dataset:
         key = (slide, level)
         if key not in self._levels:
             path = self.path / self.slide_meta(slide)["dir"] / f"{level}.h5ad"
-            self._levels[key] = anndata.read_h5ad(path)
+            self._levels[key] = anndata.read_h5ad(path, backed="r")
         return self._levels[key]
+
+    def close(self) -> None:
+        """Close the on-disk matrices of the levels read so far (before rewriting them)."""
+        for ad in self._levels.values():
+            if ad.isbacked:
+                ad.file.close()
+        self._levels.clear()
 
     def counts(self, slide: str, level: str, genes: list[str] | None = None) -> sp.csr_matrix:
         """Raw counts (units x genes) for ``genes`` (gene ids; default: the panel).

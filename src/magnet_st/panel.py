@@ -44,14 +44,50 @@ def usable_genes(
     return order
 
 
+def _in_memory(X) -> bool:
+    return sp.issparse(X) or isinstance(X, np.ndarray)
+
+
+def read_rows(X, rows: np.ndarray | None = None, chunk: int = 50_000) -> sp.csr_matrix:
+    """Rows of ``X`` (every row by default) as a CSR matrix. ``X`` may be an on-disk
+    (backed) AnnData matrix: it is then read ``chunk`` rows at a time, so only the rows
+    asked for are ever in memory."""
+    if _in_memory(X):
+        X = sp.csr_matrix(X)
+        return X if rows is None else X[rows]
+    parts = []
+    for i in range(0, X.shape[0], chunk):
+        block = sp.csr_matrix(X[i : min(i + chunk, X.shape[0])])
+        if rows is not None:
+            block = block[rows[(rows >= i) & (rows < i + chunk)] - i]
+        parts.append(block)
+    return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, X.shape[1]))
+
+
 def gene_columns(
-    X, gene_ids: Sequence[str], genes: Sequence[str], *, fill_absent: bool = False
+    X,
+    gene_ids: Sequence[str],
+    genes: Sequence[str],
+    *,
+    fill_absent: bool = False,
+    chunk: int = 50_000,
 ) -> sp.csr_matrix:
     """The columns of ``X`` (units x genes with ids ``gene_ids``) for ``genes``, in order.
 
     A gene absent from ``gene_ids`` is a column of zeros with ``fill_absent`` (a slide
     that lists only detected genes), else a :class:`KeyError` naming the absent genes.
+    An on-disk (backed) ``X`` is read ``chunk`` rows at a time: only the selected columns
+    are kept in memory.
     """
+    if not _in_memory(X):
+        n = X.shape[0]
+        parts = [
+            gene_columns(
+                sp.csr_matrix(X[i : min(i + chunk, n)]), gene_ids, genes, fill_absent=fill_absent
+            )
+            for i in range(0, n, chunk)
+        ]
+        return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, len(genes)))
     col = {str(g): i for i, g in enumerate(gene_ids)}
     missing = [g for g in genes if g not in col]
     X = sp.csr_matrix(X)
@@ -120,10 +156,10 @@ def select_panel(
     rng = np.random.default_rng(seed)
     blocks = []
     for m, ids, full in zip(counts, gene_ids, lists_all, strict=True):
-        m = gene_columns(m, ids, candidates, fill_absent=not full)
+        rows = None  # a seeded sample of the units, read alone from an on-disk matrix
         if m.shape[0] > max_units_per_slide:
-            m = m[np.sort(rng.choice(m.shape[0], max_units_per_slide, replace=False))]
-        blocks.append(m)
+            rows = np.sort(rng.choice(m.shape[0], max_units_per_slide, replace=False))
+        blocks.append(gene_columns(read_rows(m, rows), ids, candidates, fill_absent=not full))
     if method == "mean":
         total = sum(np.asarray(b.sum(axis=0)).ravel() for b in blocks)
         mean = total / sum(b.shape[0] for b in blocks)

@@ -520,19 +520,22 @@ def fit(
     data = SpatialDataModule(train, val, cfg, targets, reader)
     history = _History()
     callbacks = [history, *(callbacks or [])]
+    # last.ckpt after every epoch, to resume from (Lightning's save_last only follows the
+    # monitored checkpoints, so after an epoch without improvement it would be stale)
+    latest = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    callbacks.append(latest)
     ckpt = None
-    if val:
+    if val:  # the checkpoint with the best validation PCC-gene is the model
         ckpt = ModelCheckpoint(
-            dirpath=out / "checkpoints",
-            monitor="val/pcc_gene",
-            mode="max",
-            save_last=True,
-            filename="best-{epoch}",
+            dirpath=out / "checkpoints", monitor="val/pcc_gene", mode="max", filename="best-{epoch}"
         )
         callbacks += [ckpt, EarlyStopping("val/pcc_gene", mode="max", patience=cfg.patience)]
-    else:
-        ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True)
-        callbacks.append(ckpt)
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
@@ -550,7 +553,8 @@ def fit(
         log_every_n_steps=1,
     )
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
-    best_path = ckpt.best_model_path if val and ckpt.best_model_path else ckpt.last_model_path
+    best_path = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else ""
+    best_path = best_path or latest.best_model_path
     if trainer.global_rank == 0:
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
@@ -565,7 +569,7 @@ def fit(
         )
         write_text(out / "history.json", json.dumps(history.rows, indent=1))
     trainer.strategy.barrier()  # every rank leaves once model.pt is written
-    score = ckpt.best_model_score
+    score = ckpt.best_model_score if ckpt is not None else None
     return FitResult(
         model_path=out / "model.pt",
         best_score=None if score is None else float(score),
