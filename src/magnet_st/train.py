@@ -421,7 +421,7 @@ def build_model_config(ds: Dataset, cfg: TrainConfig, n_genes: int, slide: str) 
     dims = {}
     levels = ["spot", "region"] + (["bin"] if cfg.bin_encoder == "frozen" else [])
     for lv in levels:
-        dims[lv] = int(load_features(ds.path, cfg.features, slide, lv).shape[1])
+        dims[lv] = int(load_features(ds.path, cfg.features, slide, lv, mmap=True).shape[1])
     return MagNetConfig(
         n_genes=n_genes,
         spot_feature_dim=dims["spot"],
