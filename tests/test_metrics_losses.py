@@ -243,3 +243,12 @@ def test_between_group_share_shows_collapse_to_tile_averages() -> None:
     means = np.stack([mix[groups == g].mean(0) for g in range(40)])
     between = ((means[groups] - mix.mean(0)) ** 2).sum()
     assert share.compute() == pytest.approx(between / ((mix - mix.mean(0)) ** 2).sum())
+
+
+def test_between_group_share_of_a_constant_prediction_is_undefined() -> None:
+    from magnet_st.metrics import BetweenGroupShare
+
+    share = BetweenGroupShare(3, 4)
+    const = np.tile(np.log1p(np.array([0.3, 1.7, 2.2, 0.01])), (30, 1)).astype(np.float32)
+    share.update(const, np.repeat(np.arange(3), 10))
+    assert np.isnan(share.compute())

@@ -298,3 +298,24 @@ def test_bin_batches_are_compact_whole_tiles_of_about_the_target_size() -> None:
         # the steps per epoch follow the target, not the tile size
         assert len(batches) == int(np.ceil(10 / min(side, 10))) ** 2
     assert [len(b) for b in bin_batches(s, 256)].count(256) == 4  # full 4 x 4-tile squares
+
+
+def test_rate_heads_start_at_the_mean_count_even_for_large_counts() -> None:
+    from magnet_st.targets import TargetTransform
+    from magnet_st.train import init_head_bias
+
+    s = _slide()
+    for lv in ("bin", "spot", "region"):  # region tiles then hold ~6,400 counts per gene
+        setattr(s, f"counts_{lv}", getattr(s, f"counts_{lv}") * 100)
+    cfg = MagNetConfig(
+        n_genes=7, spot_feature_dim=16, region_feature_dim=16, bin_feature_dim=16, width=32,
+        rate_heads=True,
+    )  # fmt: skip
+    model = create_model(cfg)
+    init_head_bias(model, [s], {lv: TargetTransform() for lv in ("bin", "spot", "region")})
+    for lv in ("bin", "spot", "region"):
+        bias = model.rate_heads[lv][1].bias.detach()
+        mean = np.asarray(getattr(s, f"counts_{lv}").mean(axis=0)).ravel()
+        assert torch.isfinite(bias).all(), lv
+        got = torch.nn.functional.softplus(bias.double()).numpy()
+        np.testing.assert_allclose(got, mean, rtol=1e-4)

@@ -819,9 +819,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train MagNet on a prepared dataset",
         description="Train MagNet on the training slides of a prepared dataset whose "
-        "features were extracted ('magnet features'). Batches are spatial (every bin of a "
-        "block of region tiles); one slide is held out for early stopping and checkpoint "
-        "choice (validation PCC-gene of the bins). Writes OUT/model.pt (everything "
+        "features were extracted ('magnet features'). Batches are spatial (about "
+        "--batch-bins bins in a square of whole spot tiles); the gene panel and target "
+        "statistics are chosen on the training and validation slides alone; one slide is "
+        "held out for early stopping and checkpoint choice (validation PCC-gene of the "
+        "bins); an interrupted run resumes exactly with --resume OUT/checkpoints/last.ckpt. "
+        "Writes OUT/model.pt (everything "
         "prediction needs; loads with torch.load(weights_only=True)), the losses per epoch "
         "in OUT/history.json ('magnet plot OUT' draws them), Lightning checkpoints in "
         "OUT/checkpoints/ and a CSV training log in OUT/logs/.",

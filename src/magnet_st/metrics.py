@@ -196,7 +196,10 @@ class BetweenGroupShare:
         seen = self.n > 0
         between = (self.sums[seen] ** 2 / self.n[seen, None]).sum(0) - self.total**2 / n
         total = self.total_sq - self.total**2 / n
-        return float(between.sum() / total.sum()) if total.sum() > 0 else float("nan")
+        # a constant prediction (the mean profile) has no variance to share: rounding only
+        if total.sum() <= 1e-9 * max(float(self.total_sq.sum()), 1e-300):
+            return float("nan")
+        return float(between.sum() / total.sum())
 
 
 def summarize(rows: list[dict[str, float]], keys: list[str]) -> dict[str, tuple[float, float]]:

@@ -622,5 +622,7 @@ def init_head_bias(
         if rates is not None:  # expected counts start at the training mean count
             total = sum(np.asarray(c.sum(axis=0), np.float64).ravel() for c in counts)
             mean = np.maximum(total / max(sum(c.shape[0] for c in counts), 1), 1e-4)
-            with torch.no_grad():  # softplus^-1(mean)
-                rates[lv][1].bias.copy_(torch.from_numpy(np.log(np.expm1(mean))).float())
+            # softplus^-1(mean) = log(expm1(mean)), written so that it cannot overflow
+            inverse = mean + np.log(-np.expm1(-mean))
+            with torch.no_grad():
+                rates[lv][1].bias.copy_(torch.from_numpy(inverse).float())
