@@ -278,10 +278,14 @@ def test_explicit_options_win_over_the_paper_variant_presets() -> None:
     assert (cfg.optimizer, cfg.context_tokens, cfg.bin_encoder) == ("sgd", 1, "resnet50")
     cfg = parse("--variant", "paper")
     assert (cfg.epochs, cfg.width, cfg.consistency) == (51, 1024, "paper")
+    assert cfg.pcc_axis == "unit" and parse().pcc_axis == "gene"  # measured default
+    assert parse("--variant", "paper", "--pcc-axis", "gene").pcc_axis == "gene"
     cfg = parse("--pcc-axis", "gene", "--consistency", "aggregate")
     assert (cfg.epochs, cfg.width, cfg.bin_encoder) == (30, 256, "frozen")
     assert (cfg.pcc_axis, cfg.consistency) == ("gene", "aggregate")
     assert cfg.deterministic is True and parse("--nondeterministic").deterministic is False
+    assert (parse().batch_bins, parse().block) == (256, 2)
+    assert (parse("--block", "3").batch_bins, parse("--block", "3").block) == (None, 3)
 
 
 def test_cv_slides_option_selects_slides() -> None:
