@@ -17,14 +17,6 @@ log = logging.getLogger(__name__)
 METHODS = ("hvg", "mean", "list")
 
 
-def common_genes(gene_id_lists: Sequence[Sequence[str]]) -> list[str]:
-    """Gene ids present in every list, in the order of the first."""
-    common = set(gene_id_lists[0])
-    for ids in gene_id_lists[1:]:
-        common &= set(ids)
-    return [g for g in gene_id_lists[0] if g in common]
-
-
 def usable_genes(
     gene_id_lists: Sequence[Sequence[str]], lists_all: Sequence[bool] | None = None
 ) -> list[str]:
@@ -220,11 +212,8 @@ def training_panel(ds: Any, slides: Sequence[str], seed: int = 0) -> TrainingPan
     slide scored later helped choose them. Candidates: genes every slide of the dataset
     measures, counting a gene a legacy ST slide does not list as measured zero
     (:func:`usable_genes`; gene presence only, no counts)."""
-    from magnet_st.targets import TargetTransform
-
     slides = list(slides)
     cfg = ds.manifest["panel"]
-    kind = ds.manifest["targets"]["bin"]["kind"]
     ids = lambda s: list(ds.level(s, "bin").var["gene_ids"].astype(str))  # noqa: E731
     genes = select_panel(
         [ds.level(s, "bin").X for s in slides],
@@ -238,8 +227,16 @@ def training_panel(ds: Any, slides: Sequence[str], seed: int = 0) -> TrainingPan
         lists_all=[ds.lists_all_genes(s) for s in slides],
         seed=seed,
     )
-    targets = {
-        lv: TargetTransform(kind).fit([ds.counts(s, lv, genes) for s in slides])
-        for lv in ("bin", "spot", "region")
+    return TrainingPanel(genes, ds.gene_names(genes), training_targets(ds, slides, genes), slides)
+
+
+def training_targets(ds: Any, slides: Sequence[str], genes: Sequence[str]) -> dict[str, Any]:
+    """The dataset's target transform per level, fitted on ``slides`` for ``genes``."""
+    from magnet_st.levels import LEVELS
+    from magnet_st.targets import TargetTransform
+
+    kind = ds.manifest["targets"]["bin"]["kind"]
+    genes = list(genes)
+    return {
+        lv: TargetTransform(kind).fit([ds.counts(s, lv, genes) for s in slides]) for lv in LEVELS
     }
-    return TrainingPanel(genes, ds.gene_names(genes), targets, slides)

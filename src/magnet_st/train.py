@@ -490,12 +490,9 @@ def fit(
         chosen = training_panel(ds, list(train_slides) + list(val_slides), cfg.seed)
         genes, targets = chosen.genes, targets or chosen.targets
     elif targets is None:  # the given genes' statistics, from the training slides alone
-        kind = ds.manifest["targets"]["bin"]["kind"]
-        slides = list(train_slides) + list(val_slides)
-        targets = {
-            lv: TargetTransform(kind).fit([ds.counts(s, lv, genes) for s in slides])
-            for lv in ("bin", "spot", "region")
-        }
+        from magnet_st.panel import training_targets
+
+        targets = training_targets(ds, list(train_slides) + list(val_slides), genes)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     bin_feats = cfg.bin_encoder == "frozen"
     if bin_feats and cfg.bin_weights is not None:
