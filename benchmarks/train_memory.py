@@ -1,11 +1,13 @@
-"""Peak memory of MagNet training vs slide size (issue 5: memory must not grow with the slide).
+"""Peak memory of MagNet training vs slide size (memory must not grow with the slide).
 
 For each slide edge (default 0.9 mm ~ 10k bins and 6.5 mm ~ 660k bins in the capture
 area, 552k under tissue): write a synthetic Visium HD slide, prepare it, store random
 features (``import_features``: encoding 552k bin patches would take hours on a CPU and
 does not change what training holds in memory), then train MagNet for a fixed number of
-batches in a fresh process and report peak RSS and time per batch. Counts and features
-stay on disk (features are memory-mapped); a batch is one block of region tiles.
+batches (about 256 bins each) in a fresh process and report peak RSS and time per batch.
+Counts and features stay on disk: each batch reads its own rows (``ondisk.PanelCounts``,
+``ondisk.NpyRows``), so neither the slide's arrays nor the pages a memory map would have
+visited accumulate in the process.
 
     python benchmarks/train_memory.py                       # 0.9 and 6.5 mm
     python benchmarks/train_memory.py --sizes 0.9 2.8 --batches 30 --work /tmp/trainmem

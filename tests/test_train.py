@@ -285,6 +285,67 @@ def test_bin_weights_load_into_the_backbone(ds_path: Path, tmp_path: Path) -> No
         fit(Dataset(ds_path), ["s0"], [], TrainConfig(**SMALL, bin_weights=str(path)), tmp_path)
 
 
+def test_training_reads_count_and_feature_rows_from_disk_as_in_memory(ds_path: Path) -> None:
+    """Training reads each batch's count and feature rows from the files (the slide's
+    counts and features stay on disk); the rows must be exactly those of the whole arrays
+    read in memory, in the order asked for."""
+    import pickle
+
+    import anndata
+
+    from magnet_st.ondisk import PanelCounts
+
+    ds = Dataset(ds_path)
+    path = ds_path / ds.slide_meta("s0")["dir"] / "bin.h5ad"
+    whole = anndata.read_h5ad(path)  # everything in memory: the reference
+    ids = list(whole.var["gene_ids"].astype(str))
+    genes = [ids[7], ids[2], ids[30], ids[0]]
+    ref = whole.X.tocsr()[:, [7, 2, 30, 0]].toarray()
+    counts = ds.panel_counts("s0", "bin", genes)
+    assert counts.shape == ref.shape
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(ref), 300)  # unsorted, with repeats
+    np.testing.assert_array_equal(counts[rows].toarray(), ref[rows])
+    np.testing.assert_array_equal(counts[5:60].toarray(), ref[5:60])
+    np.testing.assert_array_equal(counts[np.arange(10, 90)].toarray(), ref[10:90])
+    np.testing.assert_array_equal(ds.counts("s0", "bin", genes).toarray(), ref)
+    # to a DataLoader worker: reopens its file there
+    again = pickle.loads(pickle.dumps(counts))
+    np.testing.assert_array_equal(again[rows].toarray(), ref[rows])
+    # a gene the slide does not list: a zero column where allowed, else an error
+    filled = PanelCounts(path, ids, [genes[0], "ABSENT", genes[1]], fill_absent=True)
+    got = filled[rows].toarray()
+    np.testing.assert_array_equal(got[:, [0, 2]], ref[rows][:, :2])
+    assert not got[:, 1].any()
+    with pytest.raises(KeyError):
+        PanelCounts(path, ids, ["ABSENT"])
+    # feature rows: one pread per run of rows, as np.load reads them
+    from magnet_st.features import load_features
+
+    feats = load_features(ds_path, KEY, "s0", "bin")
+    on_disk = load_features(ds_path, KEY, "s0", "bin", on_disk=True)
+    assert on_disk.shape == feats.shape and on_disk.dtype == feats.dtype
+    np.testing.assert_array_equal(on_disk[rows], feats[rows])
+    np.testing.assert_array_equal(on_disk[3:40], feats[3:40])
+    np.testing.assert_array_equal(on_disk[np.array([-1, 0])], feats[[-1, 0]])
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(on_disk))[rows], feats[rows])
+    with pytest.raises(IndexError):
+        on_disk[np.array([len(feats)])]
+    # a batch's targets from the on-disk rows equal the slide's targets at those bins
+    arrays = slide_arrays(ds, "s0", KEY, genes=genes)
+    tt = ds.target_transforms
+    data = BlockDataset([arrays], batch_bins=64, targets=lambda lv, c: tt[lv].transform(c))
+    batch = data[3]
+    bins = batch["bin_index"].numpy()
+    y = ds.targets("s0", "bin", genes)[bins]
+    np.testing.assert_allclose(batch["y_bin"].numpy(), y, rtol=1e-6)
+    spots = batch["spot_index"].numpy()
+    np.testing.assert_allclose(
+        batch["y_spot"].numpy(), ds.targets("s0", "spot", genes)[spots], rtol=1e-6
+    )
+    np.testing.assert_array_equal(batch["bin_x"].numpy(), feats[bins].astype(np.float32))
+
+
 def test_patch_reader_cuts_bins_as_features_cut_tiles(ds_path: Path) -> None:
     """One patch-cutting path: PatchReader's patches are the feature cache's tiles for the
     same centres (whole native pixels, resampled in torch), normalised by the bin encoder

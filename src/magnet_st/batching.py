@@ -14,9 +14,9 @@ Memory per batch is bounded by the block size, never by the slide size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from scipy.spatial import cKDTree
 
@@ -27,9 +27,10 @@ from magnet_st.graph import knn_edges
 class SlideArrays:
     """What batching needs of one slide. Positions in microns; tile sizes in microns.
 
-    ``bin_x`` / ``spot_x`` / ``region_x``: cached features (array-like, may be memory
-    mapped), or ``None`` for ``bin_x`` when bin patches are cut from the image by a
-    ``patch_reader``. ``counts_*``: panel raw counts (sparse) for targets, or ``None``.
+    ``bin_x`` / ``spot_x`` / ``region_x``: cached features (an array, or rows read from
+    disk when indexed: ``ondisk.NpyRows``), or ``None`` for ``bin_x`` when bin patches are
+    cut from the image by a ``patch_reader``. ``counts_*``: panel raw counts for targets
+    (sparse, or on disk: anything whose ``[rows]`` is a sparse matrix), or ``None``.
     """
 
     name: str
@@ -43,12 +44,12 @@ class SlideArrays:
     region_rc: np.ndarray
     spot_n_units: np.ndarray
     region_n_units: np.ndarray
-    bin_x: np.ndarray | None = None
-    spot_x: np.ndarray | None = None
-    region_x: np.ndarray | None = None
-    counts_bin: sp.csr_matrix | None = None
-    counts_spot: sp.csr_matrix | None = None
-    counts_region: sp.csr_matrix | None = None
+    bin_x: Any = None
+    spot_x: Any = None
+    region_x: Any = None
+    counts_bin: Any = None  # CSR matrix, or rows read from disk (ondisk.PanelCounts)
+    counts_spot: Any = None
+    counts_region: Any = None
     bin_px: np.ndarray | None = None  # bin centres in full-resolution pixels, for patches
     _ctx: dict = field(default_factory=dict, repr=False)
 

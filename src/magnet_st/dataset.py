@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from magnet_st.errors import InputError
-from magnet_st.panel import gene_columns
+from magnet_st.ondisk import PanelCounts, n_rows, read_element, sparse_dataset
 from magnet_st.prepare import FORMAT, LEVELS, MANIFEST, slide_dir_is_complete, slide_lists_all
 from magnet_st.targets import TargetTransform
 
 if TYPE_CHECKING:
     import anndata
+    import pandas as pd
 
     from magnet_st.image import SlideImage
 
@@ -51,6 +52,8 @@ class Dataset:
             if not slide_dir_is_complete(self.path / meta["dir"]):
                 raise InputError(self.path / meta["dir"], f"slide {name} is incomplete")
         self._levels: dict[tuple[str, str], anndata.AnnData] = {}
+        self._files: dict[tuple[str, str], Any] = {}  # open h5py files, read-only
+        self._var: dict[tuple[str, str], pd.DataFrame] = {}
         self._images: dict[str, SlideImage] = {}
 
     # -- description -------------------------------------------------------------------------
@@ -104,40 +107,99 @@ class Dataset:
     # -- data ---------------------------------------------------------------------------------
     def level(self, slide: str, level: str) -> anndata.AnnData:
         """The AnnData of one level of one slide (read once, then cached), backed: its
-        count matrix stays on disk (:meth:`counts` reads the columns it needs in row chunks),
-        so a run holds the panel's counts, not every gene of every level of every slide."""
+        count matrix stays on disk. Training does not open it: it reads single elements
+        (:meth:`obs_column`, :meth:`positions_px`, :meth:`var`) and the rows of the counts
+        each batch needs (:meth:`panel_counts`), so that its memory does not grow with the
+        slide (the AnnData's obs index and stored graphs are ~190 MB on 550k bins)."""
         import anndata
 
-        if level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        self._check_level(level)
         key = (slide, level)
         if key not in self._levels:
-            path = self.path / self.slide_meta(slide)["dir"] / f"{level}.h5ad"
-            self._levels[key] = anndata.read_h5ad(path, backed="r")
+            self._levels[key] = anndata.read_h5ad(self._h5ad(slide, level), backed="r")
         return self._levels[key]
+
+    @staticmethod
+    def _check_level(level: str) -> None:
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+
+    def _h5ad(self, slide: str, level: str) -> Path:
+        self._check_level(level)
+        return self.path / self.slide_meta(slide)["dir"] / f"{level}.h5ad"
+
+    def _file(self, slide: str, level: str) -> Any:
+        import h5py
+
+        key = (slide, level)
+        if key not in self._files:
+            self._files[key] = h5py.File(self._h5ad(slide, level), "r")
+        return self._files[key]
 
     def close(self) -> None:
         """Close the on-disk matrices of the levels read so far (before rewriting them)."""
         for ad in self._levels.values():
             if ad.isbacked:
                 ad.file.close()
+        for f in self._files.values():
+            f.close()
         self._levels.clear()
+        self._files.clear()
+        self._var.clear()
 
-    def counts(self, slide: str, level: str, genes: list[str] | None = None) -> sp.csr_matrix:
-        """Raw counts (units x genes) for ``genes`` (gene ids; default: the panel).
+    def n_obs(self, slide: str, level: str) -> int:
+        """Number of units of one level of one slide."""
+        return n_rows(self._file(slide, level))
 
-        On a slide that lists only the genes it detected (legacy ST), a gene it does not
-        list is a column of zeros; elsewhere it is an error."""
-        ad = self.level(slide, level)
-        genes = self.panel if genes is None else genes
-        ids = ad.var["gene_ids"].astype(str)
+    def var(self, slide: str, level: str = "bin") -> pd.DataFrame:
+        """The level's genes (index: names; column ``gene_ids``), read alone and cached."""
+        key = (slide, level)
+        if key not in self._var:
+            self._var[key] = read_element(self._file(slide, level), "var")
+        return self._var[key]
+
+    def gene_ids(self, slide: str, level: str = "bin") -> list[str]:
+        return list(self.var(slide, level)["gene_ids"].astype(str))
+
+    def obs_column(self, slide: str, level: str, column: str) -> np.ndarray:
+        """One column of the level's ``obs``, read alone."""
+        value = read_element(self._file(slide, level), f"obs/{column}")
+        return np.asarray(value)
+
+    def matrix(self, slide: str, level: str) -> Any:
+        """The level's raw count matrix (all genes) on disk: rows read when sliced."""
+        import h5py
+
+        X = self._file(slide, level)["X"]
+        return X if isinstance(X, h5py.Dataset) else sparse_dataset(X)
+
+    def panel_counts(self, slide: str, level: str, genes: list[str] | None = None) -> PanelCounts:
+        """Raw counts (units x genes) for ``genes`` (gene ids; default: the panel), on disk:
+        indexing it with rows reads those rows. On a slide that lists only the genes it
+        detected (legacy ST), a gene it does not list is a column of zeros; elsewhere it is
+        an error."""
+        genes = self.panel if genes is None else list(genes)
         try:
-            return gene_columns(ad.X, ids, genes, fill_absent=not self.lists_all_genes(slide))
+            return PanelCounts(
+                self._h5ad(slide, level),
+                self.gene_ids(slide, level),
+                genes,
+                fill_absent=not self.lists_all_genes(slide),
+            )
         except KeyError as exc:
             raise InputError(
                 self.path / self.slide_meta(slide)["dir"],
                 f"slide {slide} lacks genes {exc.args[0][:10]}",
             ) from None
+
+    def counts(self, slide: str, level: str, genes: list[str] | None = None) -> sp.csr_matrix:
+        """Raw counts (units x genes) for ``genes`` (default: the panel), in memory (read
+        in row chunks: only the selected columns are ever held). See :meth:`panel_counts`."""
+        counts = self.panel_counts(slide, level, genes)
+        try:
+            return counts.to_memory()
+        finally:
+            counts.close()
 
     def targets(self, slide: str, level: str, genes: list[str] | None = None) -> np.ndarray:
         """Regression targets on the dataset's target scale (float32, units x genes)."""
@@ -149,22 +211,22 @@ class Dataset:
         for slide in self.slides:
             if all(g in name for g in genes):
                 break
-            ad = self.level(slide, "bin")
-            ids, names = ad.var["gene_ids"].astype(str), ad.var_names.astype(str)
+            var = self.var(slide, "bin")
+            ids, names = var["gene_ids"].astype(str), var.index.astype(str)
             for g, n in zip(ids, names, strict=True):
                 name.setdefault(g, n)
         return [name.get(g, g) for g in genes]
 
     def positions_px(self, slide: str, level: str) -> np.ndarray:
         """Centres ``(x, y)`` in full-resolution pixels."""
-        return np.asarray(self.level(slide, level).obsm["spatial"], dtype=np.float64)
+        return np.asarray(read_element(self._file(slide, level), "obsm/spatial"), dtype=np.float64)
 
     def positions_um(self, slide: str, level: str) -> np.ndarray:
         return self.positions_px(slide, level) * float(self.slide_meta(slide)["microns_per_pixel"])
 
     def membership(self, slide: str, level: str) -> np.ndarray:
         """For each unit, the index of its ``level`` tile (``"spot"`` or ``"region"``)."""
-        return self.level(slide, "bin").obs[level].to_numpy()
+        return self.obs_column(slide, "bin", level)
 
     def image(self, slide: str) -> SlideImage:
         """The slide's full-resolution image, opened once."""

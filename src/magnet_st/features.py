@@ -979,8 +979,12 @@ def load_features(
     level: str,
     *,
     mmap: bool = False,
+    on_disk: bool = False,
 ) -> np.ndarray:
     """The cached features of one slide/level: float16 ``(n_units_of_level, dim)``.
+
+    ``mmap``: memory-mapped. ``on_disk``: an :class:`magnet_st.ondisk.NpyRows` that reads
+    the rows it is indexed with (training: memory stays bounded over a long run).
 
     Rows follow the order of the level's units in the dataset (``Dataset.level(slide,
     level)``). ``encoder_key_or_name`` is a feature-set key (``resnet50-random``) or an
@@ -1007,7 +1011,12 @@ def load_features(
             f"no complete {level} features for slide {slide!r} with encoder {fs['key']}"
             f"{partial}; {_hint(path, name, level)}",
         )
-    arr = np.load(p["npy"], mmap_mode="r" if mmap else None)
+    if on_disk:
+        from magnet_st.ondisk import NpyRows
+
+        arr = NpyRows(p["npy"])
+    else:
+        arr = np.load(p["npy"], mmap_mode="r" if mmap else None)
     if arr.shape[0] != rec.get("rows"):
         raise InputError(p["npy"], f"holds {arr.shape[0]} rows, its record says {rec.get('rows')}")
     manifest = _read_json(path / "manifest.json") or {}

@@ -56,6 +56,29 @@ def read_rows(X, rows: np.ndarray | None = None, chunk: int = 50_000) -> sp.csr_
     return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, X.shape[1]))
 
 
+def column_index(gene_ids: Sequence[str], genes: Sequence[str], *, fill_absent: bool) -> np.ndarray:
+    """The column of each of ``genes`` among ``gene_ids``; -1 for a gene absent from them
+    with ``fill_absent`` (a slide that lists only detected genes), else a :class:`KeyError`
+    naming the absent genes."""
+    col = {str(g): i for i, g in enumerate(gene_ids)}
+    missing = [g for g in genes if str(g) not in col]
+    if missing and not fill_absent:
+        raise KeyError(missing)
+    return np.array([col.get(str(g), -1) for g in genes], dtype=np.int64)
+
+
+def select_columns(X: sp.spmatrix | np.ndarray, cols: np.ndarray) -> sp.csr_matrix:
+    """Columns ``cols`` of an in-memory matrix, in order, as CSR; -1 gives a zero column."""
+    X = sp.csr_matrix(X)
+    present = np.flatnonzero(cols >= 0)
+    if len(present) == len(cols):
+        return X[:, cols]
+    sub = X[:, cols[present]].tocoo()
+    return sp.csr_matrix(
+        (sub.data, (sub.row, present[sub.col])), shape=(X.shape[0], len(cols)), dtype=X.dtype
+    )
+
+
 def gene_columns(
     X,
     gene_ids: Sequence[str],
@@ -71,29 +94,12 @@ def gene_columns(
     An on-disk (backed) ``X`` is read ``chunk`` rows at a time: only the selected columns
     are kept in memory.
     """
-    if not _in_memory(X):
-        n = X.shape[0]
-        parts = [
-            gene_columns(
-                sp.csr_matrix(X[i : min(i + chunk, n)]), gene_ids, genes, fill_absent=fill_absent
-            )
-            for i in range(0, n, chunk)
-        ]
-        return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, len(genes)))
-    col = {str(g): i for i, g in enumerate(gene_ids)}
-    missing = [g for g in genes if g not in col]
-    X = sp.csr_matrix(X)
-    if not missing:
-        return X[:, [col[g] for g in genes]]
-    if not fill_absent:
-        raise KeyError(missing)
-    where = np.array([j for j, g in enumerate(genes) if g in col], dtype=np.int64)
-    sub = X[:, [col[genes[j]] for j in where]].tocoo()
-    return sp.csr_matrix(
-        (sub.data, (sub.row, where[sub.col] if len(where) else sub.col)),
-        shape=(X.shape[0], len(genes)),
-        dtype=X.dtype,
-    )
+    cols = column_index(gene_ids, genes, fill_absent=fill_absent)
+    if _in_memory(X):
+        return select_columns(X, cols)
+    n = X.shape[0]
+    parts = [select_columns(X[i : min(i + chunk, n)], cols) for i in range(0, n, chunk)]
+    return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, len(genes)))
 
 
 def select_panel(
@@ -214,15 +220,16 @@ def training_panel(ds: Any, slides: Sequence[str], seed: int = 0) -> TrainingPan
     (:func:`usable_genes`; gene presence only, no counts)."""
     slides = list(slides)
     cfg = ds.manifest["panel"]
-    ids = lambda s: list(ds.level(s, "bin").var["gene_ids"].astype(str))  # noqa: E731
     genes = select_panel(
-        [ds.level(s, "bin").X for s in slides],
-        [ids(s) for s in slides],
+        [ds.matrix(s, "bin") for s in slides],
+        [ds.gene_ids(s) for s in slides],
         method=cfg["method"],
         n_genes=cfg["n_genes"],
         genes=cfg["gene_ids"] if cfg["method"] == "list" else None,
         candidates=set(
-            usable_genes([ids(s) for s in ds.slides], [ds.lists_all_genes(s) for s in ds.slides])
+            usable_genes(
+                [ds.gene_ids(s) for s in ds.slides], [ds.lists_all_genes(s) for s in ds.slides]
+            )
         ),
         lists_all=[ds.lists_all_genes(s) for s in slides],
         seed=seed,
@@ -238,5 +245,9 @@ def training_targets(ds: Any, slides: Sequence[str], genes: Sequence[str]) -> di
     kind = ds.manifest["targets"]["bin"]["kind"]
     genes = list(genes)
     return {
-        lv: TargetTransform(kind).fit([ds.counts(s, lv, genes) for s in slides]) for lv in LEVELS
+        # streamed: one chunk of one slide's panel counts in memory at a time
+        lv: TargetTransform(kind).fit(
+            chunk for s in slides for chunk in ds.panel_counts(s, lv, genes).chunks()
+        )
+        for lv in LEVELS
     }

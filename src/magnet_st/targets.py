@@ -33,8 +33,9 @@ class TargetTransform:
     def needs_fit(self) -> bool:
         return self.kind == "log1p_zscore"
 
-    def fit(self, counts: list[sp.spmatrix | np.ndarray]) -> TargetTransform:
-        """Fit statistics on the training slides' panel counts (units x panel genes)."""
+    def fit(self, counts: Iterable[sp.spmatrix | np.ndarray]) -> TargetTransform:
+        """Fit statistics on the training slides' panel counts (units x panel genes; any
+        iterable of matrices, e.g. a generator of row chunks)."""
         if not self.needs_fit:
             return self
         n, mean, var = log1p_moments(counts)

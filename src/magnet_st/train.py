@@ -131,8 +131,6 @@ def slide_arrays(
     """Everything batching needs of one slide of a prepared dataset."""
     from magnet_st.features import load_features
 
-    spot = ds.level(slide, "spot")
-    region = ds.level(slide, "region")
     return SlideArrays(
         name=slide,
         bin_pos=ds.positions_um(slide, "bin"),
@@ -142,16 +140,21 @@ def slide_arrays(
         bin_region=ds.membership(slide, "region"),
         spot_size_um=ds.patch_um("spot"),
         region_size_um=ds.patch_um("region"),
-        region_rc=region.obs[["tile_row", "tile_col"]].to_numpy(),
-        spot_n_units=spot.obs["n_units"].to_numpy(),
-        region_n_units=region.obs["n_units"].to_numpy(),
-        # memory-mapped: batches read their rows, the slide's features stay on disk
-        bin_x=load_features(ds.path, features, slide, "bin", mmap=True) if bin_features else None,
-        spot_x=load_features(ds.path, features, slide, "spot", mmap=True),
-        region_x=load_features(ds.path, features, slide, "region", mmap=True),
-        counts_bin=ds.counts(slide, "bin", genes) if with_counts else None,
-        counts_spot=ds.counts(slide, "spot", genes) if with_counts else None,
-        counts_region=ds.counts(slide, "region", genes) if with_counts else None,
+        region_rc=np.column_stack(
+            [ds.obs_column(slide, "region", c) for c in ("tile_row", "tile_col")]
+        ),
+        spot_n_units=ds.obs_column(slide, "spot", "n_units"),
+        region_n_units=ds.obs_column(slide, "region", "n_units"),
+        # on disk: batches read their rows, the slide's features are never held
+        bin_x=load_features(ds.path, features, slide, "bin", on_disk=True)
+        if bin_features
+        else None,
+        spot_x=load_features(ds.path, features, slide, "spot", on_disk=True),
+        region_x=load_features(ds.path, features, slide, "region", on_disk=True),
+        # on disk: each batch reads its own rows
+        counts_bin=ds.panel_counts(slide, "bin", genes) if with_counts else None,
+        counts_spot=ds.panel_counts(slide, "spot", genes) if with_counts else None,
+        counts_region=ds.panel_counts(slide, "region", genes) if with_counts else None,
         bin_px=ds.positions_px(slide, "bin"),
     )
 
@@ -422,7 +425,7 @@ def build_model_config(ds: Dataset, cfg: TrainConfig, n_genes: int, slide: str) 
     dims = {}
     levels = ["spot", "region"] + (["bin"] if cfg.bin_encoder == "frozen" else [])
     for lv in levels:
-        dims[lv] = int(load_features(ds.path, cfg.features, slide, lv, mmap=True).shape[1])
+        dims[lv] = int(load_features(ds.path, cfg.features, slide, lv, on_disk=True).shape[1])
     return MagNetConfig(
         n_genes=n_genes,
         spot_feature_dim=dims["spot"],
@@ -603,6 +606,11 @@ def target_mean(tt: TargetTransform, counts: list, chunk: int = 20_000) -> np.nd
     return tt.from_log1p(mean).astype(np.float32)
 
 
+def _row_chunks(counts: Any, chunk: int = 50_000):
+    for i in range(0, counts.shape[0], chunk):
+        yield counts[i : i + chunk]
+
+
 def init_head_bias(
     model: torch.nn.Module, slides: list[SlideArrays], targets: dict[str, TargetTransform]
 ) -> None:
@@ -618,7 +626,11 @@ def init_head_bias(
             head[-1].bias.copy_(torch.from_numpy(target_mean(targets[lv], counts)))
         rates = getattr(model, "rate_heads", None)
         if rates is not None:  # expected counts start at the training mean count
-            total = sum(np.asarray(c.sum(axis=0), np.float64).ravel() for c in counts)
+            total = sum(
+                np.asarray(part.sum(axis=0), np.float64).ravel()
+                for c in counts
+                for part in _row_chunks(c)
+            )
             mean = np.maximum(total / max(sum(c.shape[0] for c in counts), 1), 1e-4)
             # softplus^-1(mean) = log(expm1(mean)), written so that it cannot overflow
             inverse = mean + np.log(-np.expm1(-mean))
