@@ -30,7 +30,10 @@ from magnet_st.predict import predict
 t0 = time.perf_counter()
 res = predict(args["model"], args["out"], image=args["image"], device=args["device"],
               batch_size=args["batch_size"], num_workers=args["workers"], progress=False)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss survives exec on Linux, so a child started by a
+# large parent would report the parent's peak)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")]
+rss = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 print(json.dumps({"seconds": time.perf_counter() - t0, "stages": res.seconds, "n": res.n,
                   "peak_rss_mb": rss, "worker_peak_rss_mb": kids}))

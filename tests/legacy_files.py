@@ -26,11 +26,14 @@ def write_section(
     mpp: tuple[float, float] = (2.0, 2.0),
     seed: int = 0,
     means: np.ndarray | None = None,
+    jitter_um: float = 0.0,
 ) -> Path:
     """Write section ``name`` under ``root`` (``ST-cnts``, ``ST-spotfiles``, ``ST-imgs``):
     spots at array positions ``xy``, ``pitch_um`` microns per array unit, an image of
     ``mpp`` microns per pixel along x and y (different = stretched), Poisson counts of
-    ``genes`` (per-gene ``means``, default 1 .. 5). Returns ``root``."""
+    ``genes`` (per-gene ``means``, default 1 .. 5). ``jitter_um``: each spot's detected
+    centre lies that far (rms per axis) off the grid, as her2st's ``new_x`` / ``new_y``
+    do (~17 um). Returns ``root``."""
     rng = np.random.default_rng(seed)
     means = np.linspace(1, 5, len(genes)) if means is None else np.asarray(means, float)
     counts = rng.poisson(means, size=(len(xy), len(genes)))
@@ -41,13 +44,14 @@ def write_section(
         root / "ST-cnts" / f"{name}.tsv.gz", sep="\t"
     )
     margin_um = pitch_um
-    px = (xy * pitch_um - xy.min(axis=0) * pitch_um + margin_um) / np.asarray(mpp)
+    found = xy + rng.normal(0.0, jitter_um / pitch_um, size=xy.shape) if jitter_um else xy
+    px = (found * pitch_um - xy.min(axis=0) * pitch_um + margin_um) / np.asarray(mpp)
     spots = pd.DataFrame(
         {
             "x": xy[:, 0],
             "y": xy[:, 1],
-            "new_x": xy[:, 0].astype(float),
-            "new_y": xy[:, 1].astype(float),
+            "new_x": found[:, 0].astype(float),
+            "new_y": found[:, 1].astype(float),
             "pixel_x": px[:, 0],
             "pixel_y": px[:, 1],
             "selected": 1,

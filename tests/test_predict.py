@@ -100,7 +100,7 @@ def test_image_only_prediction_bins_positions_and_files(trained: dict, image_onl
     _, payload = load_model(trained["model"])
     assert list(ad.var["gene_ids"]) == payload["genes"]
     assert np.isfinite(ad.X).all() and (ad.X >= 0).all()
-    assert ad.uns["magnet"]["scale"] == "log1p"
+    assert ad.uns["magnet"]["scale"] == "log1p(counts)"
     sf = ad.uns["spatial"][ad.uns["magnet"]["slide"]]["scalefactors"]
     assert sf["spot_diameter_fullres"] == pytest.approx(8.0 / mpp)
     assert res.n["bin"] == ad.n_obs
@@ -127,7 +127,12 @@ def test_prediction_draws_with_scanpy(image_only: dict, tmp_path: Path) -> None:
 
 
 def test_rerun_reuses_the_work_folder(trained: dict, image_only: dict) -> None:
+    """A rerun reuses the cached features; with spatialdata=True it adds prediction.zarr,
+    a SpatialData store of the three levels (checked in detail in test_export_spatialdata)."""
+    import anndata
+
     from magnet_st.predict import predict
+    from magnet_st.read.spatialdata import _images, _read_element
 
     feats = next((image_only["res"].out / "work/features").glob("*/*/bin.npy"))
     stamp = feats.stat().st_mtime_ns
@@ -138,10 +143,25 @@ def test_rerun_reuses_the_work_folder(trained: dict, image_only: dict) -> None:
         grid_origin_um=(MARGIN_UM, MARGIN_UM),
         device="cpu",
         num_workers=0,
+        spatialdata=True,
         progress=False,
     )
     assert feats.stat().st_mtime_ns == stamp
     assert again.n == image_only["res"].n
+    store = again.files["spatialdata"]
+    assert store == again.out / "prediction.zarr"
+    record = json.loads((again.out / "prediction.json").read_text())
+    assert record["files"]["spatialdata"] == str(store)
+    bins = anndata.read_h5ad(again.files["bin"])
+    slide = bins.uns["magnet"]["slide"]
+    for lv, name in (("bin", "square_008um"), ("spot", "spot_tiles"), ("region", "region_tiles")):
+        table = anndata.read_zarr(store / "tables" / name)
+        assert table.n_obs == again.n[lv]
+        shapes = _read_element(store, f"{slide}_{name}", "location_id")
+        level = anndata.read_h5ad(again.files[lv])
+        np.testing.assert_allclose(shapes["centres"], level.obsm["spatial"], atol=1e-6)
+    np.testing.assert_array_equal(anndata.read_zarr(store / "tables/square_008um").X, bins.X)
+    assert sorted(_images(store)) == [f"{slide}_hires_image", f"{slide}_lowres_image"]
 
 
 def test_image_only_and_spaceranger_agree_at_shared_bins(trained: dict, image_only: dict) -> None:
@@ -149,10 +169,9 @@ def test_image_only_and_spaceranger_agree_at_shared_bins(trained: dict, image_on
 
     from magnet_st.predict import predict
 
-    sr = predict(
+    sr = predict(  # no --image: a 'magnet synth' run keeps its image in its folder
         trained["model"],
         trained["root"] / "pred_sr",
-        image=trained["new"] / "he_fullres.tif",
         spaceranger=trained["new"],
         device="cpu",
         num_workers=0,
@@ -191,6 +210,14 @@ def test_errors(trained: dict, tmp_path: Path) -> None:
         predict(trained["model"], tmp_path / "o4", image=png, mpp=2.0, progress=False)
     with pytest.raises(InputError, match="image not found"):
         predict(trained["model"], tmp_path / "o5", image=tmp_path / "nope.tif", progress=False)
+    # a Space Ranger run (not a synthetic one) without --image
+    import shutil
+
+    run = tmp_path / "sr_run"
+    shutil.copytree(trained["new"] / "outs", run / "outs")
+    with pytest.raises(InputError, match="needs --image"):
+        predict(trained["model"], tmp_path / "o7", spaceranger=run, progress=False)
+    assert not (tmp_path / "o7" / "bins.h5ad").exists()
     with pytest.raises(InputError, match="model file not found"):
         predict(tmp_path / "none.pt", tmp_path / "o6", image=png, progress=False)
     # an encoder other than the model's (other weights): refused before predicting

@@ -491,3 +491,30 @@ def test_anndata_preset_follows_the_unit_size(
     err = capsys.readouterr().err
     assert "spot tiles of 56 um are smaller than the 100 um units" in err
     assert "--spot-tile-px" in err and "--unit-size UM" in err
+
+
+def test_cp10k_targets_are_scanpys_normalize_total_then_log1p(
+    synthetic_slide: Path, tmp_path: Path
+) -> None:
+    """Library-size-normalised targets: counts per 10,000 of each unit's total over every
+    gene (not only the panel's), then log1p, at every level, as scanpy computes them."""
+    import scanpy as sc
+
+    from magnet_st.dataset import Dataset
+
+    ds_path = tmp_path / "cp10k"
+    prepare([_spec(synthetic_slide)], ds_path, PrepareConfig(n_genes=50, target="log1p_cp10k"))
+    ds = Dataset(ds_path)
+    assert ds.target_transforms["bin"].scale == "log1p(counts per 10,000)"
+    for level in ("bin", "spot"):
+        full = _level(ds_path, "syn", level)
+        full.X = full.X.astype(np.float64)
+        sc.pp.normalize_total(full, target_sum=1e4)
+        sc.pp.log1p(full)
+        col = {g: i for i, g in enumerate(full.var["gene_ids"].astype(str))}
+        ref = full.X[:, [col[g] for g in ds.panel]].toarray()
+        np.testing.assert_allclose(ds.targets("syn", level), ref, rtol=1e-5, atol=1e-5)
+        # a batch reads the same rows from disk
+        rows = np.array([5, 1, 3])
+        got = np.log1p(ds.panel_counts("syn", level)[rows].toarray())
+        np.testing.assert_allclose(got, ref[rows], rtol=1e-5, atol=1e-5)

@@ -624,6 +624,41 @@ def test_cross_validation_tables_and_resume(ds_path: Path, tmp_path: Path) -> No
         read_gene_groups(tmp_path / "bad.csv")
 
 
+def test_cross_validation_ensemble_scores_the_mean_of_its_seeds(
+    ds_path: Path, tmp_path: Path
+) -> None:
+    """--ensemble N: N seeds per fold, each in its own folder, scored on the mean of their
+    predictions; a rerun trains nothing; another N in the same folder is refused."""
+    import anndata
+
+    from magnet_st.cv import cross_validate
+
+    cfg = TrainConfig(**{**SMALL, "epochs": 1, "max_batches": 2, "seed": 3})
+    run = lambda n: cross_validate(  # noqa: E731
+        ds_path, tmp_path / "cv", cfg, variants=["no_context"], ensemble=n, progress=False
+    )
+    table = run(2)
+    fold = tmp_path / "cv/fold0/no_context"
+    members = [fold / "seed3", fold / "seed4"]
+    assert all((m / "model.pt").is_file() for m in members)
+    ds = Dataset(ds_path)
+    preds = []
+    for m in members:
+        model, payload = load_model(m / "model.pt")
+        arrays = slide_arrays(ds, "s0", KEY, genes=payload["genes"], with_counts=False)
+        preds.append(predict_slide(model, arrays, payload)["bin"])
+    assert not np.allclose(preds[0], preds[1])  # the seeds differ
+    saved = anndata.read_h5ad(fold / "pred_s0_bin.h5ad").X
+    np.testing.assert_allclose(saved, (preds[0] + preds[1]) / 2, rtol=1e-5, atol=1e-6)
+    assert table[table["model"] == "no_context"]["train_seconds"].gt(0).all()
+    stamp = (members[0] / "model.pt").stat().st_mtime_ns
+    (fold / "metrics.json").unlink()  # rescoring from the members trains nothing
+    run(2)
+    assert (members[0] / "model.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="other folds or settings"):
+        run(3)
+
+
 def test_cross_validation_runs_the_ridge_probe_unasked(
     ds_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -146,7 +146,10 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         "unit size, microns per pixel, image size, and counts-per-unit quantiles.\n\n"
         "PATH may be a Space Ranger Visium HD folder (run, outs/, binned_outputs/ or "
         "square_XXXum/), a standard Visium outs/ folder, a her2st-layout folder (every "
-        "section is read), one her2st counts file (ST-cnts/C2.tsv.gz), or an .h5ad file.",
+        "section is read), one her2st counts file (ST-cnts/C2.tsv.gz), an .h5ad file, or "
+        "a SpatialData .zarr store as spatialdata-io writes it for Visium HD or Visium (its "
+        "table, the shapes the table annotates and an image element: no extra package is "
+        "needed).",
         formatter_class=_Formatter,
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="inputs to read")
@@ -156,21 +159,25 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         help="full-resolution H&E image of the slide (Space Ranger and .h5ad inputs; her2st "
         "images are found in ST-imgs/, and a run written by 'magnet synth' in its folder). "
         "Space Ranger's own spatial/tissue_hires_image.png or tissue_lowres_image.png is "
-        "recognised and its scale factor applied, but gives coarse patches",
+        "recognised and its scale factor applied, but gives coarse patches. For a "
+        "SpatialData store: the name of one of its image elements (default: the "
+        "*_full_image one)",
     )
     p.add_argument(
         "--mpp",
         type=_positive_float,
         default=None,
         help="microns per pixel of the full-resolution image; default: from the input "
-        "(scalefactors_json.json, or the spot pitch for Visium and legacy ST)",
+        "(scalefactors_json.json, or the spot pitch for Visium and legacy ST; SpatialData: "
+        "the bins' size in the image, or the spot pitch)",
     )
     p.add_argument(
         "--bin-size",
         type=int,
         choices=[2, 8, 16],
         default=None,
-        help="Visium HD bin size in um; default: 8 if present, else the finest available",
+        help="Visium HD bin size in um (SpatialData: the square_XXXum table); default: 8 if "
+        "present, else the finest available",
     )
     _add_unit_options(p)
     p.add_argument(
@@ -199,9 +206,10 @@ def _add_unit_options(p: argparse.ArgumentParser, rows: str = "") -> None:
         type=_positive_float,
         default=None,
         metavar="UM",
-        help=".h5ad and legacy ST: bin edge or spot diameter in microns, which the auto "
-        'preset follows; default: uns["spatial"][lib]["scalefactors"]["bin_size_um"] '
-        "(.h5ad), 100 (legacy ST)" + rows,
+        help=".h5ad, SpatialData and legacy ST: bin edge or spot diameter in microns, which "
+        'the auto preset follows; default: uns["spatial"][lib]["scalefactors"]["bin_size_um"] '
+        "(.h5ad), the square_XXXum table's bin or 55 (Visium circles) (SpatialData), 100 "
+        "(legacy ST)" + rows,
     )
 
 
@@ -291,7 +299,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "units; k-nearest-neighbour graphs at each level; a gene panel chosen on the "
         "training slides. Unchanged slides are skipped, so reruns are cheap.\n\n"
         "Sizes default to a preset chosen from the unit size, whatever the container "
-        "(Space Ranger, her2st or .h5ad): 'hd' (bins of 16 um or less): 112, 224, 512 px at "
+        "(Space Ranger, her2st, .h5ad or SpatialData): 'hd' (bins of 16 um or less): 112, 224, 512 px at "
         "0.25 um/px = 28, 56, 128 um; 'visium' (units up to 75 um, e.g. 55 um spots): 112, "
         "224, 448 px at 1 um/px; 'legacy_st' (larger, e.g. 100 um spots): 112, 400, 800 px "
         "at 1 um/px. Legacy ST tables list only the genes a section detected: a panel gene "
@@ -376,10 +384,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--target",
-        choices=["log1p", "log1p_zscore"],
+        choices=["log1p", "log1p_zscore", "log1p_cp10k"],
         default=None,
         help="regression target; log1p_zscore standardises genes with statistics fitted on "
-        "the training slides (default: log1p)",
+        "the training slides; log1p_cp10k is log1p of counts per 10,000 of each unit's "
+        "total (library-size normalised, as scanpy's normalize_total + log1p) (default: log1p)",
     )
     p.add_argument(
         "--train-slides",
@@ -881,7 +890,12 @@ def cmd_cv(args: argparse.Namespace) -> int:
         slides=args.slides,
         gene_groups=groups,
         baselines=args.baselines,
-        baseline_settings={"epochs": args.baseline_epochs, "max_batches": cfg.max_batches},
+        baseline_settings={
+            "epochs": args.baseline_epochs,
+            "max_batches": cfg.max_batches,
+            "seed": cfg.seed,  # --seed seeds the neural baselines too
+        },
+        ensemble=args.ensemble,
         progress=not args.quiet,
     )
     from magnet_st.train import is_main_process
@@ -942,8 +956,20 @@ def _add_cv(sub: argparse._SubParsersAction) -> None:
         help="CSV/TSV with columns gene (id or name) and group, or a synthetic slide's "
         "synthetic_truth.json: adds PCC-gene per group (groups.csv, groups.md); default: none",
     )
+    _add_ensemble_option(p)
     _add_train_options(p)
     p.set_defaults(func=cmd_cv)
+
+
+def _add_ensemble_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ensemble",
+        type=_int_at_least(1),
+        default=1,
+        metavar="N",
+        help="train each MagNet variant with N seeds per fold (--seed, --seed + 1, ...; "
+        "folders seed<S>) and score the mean of their predictions (default: 1)",
+    )
 
 
 # baselines.BASELINE_NAMES, spelled out so that '--help' needs no torch (a test checks)
@@ -1010,6 +1036,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         help="gene groups for PCC-gene per group, as in 'magnet cv'; default: none",
     )
     _add_slides_option(p)
+    _add_ensemble_option(p)
     _add_train_options(p)
     p.set_defaults(func=cmd_cv, variants=None, baselines=[])
 
@@ -1034,11 +1061,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.workers,
         zarr=args.zarr,
+        spatialdata=args.spatialdata,
         tissue_options=tissue,
         progress=not args.quiet,
     )
     for lv, path in res.files.items():
-        print(f"  {lv:>6}: {res.n[lv]:,} units -> {path}")
+        what = f"{res.n[lv]:,} units" if lv in res.n else "all levels"
+        print(f"  {lv:>6}: {what} -> {path}")
     times = ", ".join(f"{k} {v:.0f} s" for k, v in res.seconds.items())
     print(
         f"predicted in {res.seconds['total']:.0f} s ({times}); details: {res.out / 'prediction.json'}"
@@ -1055,7 +1084,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "model's bins (8 or 16 um, Space Ranger geometry) over it, encode the tiles and "
         "predict. With --spaceranger: predict on that run's bins and keep the measured "
         "counts (layer 'measured') for comparison. Writes bins.h5ad, spot_tiles.h5ad and "
-        "region_tiles.h5ad (log1p scale; open with scanpy, draw with scanpy.pl.spatial) and "
+        "region_tiles.h5ad (the model's log1p scale; open with scanpy, draw with scanpy.pl.spatial) and "
         "prediction.json. Work already done in OUT/work is reused.",
         formatter_class=_Formatter,
     )
@@ -1066,7 +1095,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="RUN",
         help="a Visium HD Space Ranger run (folder or outs/) whose bins to predict; needs "
-        "--image; default: none (image only)",
+        "--image, except for a 'magnet synth' run (its image is in its folder); default: "
+        "none (image only)",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
@@ -1105,6 +1135,14 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="image-reading worker processes; default: as 'magnet features'",
     )
     p.add_argument("--zarr", action="store_true", help="write .zarr stores instead of .h5ad")
+    p.add_argument(
+        "--spatialdata",
+        action="store_true",
+        help="also write OUT/prediction.zarr, a SpatialData store of the three levels "
+        "(tables square_008um or square_016um, spot_tiles and region_tiles; square shapes; "
+        "the downsampled images) for spatialdata.read_zarr; needs no extra package "
+        "(default: off)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
 

@@ -161,9 +161,14 @@ def cross_validate(
     gene_groups: dict[str, set[str]] | None = None,
     baselines: list[str] | None = None,
     baseline_settings: dict[str, Any] | None = None,
+    ensemble: int = 1,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Run the folds and write the tables; returns the per-fold metrics table.
+
+    ``ensemble``: each MagNet variant is trained with that many seeds per fold (``cfg.seed``,
+    ``cfg.seed + 1``, ...; one folder each, ``seed<N>``) and scored on the mean of their
+    predictions (log1p scale).
 
     ``variants``: MagNet variants trained per fold (default ``[cfg.variant]``; ``[]`` for
     baselines only). ``gene_groups`` (see :func:`read_gene_groups`) adds PCC-gene per group
@@ -190,18 +195,28 @@ def cross_validate(
     if unknown_slides:
         raise ConfigError(f"{dataset}: no slides {unknown_slides}; slides: {ds.slides}")
     variants = [cfg.variant] if variants is None else list(variants)
+    if int(ensemble) < 1:
+        raise ConfigError(f"ensemble must be at least 1 seed, got {ensemble}")
     if gene_groups is None:  # synthetic slides carry their planted groups
         gene_groups = planted_groups(ds)
     # the ridge probe runs beside the mean profile unless the features lack a level
     if RIDGE in baselines or _ridge_ready(ds, cfg.features, slides):
         baselines = [RIDGE, *(b for b in baselines if b != RIDGE)]
     folds = make_folds(slides, scheme, k, seed)
-    plan = {"scheme": scheme, "k": k, "seed": seed, "folds": folds, "train_config": cfg.to_dict()}
+    plan = {
+        "scheme": scheme,
+        "k": k,
+        "seed": seed,
+        "folds": folds,
+        "train_config": cfg.to_dict(),
+        "ensemble": int(ensemble),
+    }
     folds_file = out / "folds.json"
     if folds_file.is_file():
         old = json.loads(folds_file.read_text())
         science = {k: v for k, v in old["train_config"].items() if k not in MACHINE_KEYS}
-        if old["folds"] != folds or science != cfg.science_dict():
+        same_ensemble = old.get("ensemble", 1) == int(ensemble)
+        if old["folds"] != folds or science != cfg.science_dict() or not same_ensemble:
             raise ConfigError(
                 f"{out} holds a cross-validation with other folds or settings; "
                 "use another output folder"
@@ -215,7 +230,8 @@ def cross_validate(
             for variant in variants:
                 folder = out / f"fold{folds.index(fold)}" / variant
                 if not (folder / "metrics.json").is_file():
-                    _train_fold(ds, fold, chosen.genes, chosen.targets, cfg, variant, folder)
+                    for mcfg, mfolder in _members(replace(cfg, variant=variant), folder, ensemble):
+                        _train_fold(ds, fold, chosen.genes, chosen.targets, mcfg, variant, mfolder)
         return pd.DataFrame()
     write_text(folds_file, json.dumps(plan, indent=1))
     rows: list[dict[str, Any]] = []
@@ -248,7 +264,7 @@ def cross_validate(
             rows += _run_cached(
                 fold_dir / variant,
                 lambda d, f=fold, g=genes, n=names, t=targets, tp=top, c=vcfg: _model(
-                    ds, f, g, n, t, tp, c, d, progress
+                    ds, f, g, n, t, tp, c, d, progress, ensemble
                 ),
             )
         for name in [b for b in baselines if b != RIDGE]:
@@ -428,30 +444,71 @@ def _train_fold(
     )
 
 
-def _model(ds, fold, genes, names, targets, top, cfg: TrainConfig, folder: Path, progress: bool):
-    res = _train_fold(ds, fold, genes, targets, cfg, cfg.variant, folder, progress)
-    model, payload = load_model(res.model_path)
-    preds = {}
-    for slide in fold["test"]:
-        arrays = slide_arrays(
-            ds,
-            slide,
-            cfg.features,
-            genes=genes,
-            bin_features=cfg.bin_encoder == "frozen",
-            with_counts=False,
-        )
-        reader = None
-        if cfg.bin_encoder != "frozen":
-            from magnet_st.train import PatchReader
+def _members(cfg: TrainConfig, folder: Path, ensemble: int) -> list[tuple[TrainConfig, Path]]:
+    """The trainings of one variant in one fold: one, or one per seed of an ensemble."""
+    if ensemble == 1:
+        return [(cfg, folder)]
+    seeds = [cfg.seed + i for i in range(ensemble)]
+    return [(replace(cfg, seed=s), folder / f"seed{s}") for s in seeds]
 
-            reader = PatchReader({slide: ds.image(slide)}, ds.patch_um("bin"), ds.patch_px("bin"))
-        preds[slide] = predict_slide(model, arrays, payload, patch_reader=reader)
-        for lv, pred in preds[slide].items():
+
+def _model(
+    ds,
+    fold,
+    genes,
+    names,
+    targets,
+    top,
+    cfg: TrainConfig,
+    folder: Path,
+    progress: bool,
+    ensemble: int = 1,
+):
+    members = _members(cfg, folder, ensemble)
+    sums: dict[str, dict[str, np.ndarray]] = {}
+    seconds = 0.0
+    for mcfg, mfolder in members:
+        done = mfolder / "fit_seconds.txt"  # an ensemble member already trained
+        if len(members) > 1 and done.is_file() and (mfolder / "model.pt").is_file():
+            seconds += float(done.read_text())
+            model_path = mfolder / "model.pt"
+        else:
+            res = _train_fold(ds, fold, genes, targets, mcfg, mcfg.variant, mfolder, progress)
+            seconds += res.seconds
+            model_path = res.model_path
+            if len(members) > 1:
+                write_text(done, f"{res.seconds:.3f}")
+        model, payload = load_model(model_path)
+        for slide in fold["test"]:
+            arrays = slide_arrays(
+                ds,
+                slide,
+                cfg.features,
+                genes=genes,
+                bin_features=cfg.bin_encoder == "frozen",
+                with_counts=False,
+            )
+            reader = None
+            if cfg.bin_encoder != "frozen":
+                from magnet_st.train import PatchReader
+
+                reader = PatchReader(
+                    {slide: ds.image(slide)}, ds.patch_um("bin"), ds.patch_px("bin")
+                )
+            pred = predict_slide(model, arrays, payload, patch_reader=reader)
+            for lv, p in pred.items():
+                acc = sums.setdefault(slide, {})
+                if lv in acc:
+                    acc[lv] += p
+                else:
+                    acc[lv] = p
+    preds = {s: {lv: p / len(members) for lv, p in by.items()} for s, by in sums.items()}
+    for slide, by_level in preds.items():
+        for lv, pred in by_level.items():
             ad = _pred_anndata(ds, slide, lv, pred, genes, names)
             with atomic_path(folder / f"pred_{slide}_{lv}.h5ad") as tmp:
                 ad.write_h5ad(tmp)
-    return _score(ds, preds, genes, names, top, cfg.variant, folder, res.seconds)
+    return _score(ds, preds, genes, names, top, cfg.variant, folder, seconds)
 
 
 def write_tables(table: pd.DataFrame, out: Path) -> pd.DataFrame:

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from magnet_st.errors import InputError
 from magnet_st.ondisk import PanelCounts, n_rows, read_element, sparse_dataset
 from magnet_st.prepare import FORMAT, LEVELS, MANIFEST, slide_dir_is_complete, slide_lists_all
-from magnet_st.targets import TargetTransform
+from magnet_st.targets import TargetTransform, per_10k_scale
 
 if TYPE_CHECKING:
     import anndata
@@ -177,14 +177,18 @@ class Dataset:
         """Raw counts (units x genes) for ``genes`` (gene ids; default: the panel), on disk:
         indexing it with rows reads those rows. On a slide that lists only the genes it
         detected (legacy ST), a gene it does not list is a column of zeros; elsewhere it is
-        an error."""
+        an error. With ``log1p_cp10k`` targets, counts per 10,000 of the unit's total."""
         genes = self.panel if genes is None else list(genes)
+        scale = None
+        if self.target_transforms[level].per_10k:
+            scale = per_10k_scale(self.obs_column(slide, level, "total_counts"))
         try:
             return PanelCounts(
                 self._h5ad(slide, level),
                 self.gene_ids(slide, level),
                 genes,
                 fill_absent=not self.lists_all_genes(slide),
+                row_scale=scale,
             )
         except KeyError as exc:
             raise InputError(
@@ -193,8 +197,9 @@ class Dataset:
             ) from None
 
     def counts(self, slide: str, level: str, genes: list[str] | None = None) -> sp.csr_matrix:
-        """Raw counts (units x genes) for ``genes`` (default: the panel), in memory (read
-        in row chunks: only the selected columns are ever held). See :meth:`panel_counts`."""
+        """Counts (units x genes) for ``genes`` (default: the panel), in memory (read in row
+        chunks: only the selected columns are ever held): raw, or per 10,000 with
+        ``log1p_cp10k`` targets. See :meth:`panel_counts`."""
         counts = self.panel_counts(slide, level, genes)
         try:
             return counts.to_memory()

@@ -1,8 +1,10 @@
 """Whole-slide image access: read any region of an H&E image at any resolution.
 
 :func:`open_image` returns a :class:`SlideImage` for a pyramidal or flat TIFF / BigTIFF
-(read with ``tifffile``), a vendor whole-slide format (read with OpenSlide) or an ordinary
-JPEG / PNG (read with PIL). All of them answer the same questions in the same way:
+(read with ``tifffile``), a vendor whole-slide format (read with OpenSlide), an ordinary
+JPEG / PNG (read with PIL) or an OME-NGFF multiscale image group in a zarr v2 / v3 store,
+such as an image element of a SpatialData store (read with ``zarr``; its datasets are the
+pyramid levels). All of them answer the same questions in the same way:
 
 * Coordinates are level-0 (full-resolution) pixels, ``x`` = column, ``y`` = row. A box
   ``(x, y, width, height)`` is continuous: pixel ``(i, j)`` covers ``[i, i + 1) x [j, j + 1)``,
@@ -16,6 +18,7 @@ JPEG / PNG (read with PIL). All of them answer the same questions in the same wa
   alpha channel is composited over white (which equals dropping it where the image is
   opaque).
 
+Zarr arrays are read chunk by chunk through the same cache as TIFF tiles.
 Tiled TIFF pages are never decoded whole: only the tiles that intersect a read are
 decoded, and decoded tiles are kept in a bounded LRU cache (``cache_bytes``, 256 MiB by
 default) so that neighbouring reads reuse them. Stripped (non-tiled) TIFF pages are
@@ -303,7 +306,7 @@ class SlideImage(ABC):
             self._cache.clear()
             self._reset_handles()
             self._opened = False
-        if not self.path.is_file():
+        if not self._exists():
             raise InputError(self.path, "no such file (it was there when the image was opened)")
         dims, scales, file_mpp = self._open()
         dims = [(int(w), int(h)) for w, h in dims]
@@ -374,6 +377,10 @@ class SlideImage(ABC):
         )
 
     # -- backend interface -----------------------------------------------------------
+
+    def _exists(self) -> bool:
+        """Whether the image is still there (a file; a folder for OME-NGFF groups)."""
+        return self.path.is_file()
 
     @abstractmethod
     def _reset_handles(self) -> None:
@@ -985,14 +992,173 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+# --------------------------------------------------------------------------- OME-NGFF
+
+ZARR_MAX_CHUNK_BYTES = 64 * 2**20
+"""Zarr chunks up to this decoded RGB size are cached whole; larger ones are read in windows."""
+
+ZARR_WINDOW_PX = 2048
+"""Edge of the windows read from arrays whose chunks are larger than ``ZARR_MAX_CHUNK_BYTES``."""
+
+_NGFF_UNITS = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "nanometer": 1e-3}
+_NGFF_UNITS.update({"nm": 1e-3, "millimeter": 1e3, "mm": 1e3})
+
+
+def ngff_multiscale(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """The first ``multiscales`` entry of an OME-NGFF group's attributes, else ``None``.
+
+    NGFF 0.4 (zarr v2) keeps it at the top of the attributes, 0.5 (zarr v3) under ``"ome"``.
+    """
+    ome = attrs.get("ome")
+    ms = (ome if isinstance(ome, dict) else {}).get("multiscales") or attrs.get("multiscales")
+    return ms[0] if isinstance(ms, list) and ms and isinstance(ms[0], dict) else None
+
+
+def _is_zarr_group(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("zarr.json", ".zgroup", ".zattrs"))
+
+
+def _ngff_mpp(ms: dict[str, Any], axes: tuple[str, ...]) -> float | None:
+    """Microns per pixel of level 0 from its ``scale`` transformation and the x axis' unit."""
+    ix = axes.index("x")
+    meta = ms.get("axes") or []
+    x_axis = meta[ix] if ix < len(meta) else None
+    unit = x_axis.get("unit") if isinstance(x_axis, dict) else None
+    factor = _NGFF_UNITS.get(str(unit).lower()) if unit else None
+    for t in ms["datasets"][0].get("coordinateTransformations", []) or []:
+        if isinstance(t, dict) and t.get("type") == "scale" and factor:
+            try:
+                return _plausible_mpp(float(t["scale"][ix]) * factor)
+            except (KeyError, IndexError, TypeError, ValueError):
+                return None
+    return None
+
+
+def _channels_to_rgb(a: np.ndarray) -> np.ndarray:
+    """``(h, w, channels)`` uint8 -> RGB: gray repeated, alpha (2nd or 4th) over white."""
+    n = a.shape[-1]
+    if n == 1:
+        return np.repeat(a, 3, axis=-1)
+    if n == 2:
+        return _composite(np.repeat(a[..., :1], 3, axis=-1), a[..., 1:2])
+    if n == 4:
+        return _composite(a[..., :3], a[..., 3:4])
+    return a[..., :3]
+
+
+class _ZarrImage(SlideImage):
+    """An OME-NGFF multiscale image group (zarr v2 or v3), e.g. an image element of a
+    SpatialData store: its datasets are the pyramid levels, axes ``c, y, x`` (or ``y, x``).
+
+    Reads go by chunk (or by ``ZARR_WINDOW_PX`` windows for very large chunks) through the
+    decoded-tile cache, as tiles do for TIFF.
+    """
+
+    backend = "zarr"
+
+    def _exists(self) -> bool:
+        return self.path.is_dir()
+
+    def _reset_handles(self) -> None:
+        self._arrays: list[Any] = []
+        self._axes: tuple[str, ...] = ()
+        self._segs: list[tuple[int, int]] = []
+
+    def _open(self) -> tuple[list[tuple[int, int]], None, float | None]:
+        import zarr
+
+        try:
+            group = zarr.open_group(str(self.path), mode="r")
+            ms = ngff_multiscale(group.attrs.asdict())
+            if ms is None or not ms.get("datasets"):
+                raise InputError(
+                    self.path,
+                    "not an OME-NGFF image: no 'multiscales' with datasets in its attributes",
+                )
+            arrays = [group[str(d["path"])] for d in ms["datasets"]]
+        except InputError:
+            raise
+        except Exception as exc:  # zarr raises many types for missing or corrupt groups
+            raise InputError(
+                self.path, f"cannot open as an OME-NGFF image ({_short(exc)})"
+            ) from exc
+        ndim = arrays[0].ndim
+        names = [a.get("name") if isinstance(a, dict) else a for a in ms.get("axes", [])]
+        axes = tuple(str(a) for a in names) or (("c", "y", "x") if ndim == 3 else ("y", "x"))
+        if len(axes) != ndim or "x" not in axes or "y" not in axes:
+            raise InputError(
+                self.path, f"axes {list(axes)} do not fit {ndim}-d arrays with y and x"
+            )
+        for a in arrays:
+            extra = [n for ax, n in zip(axes, a.shape, strict=False) if ax not in "cyx" and n != 1]
+            if a.ndim != ndim or extra:
+                raise InputError(
+                    self.path, f"only 2-D images are read; axes {list(axes)}, shape {a.shape}"
+                )
+        iy, ix = axes.index("y"), axes.index("x")
+        segs = []
+        for a in arrays:
+            ch, cw = a.chunks[iy], a.chunks[ix]
+            if ch * cw * 3 > ZARR_MAX_CHUNK_BYTES:
+                ch = cw = ZARR_WINDOW_PX
+            segs.append((min(ch, a.shape[iy]), min(cw, a.shape[ix])))
+        self._arrays, self._axes, self._segs = arrays, axes, segs
+        return [(a.shape[ix], a.shape[iy]) for a in arrays], None, _ngff_mpp(ms, axes)
+
+    def _close_handles(self) -> None:
+        pass
+
+    def _read_level(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        out = np.full((h, w, 3), _WHITE, np.uint8)
+        lw, lh = self.level_dimensions[level]
+        ix0, iy0 = max(x0, 0), max(y0, 0)
+        ix1, iy1 = min(x0 + w, lw), min(y0 + h, lh)
+        sh, sw = self._segs[level]
+        for ty in range(iy0 // sh, (iy1 - 1) // sh + 1) if ix0 < ix1 and iy0 < iy1 else ():
+            ty0 = ty * sh
+            ry0, ry1 = max(iy0, ty0), min(iy1, ty0 + sh)
+            for tx in range(ix0 // sw, (ix1 - 1) // sw + 1):
+                tx0 = tx * sw
+                rx0, rx1 = max(ix0, tx0), min(ix1, tx0 + sw)
+                seg = self._segment(level, ty, tx)
+                out[ry0 - y0 : ry1 - y0, rx0 - x0 : rx1 - x0] = seg[
+                    ry0 - ty0 : ry1 - ty0, rx0 - tx0 : rx1 - tx0
+                ]
+        return out
+
+    def _segment(self, level: int, ty: int, tx: int) -> np.ndarray:
+        """Chunk (or window) ``(ty, tx)`` of ``level`` as RGB, full segment size, from the cache."""
+        key = (level, ty, tx)
+        with self._lock:
+            seg = self._cache.get(key)
+        if seg is not None:
+            return seg
+        sh, sw = self._segs[level]
+        rows, cols = slice(ty * sh, (ty + 1) * sh), slice(tx * sw, (tx + 1) * sw)
+        pick = {"y": rows, "x": cols, "c": slice(None)}
+        try:
+            raw = np.asarray(self._arrays[level][tuple(pick.get(ax, 0) for ax in self._axes)])
+        except Exception as exc:  # codecs and stores raise many types for corrupt chunks
+            raise InputError(self.path, f"cannot read level {level}: {_short(exc)}") from exc
+        kept = [ax for ax in self._axes if ax in pick]
+        raw = raw.transpose([kept.index(ax) for ax in ("y", "x", "c") if ax in kept])
+        rgb = _channels_to_rgb(_to_uint8(raw if raw.ndim == 3 else raw[..., None]))
+        seg = np.full((sh, sw, 3), _WHITE, np.uint8)
+        seg[: rgb.shape[0], : rgb.shape[1]] = rgb
+        with self._lock:
+            self._cache.put(key, seg)
+        return seg
+
+
 # --------------------------------------------------------------------------- open_image
 
 _BACKENDS: dict[str, type[SlideImage]] = {
     "tifffile": _TiffImage,
     "openslide": _OpenSlideImage,
     "pil": _PILImage,
+    "zarr": _ZarrImage,
 }
-_BACKEND_NAMES = {"tifffile": "tifffile", "openslide": "OpenSlide", "pil": "PIL"}
+_BACKEND_NAMES = {"tifffile": "tifffile", "openslide": "OpenSlide", "pil": "PIL", "zarr": "zarr"}
 
 
 def _is_tiff(path: Path) -> bool:
@@ -1032,12 +1198,14 @@ def open_image(
 
     Args:
         path: a TIFF / BigTIFF / OME-TIFF, an OpenSlide format (``.svs``, ``.ndpi``,
-            ``.mrxs``, ...) or a PIL format (JPEG, PNG, ...).
+            ``.mrxs``, ...), a PIL format (JPEG, PNG, ...), or the folder of an OME-NGFF
+            multiscale image group in a zarr store (e.g. ``store.zarr/images/<name>`` of a
+            SpatialData store).
         microns_per_pixel: of level 0; overrides what the file records.
         backend: ``"auto"`` (by extension and content: TIFF files with tifffile, then
             OpenSlide; OpenSlide formats with OpenSlide, then tifffile; JPEG / PNG with PIL;
-            anything else tifffile, OpenSlide, PIL), or one of ``"tifffile"``,
-            ``"openslide"``, ``"pil"``.
+            zarr groups (folders) with zarr; anything else tifffile, OpenSlide, PIL), or one
+            of ``"tifffile"``, ``"openslide"``, ``"pil"``, ``"zarr"``.
         cache_bytes: capacity of the decoded-tile cache (also OpenSlide's cache).
         resample: PIL filter for resampling: ``"bilinear"`` (default), ``"bicubic"``,
             ``"lanczos"``, ``"box"``, ``"hamming"`` or ``"nearest"``.
@@ -1053,7 +1221,11 @@ def open_image(
     if not p.exists():
         raise InputError(p, "no such file")
     if p.is_dir():
-        raise InputError(p, "is a directory, not an image file")
+        if backend in ("auto", "zarr") and _is_zarr_group(p):
+            return _ZarrImage(p, mpp, cache_bytes=cache_bytes, resample=resample)
+        raise InputError(p, "is a directory, not an image file (nor an OME-NGFF image group)")
+    if backend == "zarr":
+        raise InputError(p, "the zarr backend reads OME-NGFF image groups (folders), not files")
     try:
         if p.stat().st_size == 0:
             raise InputError(p, "file is empty")

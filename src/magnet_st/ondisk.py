@@ -41,7 +41,8 @@ class PanelCounts:
     is a CSR matrix (rows x panel genes) of those rows only.
 
     A gene the file does not list is a column of zeros (``fill_absent``: a slide that
-    lists only detected genes; the caller checks presence first). The file is opened
+    lists only detected genes; the caller checks presence first). ``row_scale``: each
+    unit's rows are multiplied by it (library-size normalisation). The file is opened
     lazily in each process, so the object can go to DataLoader workers."""
 
     def __init__(
@@ -51,14 +52,18 @@ class PanelCounts:
         genes: Sequence[str],
         *,
         fill_absent: bool = False,
+        row_scale: np.ndarray | None = None,
     ):
         self.path = Path(path)
         self._cols = column_index(gene_ids, genes, fill_absent=fill_absent)
+        self.row_scale = None if row_scale is None else np.asarray(row_scale, np.float64)
         self._file: Any = None
         self._matrix: Any = None
         self._pid = -1
         with self._open_file() as f:
             self.shape = (n_rows(f), len(self._cols))
+        if self.row_scale is not None and len(self.row_scale) != self.shape[0]:
+            raise ValueError(f"{len(self.row_scale)} row scales for {self.shape[0]} rows")
 
     def _open_file(self) -> Any:
         import h5py
@@ -104,7 +109,10 @@ class PanelCounts:
         block = sp.csr_matrix(block)
         if not np.array_equal(wanted, rows):
             block = block[back.ravel()]
-        return select_columns(block, self._cols)
+        block = select_columns(block, self._cols)
+        if self.row_scale is None:
+            return block
+        return sp.csr_matrix(sp.diags(self.row_scale[rows]) @ block, dtype=np.float32)
 
     def chunks(self, chunk: int = 50_000):
         """The panel counts of every row, ``chunk`` rows at a time."""

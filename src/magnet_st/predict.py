@@ -13,12 +13,16 @@ Then the slide is laid out as ``magnet prepare`` would (spot and region tiles), 
 are encoded with the model's encoder (cached, resumable) and the model predicts every bin,
 spot tile and region tile. Outputs in ``OUT/``:
 
-* ``bins.h5ad`` (or ``.zarr``): predicted expression per bin on the **log1p scale**
-  (``log1p(counts per bin)``, the scale the model was trained on) for the model's gene
-  panel; ``obsm["spatial"]`` in full-resolution pixels; ``uns["spatial"][<slide>]`` with a
+* ``bins.h5ad`` (or ``.zarr``): predicted expression per bin of the model's gene panel
+  on the **log1p scale** the model was trained on (``log1p(counts per bin)``, or
+  ``log1p(counts per 10,000)`` with ``log1p_cp10k`` targets; ``uns["magnet"]["scale"]``
+  says which); ``obsm["spatial"]`` in full-resolution pixels; ``uns["spatial"][<slide>]`` with a
   downsampled image and scalefactors, so ``scanpy.pl.spatial(adata, color=gene)`` draws it
-  unchanged; ``layers["measured"]`` (log1p of the counts) with ``--spaceranger``.
+  unchanged; ``layers["measured"]`` (the counts on the same scale) with ``--spaceranger``.
 * ``spot_tiles.h5ad`` and ``region_tiles.h5ad``: the same for the coarser levels.
+* ``prediction.zarr`` (with ``spatialdata=True``): all three levels as one SpatialData store
+  (``spatialdata.read_zarr``): tables, square shapes and the downsampled images; see
+  :mod:`magnet_st.export`.
 * ``tissue_mask.png`` and ``tissue_overlay.png`` (image-only), ``prediction.json`` (what was
   done, with which model and encoder, how long it took) and ``work/`` (the one-slide
   dataset and its cached features: a rerun reuses them).
@@ -39,6 +43,7 @@ import scipy.sparse as sp
 
 from magnet_st.atomic import atomic_path, write_text
 from magnet_st.errors import ConfigError, InputError
+from magnet_st.targets import TargetTransform, per_10k_rows
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +152,15 @@ def _spaceranger_slide(
     unit_um: float,
     genes: list[str],
     gene_names: list[str],
+    per_10k: bool = False,
 ):
     from magnet_st.read import visium_hd
     from magnet_st.slide import Slide
 
-    if image is None:
-        raise InputError(run, "--spaceranger needs --image: the full-resolution H&E of the run")
+    # without --image: the image a 'magnet synth' run keeps in its folder, else an error
     src = visium_hd(run, int(round(unit_um)), image, microns_per_pixel=mpp)
+    if src.image_path is None:
+        raise InputError(run, "--spaceranger needs --image: the full-resolution H&E of the run")
     col = {g: i for i, g in enumerate(src.gene_ids.astype(str))}
     have = [i for i, g in enumerate(genes) if g in col]
     if not have:
@@ -167,6 +174,8 @@ def _spaceranger_slide(
         )
     measured = sp.lil_matrix((src.n_units, len(genes)), dtype=np.float32)
     sub = src.counts[:, [col[genes[i]] for i in have]].astype(np.float32)
+    if per_10k:  # the model's scale: counts per 10,000 of each bin's total over all genes
+        sub = per_10k_rows(sub, np.asarray(src.counts.sum(axis=1)).ravel())
     sub.data = np.log1p(sub.data)
     measured[:, have] = sub
     measured = measured.tocsr()
@@ -284,6 +293,7 @@ def predict(
     batch_size: int = 64,
     num_workers: int | None = None,
     zarr: bool = False,
+    spatialdata: bool = False,
     tissue_options: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> PredictResult:
@@ -304,6 +314,7 @@ def predict(
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         batch_size, num_workers: of the feature extraction.
         zarr: write ``.zarr`` stores instead of ``.h5ad`` files.
+        spatialdata: also write ``prediction.zarr``, a SpatialData store of all levels.
         tissue_options: keyword arguments of :func:`magnet_st.tissue.detect_tissue`.
 
     Raises:
@@ -335,6 +346,8 @@ def predict(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
+    bin_target = TargetTransform.from_dict(payload["targets"]["bin"])
+    per_10k = bin_target.per_10k
 
     t = time.perf_counter()
     image = Path(image) if image is not None else None
@@ -342,7 +355,7 @@ def predict(
         raise InputError(image, "image not found")
     if spaceranger is not None:
         slide, measured = _spaceranger_slide(
-            name, Path(spaceranger), image, mpp, unit_um, genes, gene_names
+            name, Path(spaceranger), image, mpp, unit_um, genes, gene_names, per_10k
         )
         _slide_mpp(Path(slide.image_path), slide.microns_per_pixel, dcfg["working_mpp"])
     else:
@@ -412,10 +425,11 @@ def predict(
 
     t = time.perf_counter()
     img = open_image(slide.image_path, microns_per_pixel=slide.microns_per_pixel)
-    files, n = {}, {}
+    files, n, written = {}, {}, {}
     for lv, pred in preds.items():
         src = ds.level(slide.name, lv)
         ad = _prediction_anndata(src, pred, genes, gene_names, lv, slide.name, model_path, res)
+        ad.uns["magnet"]["scale"] = bin_target.scale
         size = unit_um if lv == "bin" else ds.patch_um(lv)
         ad.uns["spatial"] = spatial_uns(img, slide.name, size, slide.microns_per_pixel)
         if lv == "bin" and measured is not None:
@@ -424,7 +438,19 @@ def predict(
             if seen_in_training(payload, slide.name, slide.image_path):
                 ad.uns["magnet"]["held_out"] = False
         files[lv] = _write(ad, out / LEVEL_FILES[lv], zarr)
-        n[lv] = int(ad.n_obs)
+        n[lv], written[lv] = int(ad.n_obs), ad
+    if spatialdata:
+        from magnet_st.export import write_spatialdata
+
+        tiles = {lv: ds.patch_um(lv) for lv in written if lv != "bin"}
+        files["spatialdata"] = write_spatialdata(
+            out / "prediction.zarr",
+            written,
+            slide.name,
+            unit_um,
+            slide.microns_per_pixel,
+            tile_um=tiles,
+        )
     seconds["write"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_all
     record = {
@@ -439,7 +465,7 @@ def predict(
         "n": n,
         "files": {k: str(v) for k, v in files.items()},
         "seconds": seconds,
-        "scale": "log1p(counts per bin)",
+        "scale": bin_target.scale,
     }
     write_text(out / "prediction.json", json.dumps(record, indent=1))
     log.info("%s: %d bins predicted in %.0f s", out, n["bin"], seconds["total"])

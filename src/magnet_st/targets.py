@@ -3,7 +3,11 @@
 ``log1p`` (the default, as in the MagNet paper) needs no fitted statistics.
 ``log1p_zscore`` standardises each gene with a mean and standard deviation fitted on
 the training slides; the statistics are stored with the dataset and the model, so a
-new slide needs nothing from its own counts.
+new slide needs nothing from its own counts. ``log1p_cp10k`` is log1p of library-size
+normalised counts (counts per 10,000 of the unit's total over all genes, as scanpy's
+``normalize_total(target_sum=1e4)`` then ``log1p``): the dataset scales each unit's
+counts when it reads them (:func:`per_10k_rows`, ``Dataset.counts``), so that a model is not
+asked to predict sequencing depth, which the image cannot show.
 """
 
 from __future__ import annotations
@@ -16,7 +20,22 @@ import scipy.sparse as sp
 
 from magnet_st.errors import ConfigError
 
-KINDS = ("log1p", "log1p_zscore")
+KINDS = ("log1p", "log1p_zscore", "log1p_cp10k")
+TARGET_SUM = 1e4
+
+
+def per_10k_scale(totals: np.ndarray) -> np.ndarray:
+    """Factors that bring each unit's counts to counts per 10,000 of its total
+    (``totals``: every gene's counts of the unit, not only the panel's); a unit without
+    counts keeps factor 1e4 on its zeros."""
+    return TARGET_SUM / np.maximum(np.asarray(totals, dtype=np.float64).ravel(), 1.0)
+
+
+def per_10k_rows(counts: sp.spmatrix, totals: np.ndarray) -> sp.csr_matrix:
+    """Counts per 10,000 of each unit's total (:func:`per_10k_scale`), as float32 CSR."""
+    if len(np.ravel(totals)) != counts.shape[0]:
+        raise ValueError(f"{len(np.ravel(totals))} totals for {counts.shape[0]} units")
+    return sp.csr_matrix(sp.diags(per_10k_scale(totals)) @ sp.csr_matrix(counts), dtype=np.float32)
 
 
 @dataclass
@@ -32,6 +51,16 @@ class TargetTransform:
     @property
     def needs_fit(self) -> bool:
         return self.kind == "log1p_zscore"
+
+    @property
+    def per_10k(self) -> bool:
+        """Whether counts are library-size normalised (:func:`per_10k_rows`) before ``log1p``."""
+        return self.kind == "log1p_cp10k"
+
+    @property
+    def scale(self) -> str:
+        """The scale predictions are reported on, in words."""
+        return "log1p(counts per 10,000)" if self.per_10k else "log1p(counts)"
 
     def fit(self, counts: Iterable[sp.spmatrix | np.ndarray]) -> TargetTransform:
         """Fit statistics on the training slides' panel counts (units x panel genes; any

@@ -496,6 +496,11 @@ def fit(
         from magnet_st.panel import training_targets
 
         targets = training_targets(ds, list(train_slides) + list(val_slides), genes)
+    if cfg.consistency == "aggregate" and any(t.per_10k for t in targets.values()):
+        raise ConfigError(
+            "consistency 'aggregate' needs raw counts (a tile's counts are the sum of its "
+            "bins'); counts per 10,000 of each unit are not: use --consistency paper or none"
+        )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     bin_feats = cfg.bin_encoder == "frozen"
     if bin_feats and cfg.bin_weights is not None:

@@ -16,6 +16,14 @@ was simplified.
 Sequence and graph models (HisToGene, Hist2ST) see blocks of ``block x block``
 neighbouring units rather than a whole slide: a whole Visium HD slide is 660k bins, too
 long for one attention sequence.
+
+One addition to every regression head (ST-Net, HisToGene, Hist2ST, EGN): its output bias
+starts at the training units' mean log1p profile, so that each network starts near the
+mean-profile baseline's prediction. The published models start from PyTorch's default
+initialisation (outputs near zero); with the few steps per epoch of the spot and region
+levels (a slide has tens to hundreds of tiles, whose log1p values are 4-8) they would
+still be climbing to the log1p scale when early stopping on PCC-gene ends training, and
+their MSE and MAE would measure that rather than the model.
 """
 
 from __future__ import annotations
@@ -120,17 +128,32 @@ def _feature_norm(data: list[_LevelData], chunk: int = 50_000) -> tuple[np.ndarr
     return mean.astype(np.float32), std.astype(np.float32)
 
 
+def _target_mean(data: list[_LevelData]) -> np.ndarray:
+    """Each gene's mean log1p expression over the units of ``data`` (the mean profile)."""
+    total = sum(np.asarray(d.y.log1p().sum(0), np.float64).ravel() for d in data)
+    return (total / max(sum(d.n for d in data), 1)).astype(np.float32)
+
+
 class _Bank:
     """Training units kept as a retrieval reference (a bounded random sample)."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, ids: np.ndarray, dim: int):
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        ids: np.ndarray,
+        dim: int,
+        basis: tuple[np.ndarray, np.ndarray] | None = None,
+    ):
         self.x = x.astype(np.float32)  # normalised features
         self.y = y.astype(np.float32)  # log1p expression
         self.ids = ids.astype(np.int64)  # slide * 2**40 + row: to skip a unit's own entry
-        centred = self.x - self.x.mean(0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        self.center = self.x.mean(0)
-        self.components = vt[: min(dim, len(vt))].T.astype(np.float32)
+        if basis is None:  # fitted here; a loaded bank brings the basis it was fitted with
+            center = self.x.mean(0)
+            _, _, vt = np.linalg.svd(self.x - center, full_matrices=False)
+            basis = center, vt[: min(dim, len(vt))].T
+        self.center = np.asarray(basis[0], np.float32)
+        self.components = np.asarray(basis[1], np.float32)
         self.reduced = self._reduce(self.x)
 
     def _reduce(self, x: np.ndarray) -> np.ndarray:
@@ -151,11 +174,16 @@ class _Bank:
             "x": torch.from_numpy(self.x),
             "y": torch.from_numpy(self.y),
             "ids": torch.from_numpy(self.ids),
+            "center": torch.from_numpy(self.center),
+            "components": torch.from_numpy(self.components),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor], dim: int) -> _Bank:
-        return cls(d["x"].numpy(), d["y"].numpy(), d["ids"].numpy(), dim)
+        # the saved PCA basis, not a new SVD: another LAPACK or thread count could rotate a
+        # near-degenerate basis and change which exemplars a unit retrieves
+        basis = (d["center"].numpy(), d["components"].numpy()) if "center" in d else None
+        return cls(d["x"].numpy(), d["y"].numpy(), d["ids"].numpy(), dim, basis)
 
 
 # -- networks -----------------------------------------------------------------------------
@@ -181,6 +209,10 @@ class _STNetNet(nn.Module):
             nn.Linear(dim, width), nn.ReLU(), nn.Dropout(0.1), nn.Linear(width, genes)
         )
 
+    @property
+    def out(self) -> nn.Linear:
+        return self.mlp[-1]
+
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.mlp(b["x"])
 
@@ -196,6 +228,10 @@ class _HisToGeneNet(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, genes))
+
+    @property
+    def out(self) -> nn.Linear:
+        return self.head[-1]
 
     def tokens(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         h = self.embed(b["x"]) + self.row(b["pos"][..., 0]) + self.col(b["pos"][..., 1])
@@ -256,6 +292,10 @@ class _EGNNet(nn.Module):
         )
         self.norm = nn.ModuleList([nn.LayerNorm(width) for _ in range(depth)])
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, genes))
+
+    @property
+    def out(self) -> nn.Linear:
+        return self.head[-1]
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         q = self.query(b["x"])[:, None]
@@ -392,6 +432,10 @@ class NeuralBaseline:
         if self.uses_bank:
             self.banks[level] = self._make_bank(train, level, rng)
         net = self.build(train[0].x.shape[1], len(self.genes))
+        out = getattr(net, "out", None)  # regression heads (not BLEEP's retrieval)
+        if out is not None:  # start from the mean profile: see the module docstring
+            with torch.no_grad():
+                out.bias.copy_(torch.from_numpy(_target_mean(train)))
         self.nets[level] = net
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         best, best_state, bad, history = -np.inf, None, 0, []
@@ -523,9 +567,10 @@ class STNet(NeuralBaseline):
     """ST-Net (He et al., Nature Biomedical Engineering 2020): an ImageNet DenseNet-121,
     fine-tuned, whose last layer regresses the expression of each spot from its patch.
 
-    Here: the frozen features, a hidden layer (ReLU, dropout) standing in for the fine-tuned
-    top of the network, and a linear output; MSE on log1p. One patch in, one profile out:
-    no neighbours, no context.
+    Here: the frozen features (module docstring: why), a hidden layer (ReLU, dropout)
+    standing in for the top of the network that ST-Net fine-tunes and that frozen features
+    cannot adapt, and a linear output; MSE on log1p. One patch in, one profile out: no
+    neighbours, no context.
     """
 
     name = "stnet"
@@ -540,8 +585,11 @@ class HisToGene(NeuralBaseline):
     positions; MSE on the expression.
 
     Here: tokens are the frozen features of the units of one ``block x block`` block (the
-    position embeddings index the unit's place in its block), 4 pre-norm layers of 8 heads
-    rather than 8 of 16, width ``width``. No super-resolution or test-time augmentation.
+    position embeddings index the unit's place in its block: a whole HD slide is too long a
+    sequence), 4 pre-norm layers of 8 heads rather than 8 of 16, width ``width`` rather than
+    1024 (the tokens are already an encoder's features, not raw pixels, and the default
+    must train on a CPU). No super-resolution or test-time augmentation (neither changes the
+    per-unit prediction scored here).
     """
 
     name = "histogene"
@@ -557,11 +605,15 @@ class His2ST(NeuralBaseline):
     network (GraphSAGE) over the spots' spatial neighbour graph; a ZINB likelihood and
     self-distillation in training.
 
-    Here: the frozen features replace the ConvMixer; a 2-layer transformer over each block
-    with position embeddings; two GraphSAGE layers on the 4-nearest-neighbour graph of the
-    block's units; transformer and graph outputs concatenated into a linear head. MSE on
-    log1p replaces the ZINB likelihood and the self-distillation (both model raw counts, and
-    every model here is scored on log1p).
+    Here: the frozen features replace the ConvMixer (module docstring: why); a 2-layer
+    transformer over each block (a whole HD slide is too long a sequence) with position
+    embeddings; two GraphSAGE layers on the 4-nearest-neighbour graph of the block's units;
+    transformer and graph outputs concatenated into a linear head (a plain jumping-knowledge
+    readout; Hist2ST's runs an LSTM over its graph layers' outputs). Depths are smaller
+    than the paper's (8 attention, 4 graph layers), for the same CPU budget as HisToGene.
+    The loss is Hist2ST's main term, MSE, here on log1p; its optional ZINB term on the raw
+    counts and the self-distillation over augmented copies of the patches are left out
+    (every model here is scored on log1p, and frozen features have no augmented copies).
     """
 
     name = "his2st"
@@ -579,7 +631,11 @@ class BLEEP(NeuralBaseline):
     embeddings are closest to its image embedding.
 
     Here: the image branch is BLEEP's projection head on the frozen features (BLEEP trains a
-    ResNet-50); the reference is a random sample of at most ``bank`` training units.
+    ResNet-50; module docstring: why); the expression branch, the loss (temperature 1) and
+    the retrieval (cosine similarity, the mean of the top ``neighbours`` profiles) are
+    BLEEP's. The reference is a random sample of at most ``bank`` units of the training
+    slides only (validation and test slides never enter it), to bound memory and the
+    similarity matrix on HD slides; BLEEP uses every training spot.
     """
 
     name = "bleep"
@@ -603,13 +659,14 @@ class BLEEP(NeuralBaseline):
         net = self.nets[level]
         was = net.training
         net.eval()
-        self._reference = net.expression(torch.from_numpy(self.banks[level].y))
+        # BLEEP matches L2-normalised embeddings (cosine similarity)
+        self._reference = F.normalize(net.expression(torch.from_numpy(self.banks[level].y)), dim=1)
         net.train(was)
         return super()._predict(d, level)
 
     def predict_batch(self, net: nn.Module, b: dict[str, torch.Tensor], level: str) -> torch.Tensor:
         bank = self.banks[level]
-        sim = net.image(b["x"]) @ self._reference.T
+        sim = F.normalize(net.image(b["x"]), dim=1) @ self._reference.T
         top = sim.topk(min(self.cfg.neighbours, len(bank.y)), dim=1).indices
         return torch.from_numpy(bank.y)[top].mean(1)
 
@@ -620,11 +677,15 @@ class EGN(NeuralBaseline):
     representation; a ViT backbone with exemplar-bridging blocks lets the patch attend to the
     exemplars' features and expression, and a head predicts its expression.
 
-    Here: exemplars are the ``exemplars`` nearest training units by cosine similarity of the
-    frozen features' first ``retrieval_dim`` PCA components (EGN retrieves with a StyleGAN
-    encoder), never the unit itself during training; the patch's frozen feature is one
-    query token attending, over 2 pre-norm layers, to exemplar tokens that sum a projection
-    of each exemplar's features and of its log1p expression; MSE on log1p.
+    Here: exemplars are the ``exemplars`` nearest units of a random sample of at most
+    ``bank`` training units (training slides only) by cosine similarity of the frozen
+    features' first ``retrieval_dim`` PCA components, never the unit itself during training
+    (EGN retrieves with a StyleGAN encoder trained on the slides' patches: training a GAN is
+    out of this project's budget, and PCA of the same frozen features is an unsupervised
+    representation at hand). The patch's frozen feature is one query token (EGN: a ViT over
+    the patch's pixels, replaced as every encoder here) attending, over 2 pre-norm layers,
+    to exemplar tokens that sum a projection of each exemplar's features and of its log1p
+    expression (EGN's exemplar-bridging blocks, reduced to cross-attention); MSE on log1p.
     """
 
     name = "egn"

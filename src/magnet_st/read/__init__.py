@@ -4,6 +4,8 @@
 - :func:`visium`: Space Ranger standard Visium output (55 um spots).
 - :func:`legacy_st` and :func:`her2st`: legacy Spatial Transcriptomics (her2st layout).
 - :func:`h5ad`: AnnData with ``obsm["spatial"]``.
+- :func:`spatialdata_zarr`: a SpatialData ``.zarr`` store as spatialdata-io writes it for
+  Visium HD and Visium (read with zarr, anndata and pyarrow: no extra package needed).
 - :func:`auto`: detect the format of a path and read every slide in it.
 - :class:`SlideSpec`, :func:`specs_from_paths`, :func:`specs_from_sheet`: say which
   slides to read (with their images) without reading them yet.
@@ -17,6 +19,7 @@ from magnet_st.errors import InputError
 from magnet_st.read.h5ad import h5ad
 from magnet_st.read.legacy_st import her2st, her2st_sections, legacy_st
 from magnet_st.read.matrix import read_10x_h5, read_10x_mtx
+from magnet_st.read.spatialdata import is_spatialdata_store, spatialdata_zarr
 from magnet_st.read.specs import SlideSpec, specs_from_paths, specs_from_sheet
 from magnet_st.read.visium import hd_bin_folders, visium, visium_hd
 from magnet_st.slide import Slide
@@ -31,6 +34,7 @@ __all__ = [
     "legacy_st",
     "read_10x_h5",
     "read_10x_mtx",
+    "spatialdata_zarr",
     "specs_from_paths",
     "specs_from_sheet",
     "visium",
@@ -39,7 +43,8 @@ __all__ = [
 
 
 def detect_format(path: str | Path) -> str:
-    """``"visium_hd"``, ``"visium"``, ``"her2st"``, ``"legacy_st"`` or ``"h5ad"``."""
+    """``"visium_hd"``, ``"visium"``, ``"her2st"``, ``"legacy_st"``, ``"h5ad"`` or
+    ``"spatialdata"`` (a zarr store with ``tables/``)."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "not found")
@@ -49,6 +54,8 @@ def detect_format(path: str | Path) -> str:
         if path.parent.name == "ST-cnts" and ".tsv" in path.name:
             return "legacy_st"
         raise InputError(path, "unknown input: expected a folder or an .h5ad file")
+    if is_spatialdata_store(path):
+        return "spatialdata"
     if hd_bin_folders(path):
         return "visium_hd"
     if (path / "ST-cnts").is_dir() or (path / "data" / "ST-cnts").is_dir():
@@ -58,8 +65,8 @@ def detect_format(path: str | Path) -> str:
             return "visium"
     raise InputError(
         path,
-        "unknown input folder: expected Space Ranger outs/ (Visium HD or Visium) "
-        "or a her2st-layout folder",
+        "unknown input folder: expected Space Ranger outs/ (Visium HD or Visium), "
+        "a her2st-layout folder or a SpatialData .zarr store",
     )
 
 
@@ -76,22 +83,25 @@ def auto(
 ) -> list[Slide]:
     """Read every slide at ``path`` whatever its format.
 
-    ``bin_size_um`` (Visium HD) defaults to 8 um when present, else the only or the
-    finest bin size available. ``sections`` selects her2st sections (default: all).
-    ``spot_pitch_um`` (legacy ST: microns between neighbouring array positions) and
-    ``unit_size_um`` (.h5ad and legacy ST: bin edge or spot diameter) override what the
-    reader derives; Space Ranger inputs state both, so they are refused there.
+    ``bin_size_um`` (Visium HD, Space Ranger or SpatialData) defaults to 8 um when present,
+    else the only or the finest bin size available. ``sections`` selects her2st sections
+    (default: all). ``spot_pitch_um`` (legacy ST: microns between neighbouring array
+    positions) and ``unit_size_um`` (.h5ad, SpatialData and legacy ST: bin edge or spot
+    diameter) override what the reader derives; Space Ranger inputs state both, so they
+    are refused there. For a SpatialData store, ``image`` names one of its image elements.
     """
     path = Path(path)
     fmt = detect_format(path)
     given = {"--spot-pitch": spot_pitch_um, "--unit-size": unit_size_um}
-    allowed = {"h5ad": ("--unit-size",), "legacy_st": tuple(given), "her2st": tuple(given)}
+    allowed = {"h5ad": ("--unit-size",), "spatialdata": ("--unit-size",)}
+    allowed |= {"legacy_st": tuple(given), "her2st": tuple(given)}
     wrong = [k for k, v in given.items() if v is not None and k not in allowed.get(fmt, ())]
     if wrong:
         raise InputError(
             path,
             f"{' and '.join(wrong)} given for a {fmt} input, which states its own unit size "
-            "and scale (--spot-pitch is for legacy ST; --unit-size for legacy ST and .h5ad)",
+            "and scale (--spot-pitch is for legacy ST; --unit-size for legacy ST, .h5ad and "
+            "SpatialData)",
         )
     legacy = {"spot_pitch_um": spot_pitch_um, "unit_size_um": unit_size_um}
     if fmt == "visium_hd":
@@ -103,6 +113,16 @@ def auto(
         return [visium(path, image, microns_per_pixel=microns_per_pixel)]
     if fmt == "h5ad":
         return [h5ad(path, image, microns_per_pixel=microns_per_pixel, unit_size_um=unit_size_um)]
+    if fmt == "spatialdata":
+        return [
+            spatialdata_zarr(
+                path,
+                bin_size_um,
+                image,
+                microns_per_pixel=microns_per_pixel,
+                unit_size_um=unit_size_um,
+            )
+        ]
     if fmt == "legacy_st":
         section = path.name.split(".")[0]
         root = path.parent.parent

@@ -16,8 +16,9 @@ class SlideSpec:
     """Where one slide's data lives. ``section`` selects one her2st section.
 
     ``spot_pitch_um`` (legacy ST: microns between neighbouring array positions) and
-    ``unit_size_um`` (AnnData and legacy ST: bin edge or spot diameter) override what
-    the reader would derive."""
+    ``unit_size_um`` (AnnData, SpatialData and legacy ST: bin edge or spot diameter)
+    override what the reader would derive. For a SpatialData store, ``bin_size`` picks its
+    ``square_XXXum`` table and ``image`` names one of its image elements."""
 
     name: str
     path: str
@@ -92,7 +93,7 @@ def specs_from_paths(
             run = p.resolve()
             while run.name.startswith("square_") or run.name in ("binned_outputs", "outs"):
                 run = run.parent
-            name = run.stem if fmt == "h5ad" else run.name
+            name = run.stem if fmt in ("h5ad", "spatialdata") else run.name
         specs.append(
             SlideSpec(
                 name=name,
