@@ -6,8 +6,10 @@ the training slides; the statistics are stored with the dataset and the model, s
 new slide needs nothing from its own counts. ``log1p_cp10k`` is log1p of library-size
 normalised counts (counts per 10,000 of the unit's total over all genes, as scanpy's
 ``normalize_total(target_sum=1e4)`` then ``log1p``): the dataset scales each unit's
-counts when it reads them (:func:`per_10k_rows`, ``Dataset.counts``), so that a model is not
-asked to predict sequencing depth, which the image cannot show.
+counts when it reads them (:func:`per_10k_rows`, ``Dataset.counts``). It takes a
+section's sequencing depth out of the targets; measured on her2st it also takes out the
+cellularity that a spot's total counts follow (every model's PCC-gene fell by a third,
+docs/results.md), so ``log1p`` stays the default.
 """
 
 from __future__ import annotations
