@@ -286,6 +286,12 @@ def test_explicit_options_win_over_the_paper_variant_presets() -> None:
     assert cfg.deterministic is True and parse("--nondeterministic").deterministic is False
     assert (parse().batch_bins, parse().block) == (256, 2)
     assert (parse("--block", "3").batch_bins, parse("--block", "3").block) == (None, 3)
+    # loss weights merge one by one: defaults, the variant's (paper: no context MSE), given
+    assert parse().loss_weights["context_mse"] == 0.75
+    paper = parse("--variant", "paper", "--loss-weight", "pcc=0.2").loss_weights
+    assert (paper["context_mse"], paper["pcc"], paper["mse"]) == (0.0, 0.2, 0.75)
+    given = parse("--variant", "paper", "--loss-weight", "context_mse=0.5").loss_weights
+    assert given["context_mse"] == 0.5
 
 
 def test_cv_slides_option_selects_slides() -> None:

@@ -110,8 +110,11 @@ def test_magnet_loss_weights_and_consistency_forms() -> None:
         + 0.05 * (parts["pcc_spot"] + parts["pcc_region"])
         + 0.05 * parts["consistency"]
         + 0.05 * parts["poisson"]
+        + 0.75 * (parts["mse_spot"] + parts["mse_region"])  # context_mse (ours)
     )
     assert parts["loss"].item() == pytest.approx(expect.item(), rel=1e-6)
+    spot_mse = np.mean((out["spot"].numpy() - batch["y_spot"].numpy()) ** 2)
+    assert parts["mse_spot"].item() == pytest.approx(spot_mse, rel=1e-6)
     # Poisson term: mean(rate - counts * log(rate)) per level, summed over levels
     pois = sum(
         np.mean(out[f"rate_{lv}"].numpy() - c * np.log(out[f"rate_{lv}"].numpy() + 1e-8))
@@ -138,7 +141,7 @@ def test_magnet_loss_weights_and_consistency_forms() -> None:
     parts = magnet_loss({"bin": out["bin"]}, batch, w, "paper")
     assert set(parts) == {"mse", "pcc", "loss"}
     # the optional MSE on the coarse heads (not in the paper) adds w * (MSE spot + MSE region)
-    plain = magnet_loss(out, batch, w, "paper")
+    plain = magnet_loss(out, batch, LossWeights(context_mse=0.0), "paper")  # the paper's
     extra = magnet_loss(out, batch, LossWeights(context_mse=0.2), "paper")
     mse_ctx = sum(
         np.mean((out[lv].numpy() - batch[f"y_{lv}"].numpy()) ** 2) for lv in ("spot", "region")

@@ -578,7 +578,7 @@ _LOSS_DEFAULTS = {
     "pcc": 0.1,
     "context_pcc": 0.05,
     "consistency": 0.05,
-    "context_mse": 0.0,
+    "context_mse": 0.75,
     "poisson": 0.05,
 }
 # TrainConfig's defaults and train.VARIANT_PRESETS["paper"], spelled out for '--help'
@@ -600,6 +600,7 @@ _PAPER_PRESETS = {
     "context_tokens": 1,
     "bin_encoder": "resnet50",
     "pcc_axis": "unit",
+    "loss_weights": {"context_mse": 0.0},
 }
 
 
@@ -719,7 +720,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="set one loss weight (repeatable); names and defaults: "
         + ", ".join(f"{k}={v}" for k, v in _LOSS_DEFAULTS.items())
-        + " (the paper's weights; context_mse, an MSE on the spot and region heads, is ours)",
+        + " (the paper's weights; context_mse, an MSE on the spot and region heads that keeps "
+        "their scale, is ours: 0 with --variant paper)",
     )
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes")
@@ -766,7 +768,7 @@ def _train_config(args: argparse.Namespace):
         "max_batches": args.max_batches,
         "consistency": args.consistency,
         "pcc_axis": args.pcc_axis,
-        "loss_weights": _loss_weights(args.loss_weight),
+        "loss_weights": _loss_weights(args.loss_weight) or None,
         "seed": args.seed,
         "num_workers": args.workers,
         "accelerator": args.accelerator,
@@ -782,12 +784,14 @@ def _train_config(args: argparse.Namespace):
 
 
 def _loss_weights(items: list[str]) -> dict[str, float]:
-    weights = dict(_LOSS_DEFAULTS)
+    """The weights given (the others: the variant's, else the defaults)."""
+    weights: dict[str, float] = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or name not in weights:
+        if not sep or name not in _LOSS_DEFAULTS:
             raise ConfigError(
-                f"--loss-weight {item!r}: expected NAME=VALUE with NAME one of {list(weights)}"
+                f"--loss-weight {item!r}: expected NAME=VALUE with NAME one of "
+                f"{list(_LOSS_DEFAULTS)}"
             )
         try:
             weights[name] = float(value)

@@ -6,9 +6,14 @@
       + w_ctx_mse * [MSE(spot) + MSE(region)]
       + w_poisson * [Poisson NLL of the rate heads]     (consistency "aggregate" only)
 
-``context_mse`` is not in the paper (0 by default): without it the coarse heads are
-trained by PCC terms only, so their scale is free and their spot/region MSE can be worse
-than the mean profile's. Set it when the spot and region predictions are used on their own.
+``context_mse`` is not in the paper (0.75 by default, as the bin MSE; 0 with ``--variant
+paper``): without it the coarse heads are trained by PCC terms only, so their scale is
+free, and the paper's consistency term pulls each coarse prediction towards its bins'
+truth (a bin holds ~1/49 of a spot tile's counts). Measured (docs/results.md): without it
+MagNet's spot and region MSE was twice the mean profile's (synthetic HD: 2.79 vs 1.41 and
+8.17 vs 2.28; her2st: 0.57 vs 0.42 and 1.71 vs 0.80); with it, 1.13 and 2.06, 0.31 and
+0.41, and the coarse PCC-gene rose (her2st 0.325 to 0.358 and 0.541 to 0.595) while the
+bin's stayed (her2st 0.208 both; synthetic 0.172 to 0.166, one fold spread).
 
 PCC: per row (per unit or tile, across genes) as in the published code (``pcc_axis=
 "unit"``, ``--variant paper``), or per gene across the units of the batch (``pcc_axis=
@@ -52,7 +57,7 @@ class LossWeights:
     pcc: float = 0.10
     context_pcc: float = 0.05
     consistency: float = 0.05
-    context_mse: float = 0.0
+    context_mse: float = 0.75  # ours, not the paper's (0 with --variant paper)
     poisson: float = 0.05
 
 

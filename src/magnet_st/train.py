@@ -47,6 +47,7 @@ VARIANT_PRESETS: dict[str, dict[str, Any]] = {
         "context_tokens": 1,
         "bin_encoder": "resnet50",
         "pcc_axis": "unit",
+        "loss_weights": {"context_mse": 0.0},  # the paper trains the coarse heads by PCC only
     }
 }
 
@@ -105,8 +106,15 @@ class TrainConfig:
     @classmethod
     def for_variant(cls, variant: str = "magnet", **given: Any) -> TrainConfig:
         """The variant's presets (:data:`VARIANT_PRESETS`), then the options ``given``:
-        an option the user sets always wins over the variant's choice."""
-        return cls(**{"variant": variant, **VARIANT_PRESETS.get(variant, {}), **given})
+        an option the user sets always wins over the variant's choice. Loss weights merge
+        one by one: the defaults, the variant's, then the ones given."""
+        preset = dict(VARIANT_PRESETS.get(variant, {}))
+        weights = {
+            **asdict(LossWeights()),
+            **preset.pop("loss_weights", {}),
+            **(given.pop("loss_weights", None) or {}),
+        }
+        return cls(**{"variant": variant, **preset, **given, "loss_weights": weights})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
