@@ -670,6 +670,16 @@ def test_cross_validation_runs_the_ridge_probe_unasked(
     cfg = TrainConfig(**SMALL)
     table = cross_validate(ds_path, tmp_path / "cv", cfg, variants=[], progress=False)
     assert sorted(set(table["model"])) == ["mean_profile", "ridge"] and len(table) == 2 * 6
+    # other baseline settings in the same folder would reuse finished folds: refused
+    with pytest.raises(ConfigError, match="other folds or settings"):
+        cross_validate(
+            ds_path,
+            tmp_path / "cv",
+            cfg,
+            variants=[],
+            baseline_settings={"epochs": 3},
+            progress=False,
+        )
     summary = pd.read_csv(tmp_path / "cv/summary.csv")
     assert list(summary["model"]) == ["mean_profile", "ridge"] * 3
     # synthetic slides bring their planted gene groups: PCC-gene per group without a flag

@@ -210,13 +210,20 @@ def cross_validate(
         "folds": folds,
         "train_config": cfg.to_dict(),
         "ensemble": int(ensemble),
+        "baseline_settings": settings,
     }
     folds_file = out / "folds.json"
     if folds_file.is_file():
         old = json.loads(folds_file.read_text())
         science = {k: v for k, v in old["train_config"].items() if k not in MACHINE_KEYS}
         same_ensemble = old.get("ensemble", 1) == int(ensemble)
-        if old["folds"] != folds or science != cfg.science_dict() or not same_ensemble:
+        # the neural baselines' settings too: their finished folds would be reused silently
+        same_baselines = old.get("baseline_settings", settings) == settings
+        if (
+            old["folds"] != folds
+            or science != cfg.science_dict()
+            or not (same_ensemble and same_baselines)
+        ):
             raise ConfigError(
                 f"{out} holds a cross-validation with other folds or settings; "
                 "use another output folder"
