@@ -26,17 +26,11 @@ import scipy.sparse as sp
 def thinned_truth(ds, slide: str, genes: list[str], keep: float, seed: int) -> dict:
     """``{"measured": {level: y}, "thinned": {level: y}}`` on the dataset's target scale
     (log1p, or log1p of counts per 10,000), bins thinned and tiles summed from them."""
-    from magnet_st.ondisk import PanelCounts
     from magnet_st.targets import per_10k_rows
 
     per_10k = ds.target_transforms["bin"].per_10k
     rng = np.random.default_rng(seed)
-    raw = PanelCounts(
-        ds._h5ad(slide, "bin"),
-        ds.gene_ids(slide, "bin"),
-        genes,
-        fill_absent=not ds.lists_all_genes(slide),
-    ).to_memory()
+    raw = ds.panel_counts(slide, "bin", genes, raw=True).to_memory()
     raw = sp.csr_matrix(raw, dtype=np.int64)
     total = ds.obs_column(slide, "bin", "total_counts").astype(np.int64)
     thin = raw.copy()

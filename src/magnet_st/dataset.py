@@ -173,14 +173,17 @@ class Dataset:
         X = self._file(slide, level)["X"]
         return X if isinstance(X, h5py.Dataset) else sparse_dataset(X)
 
-    def panel_counts(self, slide: str, level: str, genes: list[str] | None = None) -> PanelCounts:
+    def panel_counts(
+        self, slide: str, level: str, genes: list[str] | None = None, *, raw: bool = False
+    ) -> PanelCounts:
         """Raw counts (units x genes) for ``genes`` (gene ids; default: the panel), on disk:
         indexing it with rows reads those rows. On a slide that lists only the genes it
         detected (legacy ST), a gene it does not list is a column of zeros; elsewhere it is
-        an error. With ``log1p_cp10k`` targets, counts per 10,000 of the unit's total."""
+        an error. With ``log1p_cp10k`` targets, counts per 10,000 of the unit's total
+        (``raw``: the counts as measured, whatever the targets)."""
         genes = self.panel if genes is None else list(genes)
         scale = None
-        if self.target_transforms[level].per_10k:
+        if self.target_transforms[level].per_10k and not raw:
             scale = per_10k_scale(self.obs_column(slide, level, "total_counts"))
         try:
             return PanelCounts(

@@ -35,6 +35,20 @@ def n_rows(f: Any) -> int:
     return int(X.attrs["shape"][0]) if "shape" in X.attrs else int(X.shape[0])
 
 
+def _rows(rows: np.ndarray | slice, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, wanted, back)`` for an index of ``n`` rows: the rows asked for (a slice
+    expanded, negatives counted from the end), the sorted distinct rows to read, and where
+    each asked row lies among them."""
+    if isinstance(rows, slice):
+        rows = np.arange(*rows.indices(n))
+    rows = np.asarray(rows, dtype=np.int64).ravel()
+    if len(rows) and (rows.min() < -n or rows.max() >= n):
+        raise IndexError(f"row index out of range for {n} rows")
+    rows = np.where(rows < 0, rows + n, rows)
+    wanted, back = np.unique(rows, return_inverse=True)
+    return rows, wanted, back.ravel()
+
+
 class PanelCounts:
     """The raw counts of a gene panel for the units of one level of one slide, read from
     the level's ``.h5ad`` when asked for: ``counts[rows]`` (an integer array or a slice)
@@ -94,13 +108,9 @@ class PanelCounts:
         return self.shape[0]
 
     def __getitem__(self, rows: np.ndarray | slice) -> sp.csr_matrix:
-        if isinstance(rows, slice):
-            start, stop, step = rows.indices(self.shape[0])
-            rows = np.arange(start, stop, step)
-        rows = np.asarray(rows, dtype=np.int64).ravel()
+        rows, wanted, back = _rows(rows, self.shape[0])
         if len(rows) == 0:
             return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
-        wanted, back = np.unique(rows, return_inverse=True)
         X = self._x()
         if len(wanted) == wanted[-1] - wanted[0] + 1:  # one run of rows: one read
             block = X[int(wanted[0]) : int(wanted[-1]) + 1]
@@ -108,7 +118,7 @@ class PanelCounts:
             block = X[wanted]
         block = sp.csr_matrix(block)
         if not np.array_equal(wanted, rows):
-            block = block[back.ravel()]
+            block = block[back]
         block = select_columns(block, self._cols)
         if self.row_scale is None:
             return block
@@ -183,18 +193,13 @@ class NpyRows:
             start, stop, step = rows.indices(self.shape[0])
             if step == 1:
                 return self._read(start, max(start, stop)).copy()
-            rows = np.arange(start, stop, step)
-        rows = np.asarray(rows, dtype=np.int64).ravel()
+        rows, wanted, back = _rows(rows, self.shape[0])
         if len(rows) == 0:
             return np.empty((0, self.shape[1]), self.dtype)
-        if rows.min() < -self.shape[0] or rows.max() >= self.shape[0]:
-            raise IndexError(f"row index out of range for {self.shape[0]} rows")
-        rows = np.where(rows < 0, rows + self.shape[0], rows)
-        wanted, back = np.unique(rows, return_inverse=True)
         cuts = np.flatnonzero(np.diff(wanted) != 1) + 1
         parts = [self._read(int(run[0]), int(run[-1]) + 1) for run in np.split(wanted, cuts)]
         out = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
-        return out if np.array_equal(wanted, rows) else out[back.ravel()]
+        return out if np.array_equal(wanted, rows) else out[back]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self[:]
