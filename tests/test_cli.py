@@ -292,6 +292,12 @@ def test_explicit_options_win_over_the_paper_variant_presets() -> None:
     assert (paper["context_mse"], paper["pcc"], paper["mse"]) == (0.0, 0.2, 0.75)
     given = parse("--variant", "paper", "--loss-weight", "context_mse=0.5").loss_weights
     assert given["context_mse"] == 0.5
+    cfg = parse("--dropout", "0.3", "--weight-decay", "0.01")
+    assert (cfg.dropout, cfg.weight_decay) == (0.3, 0.01)
+    assert (parse().dropout, parse().weight_decay) == (0.1, 1e-4)
+    for bad in (["--dropout", "1"], ["--weight-decay", "-1"]):
+        with pytest.raises(SystemExit):
+            parse(*bad)
 
 
 def test_cv_slides_option_selects_slides() -> None:

@@ -306,3 +306,12 @@ def test_each_baseline_names_its_paper_and_what_was_simplified() -> None:
         doc = inspect.getdoc(cls) or ""
         assert all(w in doc for w in papers[name]), name
         assert "Here:" in doc, name  # what this reimplementation changed, and why
+
+
+def test_a_width_the_attention_heads_cannot_split_is_refused_up_front() -> None:
+    from magnet_st.baselines.neural import BaselineConfig
+    from magnet_st.errors import ConfigError
+
+    assert BaselineConfig(width=64).width == 64
+    with pytest.raises(ConfigError, match="multiple of 8, got 12"):
+        BaselineConfig(width=12)

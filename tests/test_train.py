@@ -659,6 +659,28 @@ def test_cross_validation_ensemble_scores_the_mean_of_its_seeds(
         run(3)
 
 
+def test_cross_validation_runs_only_the_folds_asked_then_the_rest(
+    ds_path: Path, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    from magnet_st.cv import cross_validate
+
+    cfg = TrainConfig(**SMALL)
+    table = cross_validate(
+        ds_path, tmp_path / "cv", cfg, variants=[], only_folds=[1], progress=False
+    )
+    assert set(table["fold"]) == {1} and not (tmp_path / "cv/fold0").exists()
+    stamp = (tmp_path / "cv/fold1/ridge/metrics.json").stat().st_mtime_ns
+    full = cross_validate(ds_path, tmp_path / "cv", cfg, variants=[], progress=False)
+    assert set(full["fold"]) == {0, 1}
+    assert (tmp_path / "cv/fold1/ridge/metrics.json").stat().st_mtime_ns == stamp  # reused
+    one = full[full["fold"] == 1].reset_index(drop=True)
+    pd.testing.assert_frame_equal(one, table.reset_index(drop=True), check_dtype=False)
+    with pytest.raises(ConfigError, match="no fold \\[2\\]"):
+        cross_validate(ds_path, tmp_path / "cv", cfg, variants=[], only_folds=[2], progress=False)
+
+
 def test_cross_validation_runs_the_ridge_probe_unasked(
     ds_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

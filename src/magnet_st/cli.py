@@ -50,6 +50,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def _int_at_least(lowest: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``lowest`` (else argparse's one-line usage error)."""
 
@@ -684,6 +698,18 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "(momentum 0.9, polynomial decay, as the paper)",
     )
     g.add_argument(
+        "--weight-decay",
+        type=_nonnegative_float,
+        default=None,
+        help="weight decay of the optimiser (decoupled for adamw); default: 1e-4",
+    )
+    g.add_argument(
+        "--dropout",
+        type=_fraction,
+        default=None,
+        help="dropout in the attention, graph and transformer layers, in [0, 1); default: 0.1",
+    )
+    g.add_argument(
         "--epochs",
         type=_positive_int,
         default=None,
@@ -763,6 +789,8 @@ def _train_config(args: argparse.Namespace):
         "batch_bins": None if args.block is not None else args.batch_bins,
         "optimizer": args.optimizer,
         "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "dropout": args.dropout,
         "epochs": args.epochs,
         "patience": args.patience,
         "max_batches": args.max_batches,
@@ -900,6 +928,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
             "seed": cfg.seed,  # --seed seeds the neural baselines too
         },
         ensemble=args.ensemble,
+        only_folds=args.only_folds,
         progress=not args.quiet,
     )
     from magnet_st.train import is_main_process
@@ -931,9 +960,7 @@ def _add_cv(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dataset", help="dataset folder written by 'magnet prepare'")
     p.add_argument("out", help="output folder")
-    p.add_argument("--scheme", choices=["loso", "kfold"], default="loso", help="fold scheme")
-    p.add_argument("--folds", type=_int_at_least(2), default=4, help="k for --scheme kfold")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split")
+    _add_fold_options(p)
     p.add_argument(
         "--variants",
         nargs="*",
@@ -963,6 +990,22 @@ def _add_cv(sub: argparse._SubParsersAction) -> None:
     _add_ensemble_option(p)
     _add_train_options(p)
     p.set_defaults(func=cmd_cv)
+
+
+def _add_fold_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheme", choices=["loso", "kfold"], default="loso", help="fold scheme")
+    p.add_argument("--folds", type=_int_at_least(2), default=4, help="k for --scheme kfold")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split")
+    p.add_argument(
+        "--only-folds",
+        nargs="+",
+        type=_int_at_least(0),
+        default=None,
+        metavar="I",
+        help="run only these folds (0-based, in the order of folds.json), e.g. one per "
+        "machine; the tables cover the folds run; a later call without it reuses them and "
+        "runs the rest; default: every fold",
+    )
 
 
 def _add_ensemble_option(p: argparse.ArgumentParser) -> None:
@@ -1030,9 +1073,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         + ", and the MagNet variants magnet, paper, no_context",
     )
     _add_baseline_options(p)
-    p.add_argument("--scheme", choices=["loso", "kfold"], default="loso", help="fold scheme")
-    p.add_argument("--folds", type=_int_at_least(2), default=4, help="k for --scheme kfold")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split")
+    _add_fold_options(p)
     p.add_argument(
         "--gene-groups",
         default=None,

@@ -162,13 +162,15 @@ def cross_validate(
     baselines: list[str] | None = None,
     baseline_settings: dict[str, Any] | None = None,
     ensemble: int = 1,
+    only_folds: list[int] | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Run the folds and write the tables; returns the per-fold metrics table.
 
     ``ensemble``: each MagNet variant is trained with that many seeds per fold (``cfg.seed``,
     ``cfg.seed + 1``, ...; one folder each, ``seed<N>``) and scored on the mean of their
-    predictions (log1p scale).
+    predictions (log1p scale). ``only_folds``: run just these fold indices (the tables cover
+    them; a later call without it reuses them and runs the rest).
 
     ``variants``: MagNet variants trained per fold (default ``[cfg.variant]``; ``[]`` for
     baselines only). ``gene_groups`` (see :func:`read_gene_groups`) adds PCC-gene per group
@@ -203,6 +205,12 @@ def cross_validate(
     if RIDGE in baselines or _ridge_ready(ds, cfg.features, slides):
         baselines = [RIDGE, *(b for b in baselines if b != RIDGE)]
     folds = make_folds(slides, scheme, k, seed)
+    chosen_folds = set(range(len(folds)) if only_folds is None else only_folds)
+    if not chosen_folds <= set(range(len(folds))):
+        raise ConfigError(
+            f"no fold {sorted(chosen_folds - set(range(len(folds))))}: "
+            f"this cross-validation has folds 0 to {len(folds) - 1}"
+        )
     plan = {
         "scheme": scheme,
         "k": k,
@@ -231,11 +239,13 @@ def cross_validate(
     if not is_main_process():
         # another DDP rank (Lightning runs the command again per rank): it only joins the
         # trainings, in the same order as rank 0; rank 0 predicts, scores and writes
-        for fold in folds:
+        for i, fold in enumerate(folds):
+            if i not in chosen_folds:
+                continue
             pool = fold["train"] + fold["val"]
             chosen = training_panel(ds, pool, seed)
             for variant in variants:
-                folder = out / f"fold{folds.index(fold)}" / variant
+                folder = out / f"fold{i}" / variant
                 if not (folder / "metrics.json").is_file():
                     for mcfg, mfolder in _members(replace(cfg, variant=variant), folder, ensemble):
                         _train_fold(ds, fold, chosen.genes, chosen.targets, mcfg, variant, mfolder)
@@ -244,6 +254,8 @@ def cross_validate(
     rows: list[dict[str, Any]] = []
     gene_tables: list[pd.DataFrame] = []
     for i, fold in enumerate(folds):
+        if i not in chosen_folds:
+            continue
         fold_dir = out / f"fold{i}"
         pool = fold["train"] + fold["val"]
         chosen = training_panel(ds, pool, seed)

@@ -79,6 +79,8 @@ class BaselineConfig:
                 raise ConfigError(f"baseline setting {f.name} must be an integer >= 1, got {v!r}")
         if not self.lr > 0 or self.weight_decay < 0:
             raise ConfigError("baseline settings: lr must be > 0 and weight_decay >= 0")
+        if self.width % 8:  # HisToGene / His2ST attend with 8 heads, EGN with 4
+            raise ConfigError(f"baseline setting width must be a multiple of 8, got {self.width}")
 
 
 # -- data ---------------------------------------------------------------------------------
