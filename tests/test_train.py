@@ -201,7 +201,8 @@ def test_resume_from_checkpoint(ds_path: Path, tmp_path: Path) -> None:
     assert last.is_file()
     assert torch.load(last, weights_only=True)["epoch"] == 0
     res = fit(ds, ["s0"], ["s1"], TrainConfig(**SMALL), tmp_path, resume=last, progress=False)
-    assert res.epochs_run == 2 and [r["epoch"] for r in res.history] == [1]
+    # the history of the resumed run starts at epoch 0: the checkpoint carries it
+    assert res.epochs_run == 2 and [r["epoch"] for r in res.history] == [0, 1]
 
 
 def test_end_to_end_bin_encoder_one_epoch_then_predict(ds_path: Path, tmp_path: Path) -> None:
@@ -415,6 +416,10 @@ def test_interrupted_run_resumes_exactly(ds_path: Path, tmp_path: Path) -> None:
     assert resumed.step == full.step > 0
     a, b = full.state, resumed.state
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    # the resumed run's history holds the epoch before the interruption too
+    hist = lambda run: json.loads((tmp_path / run / "history.json").read_text())  # noqa: E731
+    assert [r["epoch"] for r in hist("cut")] == [r["epoch"] for r in hist("full")] == [0, 1, 2]
+    assert hist("cut")[0]["train/loss"] == pytest.approx(hist("full")[0]["train/loss"])
 
 
 def test_errors(ds_path: Path, tmp_path: Path) -> None:
@@ -657,6 +662,30 @@ def test_cross_validation_ensemble_scores_the_mean_of_its_seeds(
     assert (members[0] / "model.pt").stat().st_mtime_ns == stamp
     with pytest.raises(ConfigError, match="other folds or settings"):
         run(3)
+
+
+def test_summary_gives_each_models_fitting_seconds_per_fold() -> None:
+    import pandas as pd
+
+    from magnet_st.cv import markdown_summary, summary_table
+
+    toy = pd.DataFrame(
+        {
+            "model": ["m"] * 4 + ["mean_profile"] * 2,
+            "level": ["bin", "spot", "bin", "spot", "bin", "bin"],
+            "fold": [0, 0, 1, 1, 0, 1],
+            "mse": [1.0] * 6,
+            "pcc_gene": [0.2] * 6,
+            "train_seconds": [10.0, 10.0, 30.0, 30.0, np.nan, np.nan],
+        }
+    )
+    s = summary_table(toy)
+    assert s.set_index(["level", "model"]).loc[("bin", "m"), "train_seconds_mean"] == 20.0
+    md = markdown_summary(s)
+    assert "| model | MSE | PCC-gene | fit s / fold |" in md
+    assert "| m | 1.0000 ± 0.0000 | 0.2000 ± 0.0000 | 20 |" in md
+    assert "| mean_profile | 1.0000 ± 0.0000 | 0.2000 ± 0.0000 |  |" in md
+    assert "fit s" not in markdown_summary(summary_table(toy.drop(columns="train_seconds")))
 
 
 def test_cross_validation_runs_only_the_folds_asked_then_the_rest(

@@ -551,6 +551,8 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
         row = {"level": level, "model": model, "folds": len(fold_means)}
         for m, (mu, sd) in stats.items():
             row[f"{m}_mean"], row[f"{m}_std"] = mu, sd
+        if "train_seconds" in sub:  # one fit per fold serves every level: its wall time
+            row["train_seconds_mean"] = sub.groupby("fold")["train_seconds"].first().mean()
         rows.append(row)
     df = pd.DataFrame(rows)
     order = {lv: i for i, lv in enumerate(LEVELS)}
@@ -564,7 +566,8 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown_summary(summary: pd.DataFrame) -> str:
-    """One Markdown table per level: rows models, columns metrics as mean +- std."""
+    """One Markdown table per level: rows models, columns metrics as mean +- std; the
+    fitting time per fold where recorded (the same fit serves every level)."""
     names = {
         "mse": "MSE",
         "mae": "MAE",
@@ -580,7 +583,9 @@ def markdown_summary(summary: pd.DataFrame) -> str:
         # between spot tiles, with the truth's in brackets
         share = "between_tile_share_mean" in sub and np.isfinite(sub["between_tile_share_mean"])
         share = bool(np.any(share))
+        timed = "train_seconds_mean" in sub and bool(np.isfinite(sub["train_seconds_mean"]).any())
         head = [names[c] for c in cols] + (["var. between spot tiles (truth)"] if share else [])
+        head += ["fit s / fold"] if timed else []
         lines += [f"### {level} level", "", "| model | " + " | ".join(head) + " |"]
         lines.append("|---|" + "---|" * len(head))
         for _, r in sub.iterrows():
@@ -593,6 +598,9 @@ def markdown_summary(summary: pd.DataFrame) -> str:
             if share:
                 p, t = r["between_tile_share_mean"], r["between_tile_share_true_mean"]
                 cells.append("n/a" if not np.isfinite(p) else f"{p:.2f} ({t:.2f})")
+            if timed:
+                t = r["train_seconds_mean"]
+                cells.append("" if not np.isfinite(t) else f"{t:.0f}")
             lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -461,6 +461,9 @@ class FitResult:
 
 
 class _History(L.Callback):
+    """The metrics of every epoch; kept in the checkpoints, so that a resumed run's
+    history.json holds the epochs before the interruption too."""
+
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
 
@@ -468,6 +471,12 @@ class _History(L.Callback):
         row = {"epoch": int(trainer.current_epoch)}
         row.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         self.rows.append(row)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": json.dumps(self.rows)}  # a string: loads with weights_only=True
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = json.loads(state_dict["rows"])
 
 
 def fit(
