@@ -58,7 +58,14 @@ def train_model(work: Path, encoder: str, input_px: int | None, device: str) -> 
     ds_path = work / "train_dataset"
     spec = SlideSpec(name="train", path=str(run), image=str(run / "he_fullres.tif"), bin_size=8)
     prepare([spec], ds_path, PrepareConfig(n_genes=250), progress=False)
-    feats = extract_features(ds_path, encoder, device=device, input_px=input_px, progress=False)
+    feats = extract_features(
+        ds_path,
+        encoder,
+        ("bin", "spot", "region"),
+        device=device,
+        input_px=input_px,
+        progress=False,
+    )
     cfg = TrainConfig(features=feats["key"], width=128, epochs=1, max_batches=3)
     fit(Dataset(ds_path), ["train"], [], cfg, model.parent, progress=False)
     return model

@@ -8,7 +8,7 @@ finished ``magnet cv`` run on synthetic slides, this scores the saved bin predic
 of the held-out slide (the generator's ``synthetic_bins_008um.parquet``, domain TUM_A or
 TUM_B) and prints the mean +- std over folds per model.
 
-    python benchmarks/synthetic_context_use.py CV_DIR SLIDES_DIR [CV_DIR ...]
+    python benchmarks/synthetic_context_use.py SLIDES_DIR CV_DIR [CV_DIR ...]
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def main() -> None:
     for cv in map(Path, args.cv):
         folds = json.loads((cv / "folds.json").read_text())["folds"]
         for i, fold in enumerate(folds):
+            if not (cv / f"fold{i}").is_dir():  # a run of some folds (--only-folds)
+                continue
             for slide in fold["test"]:
                 truth = Path(args.slides) / slide / "synthetic_bins_008um.parquet"
                 bins = pd.read_parquet(truth).set_index("barcode")

@@ -6,6 +6,7 @@ of training units only, and the benchmark's tables and resume."""
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +253,10 @@ def test_benchmark_tables_per_level_and_resume_model_by_model(
     assert main(args) == 0
     # --seed seeds the neural baselines too
     assert torch.load(out / "fold0/stnet/model.pt", weights_only=True)["config"]["seed"] == 3
+    # each level's training curve is kept beside the model (one epoch here)
+    curves = json.loads((out / "fold0/stnet/history.json").read_text())
+    assert set(curves) == set(LEVELS) and all(len(c) == 1 for c in curves.values())
+    assert all(c[0]["train/loss"] > 0 and c[0]["epoch"] == 0 for c in curves.values())
     models = ["mean_profile", "ridge", "stnet"]
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary["level"]) == [lv for lv in LEVELS for _ in models]

@@ -435,6 +435,8 @@ def _fit_baseline(
     model.save(folder / model.filename)
     if hasattr(model, "report"):  # ridge: the alpha chosen per level and the CV scores
         write_text(folder / model.report_filename, json.dumps(model.report(), indent=1))
+    if getattr(model, "history", None):  # neural baselines: each level's epochs
+        write_text(folder / "history.json", json.dumps(model.history, indent=1))
     preds = {slide: model.predict(ds, slide) for slide in fold["test"]}
     for slide, by_level in preds.items():
         for lv, pred in by_level.items():
