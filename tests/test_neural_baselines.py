@@ -274,6 +274,10 @@ def test_benchmark_tables_per_level_and_resume_model_by_model(
         assert [r.split(" | ")[0][2:] for r in rows] == models
         assert all(r.count("±") == 5 for r in rows)
     assert (out / "figures" / "cv_pcc_gene_bin.png").is_file()
+    # a baseline's training curves: one figure per level (its history.json is per level)
+    assert {f"training_stnet_fold0_{lv}.png" for lv in LEVELS} <= {
+        p.name for p in (out / "figures").iterdir()
+    }
 
     # resume: fold 1's ST-Net is unfinished; a rerun trains it alone and keeps the rest
     (out / "fold1" / "stnet" / "metrics.json").unlink()

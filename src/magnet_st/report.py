@@ -14,6 +14,7 @@ Each figure is written in every requested format (PNG and PDF by default) with
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,7 +105,13 @@ def cv_figures(
             written += plot.save(fig, out / f"cv_{metric}_{level}", formats)
     for hist in sorted(folder.glob("fold*/*/history.json")):
         fold, model = hist.parent.parent.name, hist.parent.name
-        fig = plot.training_curves(hist, title=f"{model}, {fold}")
+        data = json.loads(hist.read_text())
+        if isinstance(data, dict) and "history" not in data:  # a neural baseline: per level
+            for level, rows in data.items():
+                fig = plot.training_curves(rows, title=f"{model}, {fold}, {level} level")
+                written += plot.save(fig, out / f"training_{model}_{fold}_{level}", formats)
+            continue
+        fig = plot.training_curves(data, title=f"{model}, {fold}")
         written += plot.save(fig, out / f"training_{model}_{fold}", formats)
     gene_pcc = folder / "gene_pcc.csv"
     if gene_pcc.exists():
