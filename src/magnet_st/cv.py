@@ -205,12 +205,13 @@ def cross_validate(
     if RIDGE in baselines or _ridge_ready(ds, cfg.features, slides):
         baselines = [RIDGE, *(b for b in baselines if b != RIDGE)]
     folds = make_folds(slides, scheme, k, seed)
-    chosen_folds = set(range(len(folds)) if only_folds is None else only_folds)
-    if not chosen_folds <= set(range(len(folds))):
+    missing = sorted(set(only_folds or []) - set(range(len(folds))))
+    if missing:
         raise ConfigError(
-            f"no fold {sorted(chosen_folds - set(range(len(folds))))}: "
-            f"this cross-validation has folds 0 to {len(folds) - 1}"
+            f"no fold {missing}: this cross-validation has folds 0 to {len(folds) - 1}"
         )
+    # (index, fold) of the folds this call runs
+    selected = [(i, f) for i, f in enumerate(folds) if only_folds is None or i in only_folds]
     plan = {
         "scheme": scheme,
         "k": k,
@@ -239,9 +240,7 @@ def cross_validate(
     if not is_main_process():
         # another DDP rank (Lightning runs the command again per rank): it only joins the
         # trainings, in the same order as rank 0; rank 0 predicts, scores and writes
-        for i, fold in enumerate(folds):
-            if i not in chosen_folds:
-                continue
+        for i, fold in selected:
             pool = fold["train"] + fold["val"]
             chosen = training_panel(ds, pool, seed)
             for variant in variants:
@@ -253,9 +252,7 @@ def cross_validate(
     write_text(folds_file, json.dumps(plan, indent=1))
     rows: list[dict[str, Any]] = []
     gene_tables: list[pd.DataFrame] = []
-    for i, fold in enumerate(folds):
-        if i not in chosen_folds:
-            continue
+    for i, fold in selected:
         fold_dir = out / f"fold{i}"
         pool = fold["train"] + fold["val"]
         chosen = training_panel(ds, pool, seed)
