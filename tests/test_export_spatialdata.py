@@ -1,8 +1,9 @@
 """magnet_st.export.write_spatialdata: a prediction as a SpatialData store.
 
-``spatialdata`` is not installed here, so the stores are checked with the repository's
-reader of such stores (magnet_st.read.spatialdata, which mirrors spatialdata's layout), with
-anndata, zarr and pyarrow, and with magnet_st.image.open_image.
+The stores are checked with the repository's reader of such stores
+(magnet_st.read.spatialdata, which mirrors spatialdata's layout), with anndata, zarr and
+pyarrow, and with magnet_st.image.open_image; and, where the ``spatialdata`` extra is
+installed (not in CI's environment), with the spatialdata package itself (test (e)).
 """
 
 from __future__ import annotations
@@ -249,3 +250,57 @@ def test_names_follow_the_bin_size_and_slide(tmp_path: Path) -> None:
         rs._read_element(path, "run_1_A_spot_tiles", "location_id")["size"], 112.0
     )
     assert export.element_name("__x") == "x" and export.element_name("..") == "slide"
+
+
+def test_the_spatialdata_package_reads_validates_and_uses_the_store(
+    store: tuple[Path, dict],
+) -> None:
+    """(e) With the ``spatialdata`` extra installed (skipped without it): spatialdata's own
+    reader opens the store, its models validate every element, and its tools work on it:
+    the shapes' centres are the bins' positions, ``get_values`` returns the predictions,
+    ``rasterize_bins`` puts each bin's prediction at its array row and column, a bounding
+    box query keeps the bins it covers, and the images span the full-resolution frame."""
+    sd = pytest.importorskip("spatialdata")
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+
+    path, lv = store
+    sdata = sd.read_zarr(path)
+    shapes = {lvl: f"{SLIDE}_{name}" for lvl, name in NAMES.items()}
+    assert sorted(sdata.tables) == sorted(NAMES.values())
+    assert sorted(sdata.shapes) == sorted(shapes.values())
+    assert sorted(sdata.images) == [f"{SLIDE}_hires_image", f"{SLIDE}_lowres_image"]
+    for level, name in NAMES.items():
+        table, ad = sdata.tables[name], lv[level]
+        TableModel().validate(table)
+        assert table.uns["spatialdata_attrs"]["region"] == shapes[level]
+        ShapesModel.validate(sdata.shapes[shapes[level]])
+        geom = sdata.shapes[shapes[level]].geometry
+        centres = np.column_stack([geom.centroid.x, geom.centroid.y])
+        np.testing.assert_allclose(centres, ad.obsm["spatial"], atol=1e-9)
+        edge = 8.0 / MPP if level == "bin" else TILE_UM[level] / MPP
+        np.testing.assert_allclose(geom.area, edge**2)
+        got = sd.get_values(
+            value_key=list(ad.var_names), sdata=sdata, element_name=shapes[level], table_name=name
+        )
+        np.testing.assert_array_equal(got.to_numpy(), ad.X)
+    for image in sdata.images.values():
+        Image2DModel().validate(image)
+    extent = sd.get_extent(sdata, coordinate_system=SLIDE, elements=list(sdata.images))
+    assert extent == {"y": (0.0, 640.0), "x": (0.0, 800.0)}
+    bins = lv["bin"]
+    raster = sd.rasterize_bins(
+        sdata, shapes["bin"], "square_008um", col_key="array_col", row_key="array_row"
+    )
+    assert raster.shape == (bins.n_vars, 9, 11)
+    rows, cols = bins.obs["array_row"].to_numpy(), bins.obs["array_col"].to_numpy()
+    np.testing.assert_allclose(raster.values[:, rows, cols], bins.X.T, rtol=1e-6)
+    # bins of array rows 0-1 and columns 0-2 (a box 1 px inside their outer edges)
+    query = sd.bounding_box_query(
+        sdata.subset([shapes["bin"]]),
+        axes=("x", "y"),
+        min_coordinate=[40 + 1, 24.5 + 1],
+        max_coordinate=[40 + 3 * 16 - 1, 24.5 + 2 * 16 - 1],
+        target_coordinate_system=SLIDE,
+    )
+    kept = np.sort(query.shapes[shapes["bin"]].index.to_numpy())
+    np.testing.assert_array_equal(kept, np.flatnonzero((rows < 2) & (cols < 3)))
