@@ -120,12 +120,12 @@ def test_loss_weight_option_sets_weights_and_rejects_bad_ones() -> None:
 def test_unexpected_error_is_one_line_without_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from magnet_st import cli
+    from magnet_st.cli import _inputs
 
     def boom(args: object) -> int:
         raise RuntimeError("boom\n  second line")
 
-    monkeypatch.setattr(cli, "cmd_info", boom)
+    monkeypatch.setattr(_inputs, "cmd_info", boom)
     assert main(["info", "somewhere"]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [
