@@ -316,7 +316,7 @@ def test_failure_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(synthetic, "_write_nuclei", boom)
+    monkeypatch.setattr(synthetic._public, "_write_nuclei", boom)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="disk full"):
         _small(out, 1)
