@@ -266,8 +266,12 @@ def test_benchmark_tables_per_level_and_resume_model_by_model(
         assert np.isfinite(summary[f"{m}_mean"]).all() and np.isfinite(summary[f"{m}_std"]).all()
     md = (out / "summary.md").read_text()
     blocks = md.split("### ")[1:]
-    assert [b.splitlines()[0] for b in blocks] == [f"{lv} level" for lv in LEVELS]
-    for block in blocks:
+    per_slide = [f"{lv} level: PCC-gene per test slide" for lv in LEVELS]
+    assert [b.splitlines()[0] for b in blocks] == [f"{lv} level" for lv in LEVELS] + per_slide
+    for block in blocks[len(LEVELS) :]:  # every model on each test slide
+        rows = [line for line in block.splitlines()[4:] if line.startswith("| ")]
+        assert [r.split(" | ")[0][2:] for r in rows] == models
+    for block in blocks[: len(LEVELS)]:
         lines = block.splitlines()
         assert lines[2].startswith("| model | MSE | MAE | PCC-unit | PCC-gene | PCC-gene top-50 |")
         rows = [line for line in lines[4:] if line.startswith("| ")]

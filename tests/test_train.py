@@ -492,7 +492,8 @@ def test_cross_validation_ddp_two_cpu_processes(ds_path: Path, tmp_path: Path) -
         cmd += ["--accelerator", "cpu", "--devices", devices, "--quiet"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stdout.count("### bin level") == 2  # summary + groups, once, by rank 0
+        # summary, per test slide and groups, once, by rank 0
+        assert proc.stdout.count("### bin level") == 3
         tables[devices] = pd.read_csv(out / "metrics.csv")
     key = ["fold", "model", "level", "test_slide"]
     one, two = (tables[d].sort_values(key).reset_index(drop=True) for d in ("1", "2"))
@@ -686,6 +687,35 @@ def test_summary_gives_each_models_fitting_seconds_per_fold() -> None:
     assert "| m | 1.0000 ± 0.0000 | 0.2000 ± 0.0000 | 20 |" in md
     assert "| mean_profile | 1.0000 ± 0.0000 | 0.2000 ± 0.0000 |  |" in md
     assert "fit s" not in markdown_summary(summary_table(toy.drop(columns="train_seconds")))
+
+
+def test_summary_gives_each_test_slide_with_its_best_model_in_bold() -> None:
+    """Per test slide, hand-computed: fold 1 tests two slides, so the mean is over the fold
+    means ((0.4 + (0.1 + 0.3) / 2) / 2 = 0.3 for m), not over the three slides; the best
+    of each column is bold; MSE's best is the lowest."""
+    import pandas as pd
+
+    from magnet_st.cv import markdown_per_slide
+
+    toy = pd.DataFrame(
+        {
+            "model": ["m"] * 3 + ["mean_profile"] * 3,
+            "level": ["bin"] * 6,
+            "fold": [0, 1, 1, 0, 1, 1],
+            "test_slide": ["A", "B", "C", "A", "B", "C"],
+            "pcc_gene": [0.4, 0.1, 0.3, 0.0, 0.2, 0.0],
+            "mse": [1.0, 2.0, 3.0, 1.5, 1.0, 4.0],
+        }
+    )
+    md = markdown_per_slide(toy)
+    assert "### bin level: PCC-gene per test slide" in md
+    assert "| model | A | B | C | mean |" in md
+    assert "| mean_profile | 0.000 | **0.200** | 0.000 | 0.050 |" in md
+    assert "| m | **0.400** | 0.100 | **0.300** | **0.300** |" in md
+    assert md.index("| mean_profile |") < md.index("| m |")
+    md = markdown_per_slide(toy, "mse")
+    assert "| m | **1.000** | 2.000 | **3.000** | **1.750** |" in md
+    assert "| mean_profile | 1.500 | **1.000** | 4.000 | 2.000 |" in md
 
 
 def test_cross_validation_runs_only_the_folds_asked_then_the_rest(

@@ -10,7 +10,7 @@ models already finished are skipped, so an interrupted run resumes.
 Outputs in ``OUT/``: ``folds.json`` (the split and seed), ``fold<i>/<model>/`` (model
 file, training log, ``pred_<slide>_<level>.h5ad``, ``metrics.json``, ``gene_pcc.csv``),
 ``metrics.csv`` (one row per fold, model, level and test slide), ``summary.csv`` and
-``summary.md`` (mean +- std over folds), ``gene_pcc.csv`` (PCC of every gene, fold, model,
+``summary.md`` (mean +- std over folds; then PCC-gene per test slide), ``gene_pcc.csv`` (PCC of every gene, fold, model,
 level and test slide) and, given gene groups, ``groups.csv`` and ``groups.md`` (PCC-gene
 per group of genes, mean +- std over folds).
 """
@@ -530,13 +530,14 @@ def _model(
 
 
 def write_tables(table: pd.DataFrame, out: Path) -> pd.DataFrame:
-    """``metrics.csv`` (per fold), ``summary.csv`` and ``summary.md`` (mean +- std)."""
+    """``metrics.csv`` (per fold), ``summary.csv`` and ``summary.md`` (mean +- std, then
+    PCC-gene per test slide)."""
     with atomic_path(out / "metrics.csv") as tmp:
         table.to_csv(tmp, index=False)
     summary = summary_table(table)
     with atomic_path(out / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
-    write_text(out / "summary.md", markdown_summary(summary))
+    write_text(out / "summary.md", markdown_summary(summary) + "\n" + markdown_per_slide(table))
     return summary
 
 
@@ -601,6 +602,41 @@ def markdown_summary(summary: pd.DataFrame) -> str:
                 t = r["train_seconds_mean"]
                 cells.append("" if not np.isfinite(t) else f"{t:.0f}")
             lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def markdown_per_slide(table: pd.DataFrame, metric: str = "pcc_gene") -> str:
+    """One Markdown table per level: rows models (in the summary's order), columns the test
+    slides (by fold), the metric on each with the best of each column in bold, and the mean
+    over folds (of each fold's mean over its test slides, as in the summary)."""
+    label = {"pcc_gene": "PCC-gene", "pcc_unit": "PCC-unit", "mse": "MSE", "mae": "MAE"}
+    higher = metric.startswith("pcc")
+    order = summary_table(table)[["level", "model"]]
+    lines = []
+    for level, sub in table.groupby("level", sort=False):
+        slides = sub.sort_values(["fold", "test_slide"], kind="stable")["test_slide"]
+        slides = list(dict.fromkeys(slides.astype(str)))
+        by = sub.assign(test_slide=sub["test_slide"].astype(str)).pivot_table(
+            index="model", columns="test_slide", values=metric, aggfunc="mean"
+        )
+        mean = sub.groupby(["model", "fold"])[metric].mean().groupby("model").mean()
+        by = by.reindex(columns=slides).assign(mean=mean)
+        models = [m for m in order[order["level"] == level]["model"] if m in by.index]
+        best = by.loc[models].max() if higher else by.loc[models].min()
+        lines += [
+            f"### {level} level: {label.get(metric, metric)} per test slide",
+            "",
+            "| model | " + " | ".join(slides) + " | mean |",
+            "|---|" + "---|" * (len(slides) + 1),
+        ]
+        for m in models:
+            cells = []
+            for c in [*slides, "mean"]:
+                v = by.at[m, c]
+                text = "" if not np.isfinite(v) else f"{v:.3f}"
+                cells.append(f"**{text}**" if text and np.isclose(v, best[c]) else text)
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -489,7 +489,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
         "cross-validation (the same splits, gene panel, targets and metrics for all; "
         "resumable model by model and fold by fold). Writes summary.md / summary.csv (rows: "
         "models; columns: MSE, MAE, PCC-unit, PCC-gene, PCC-gene top-50; mean +- std over "
-        "folds; one block per level), metrics.csv, gene_pcc.csv and figures/ (per-model "
+        "folds; one block per level; then PCC-gene per test slide, the best in bold), "
+        "metrics.csv, gene_pcc.csv and figures/ (per-model "
         "PCC-gene and PCC-unit per fold). Baselines: " + _BASELINE_HELP,
         formatter_class=_Formatter,
     )
