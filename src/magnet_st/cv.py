@@ -10,8 +10,8 @@ models already finished are skipped, so an interrupted run resumes.
 Outputs in ``OUT/``: ``folds.json`` (the split and seed), ``fold<i>/<model>/`` (model
 file, training log, ``pred_<slide>_<level>.h5ad``, ``metrics.json``, ``gene_pcc.csv``),
 ``metrics.csv`` (one row per fold, model, level and test slide), ``summary.csv`` and
-``summary.md`` (mean +- std over folds; then PCC-gene per test slide), ``gene_pcc.csv`` (PCC of every gene, fold, model,
-level and test slide) and, given gene groups, ``groups.csv`` and ``groups.md`` (PCC-gene
+``summary.md`` (mean +- std over folds; then PCC-gene per test slide), ``gene_pcc.csv``
+(PCC of every gene, fold, model, level and test slide) and, given gene groups, ``groups.csv`` and ``groups.md`` (PCC-gene
 per group of genes, mean +- std over folds).
 """
 
@@ -537,7 +537,8 @@ def write_tables(table: pd.DataFrame, out: Path) -> pd.DataFrame:
     summary = summary_table(table)
     with atomic_path(out / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
-    write_text(out / "summary.md", markdown_summary(summary) + "\n" + markdown_per_slide(table))
+    per_slide = markdown_per_slide(table, summary=summary)
+    write_text(out / "summary.md", markdown_summary(summary) + "\n" + per_slide)
     return summary
 
 
@@ -606,13 +607,16 @@ def markdown_summary(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def markdown_per_slide(table: pd.DataFrame, metric: str = "pcc_gene") -> str:
+def markdown_per_slide(
+    table: pd.DataFrame, metric: str = "pcc_gene", summary: pd.DataFrame | None = None
+) -> str:
     """One Markdown table per level: rows models (in the summary's order), columns the test
     slides (by fold), the metric on each with the best of each column in bold, and the mean
-    over folds (of each fold's mean over its test slides, as in the summary)."""
+    over folds (of each fold's mean over its test slides, as in the summary). ``summary``:
+    :func:`summary_table` of ``table`` where the caller has it (computed otherwise)."""
     label = {"pcc_gene": "PCC-gene", "pcc_unit": "PCC-unit", "mse": "MSE", "mae": "MAE"}
     higher = metric.startswith("pcc")
-    order = summary_table(table)[["level", "model"]]
+    order = (summary_table(table) if summary is None else summary)[["level", "model"]]
     lines = []
     for level, sub in table.groupby("level", sort=False):
         slides = sub.sort_values(["fold", "test_slide"], kind="stable")["test_slide"]
