@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 
 from magnet_st.baselines.ridge import ALPHAS, RidgeBaseline, x_blocks
@@ -110,7 +111,7 @@ def test_near_constant_dimension_does_not_blow_up() -> None:
         assert np.isfinite(p).all() and p.max() <= 1.5 * top, (lv, p.max(), top)
 
 
-def test_alpha_chosen_on_training_slides_grows_with_noise() -> None:
+def test_alpha_chosen_on_the_validation_slide_grows_with_noise() -> None:
     side, dim = 12, 30
     chosen = {}
     for noise in (0.01, 2.0):
@@ -123,9 +124,46 @@ def test_alpha_chosen_on_training_slides_grows_with_noise() -> None:
             assert np.isfinite(p["coef"]).all() and np.isfinite(p["cv_pcc_gene"]).all()
         chosen[noise] = float(model.params["bin"]["alpha"])
         report = model.report()["levels"]["bin"]
-        assert report["alpha_chosen_by"] == "cv" and report["cv"]["groups"] == "slides"
+        assert report["cv"]["groups"] == "validation slides c"
         assert report["cv"]["alphas"] == list(ALPHAS) and report["alpha"] == chosen[noise]
+        # without a validation slide: cross-validated over the training slides
+        inner = ArrayRidge("fake", context=False).fit(ds, ["a", "b"], ["g"] * 3)
+        assert inner.report()["levels"]["bin"]["cv"]["groups"] == "slides"
     assert chosen[2.0] > chosen[0.01], chosen
+
+
+def _pcc_gene(pred: np.ndarray, true: np.ndarray) -> float:
+    p, t = pred - pred.mean(0), true - true.mean(0)
+    return float(np.mean((p * t).sum(0) / np.sqrt((p * p).sum(0) * (t * t).sum(0))))
+
+
+def test_ridge_fits_on_training_slides_chooses_on_validation_then_refits() -> None:
+    """The fold protocol: parameters from the training slides only, the penalty scored on
+    the validation slide (exactly each fixed-alpha model's PCC-gene there), and with
+    ``refit`` the model of training + validation slides at the alpha chosen."""
+    side, dim = 12, 30
+    feats, y = _linear_slides(["a", "b", "c"], side, dim, 0.5, 3)
+    ds = FakeDataset(side, feats, y)
+    genes = ["g"] * 3
+    model = ArrayRidge("fake", context=False).fit(ds, ["a", "b"], genes, val=["c"])
+    p = model.params["bin"]
+    assert int(p["n_train"]) == 2 * side**2  # the validation slide's bins are not fitted
+    # each alpha's score is the PCC-gene on c of the model fitted on a and b alone
+    for alpha, score in zip(ALPHAS[::3], p["cv_pcc_gene"][::3], strict=True):
+        fixed = ArrayRidge("fake", context=False, alpha=alpha).fit(ds, ["a", "b"], genes)
+        x = fixed._project_slide(fixed.params["bin"], fixed._inputs(ds, "c", "bin"), side**2)
+        pred = np.vstack([xb @ fixed.params["bin"]["coef"][:-1] for _, xb in x])
+        pred += fixed.params["bin"]["coef"][-1]
+        assert score == pytest.approx(_pcc_gene(pred, y["c", "bin"]), abs=1e-6)
+    alpha = float(p["alpha"])
+    assert p["cv_pcc_gene"][list(ALPHAS).index(alpha)] == np.nanmax(p["cv_pcc_gene"])
+    refit = ArrayRidge("fake", context=False).fit(ds, ["a", "b"], genes, val=["c"], refit=True)
+    r = refit.params["bin"]
+    assert int(r["n_train"]) == 3 * side**2 and float(r["alpha"]) == alpha
+    same = ArrayRidge("fake", context=False, alpha=alpha).fit(ds, ["a", "b", "c"], genes)
+    np.testing.assert_allclose(r["coef"], same.params["bin"]["coef"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(r["cv_pcc_gene"], p["cv_pcc_gene"])  # the choice is kept
+    assert refit.report()["levels"]["bin"]["refit_on_validation_slides"] is True
     # given alpha: no cross-validation
     fixed = ArrayRidge("fake", context=False, alpha=2.0).fit(ds, ["a", "b"], ["g"] * 3)
     assert float(fixed.params["bin"]["alpha"]) == 2.0 and "cv_alphas" not in fixed.params["bin"]

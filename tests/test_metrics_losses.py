@@ -64,6 +64,8 @@ def test_mean_profile_scores_high_pcc_unit_but_zero_pcc_gene() -> None:
 def test_summarize_mean_std() -> None:
     rows = [{"a": 1.0}, {"a": 3.0}, {"a": float("nan")}]
     assert summarize(rows, ["a"])["a"] == pytest.approx((2.0, np.std([1, 3], ddof=1)))
+    one = summarize(rows[:1], ["a"])["a"]  # one fold: no spread, not a spread of 0
+    assert one[0] == 1.0 and np.isnan(one[1])
 
 
 def test_torch_pcc_rows_matches_numpy() -> None:
@@ -255,3 +257,11 @@ def test_between_group_share_of_a_constant_prediction_is_undefined() -> None:
     const = np.tile(np.log1p(np.array([0.3, 1.7, 2.2, 0.01])), (30, 1)).astype(np.float32)
     share.update(const, np.repeat(np.arange(3), 10))
     assert np.isnan(share.compute())
+
+
+def test_chosen_epochs_counts_up_to_the_first_best_validation_epoch() -> None:
+    from magnet_st.metrics import chosen_epochs
+
+    hist = [{"epoch": e, "val/pcc_gene": v} for e, v in enumerate([0.1, 0.3, 0.3, 0.2])]
+    assert chosen_epochs(hist) == 2  # epochs 0 and 1: the checkpoint early stopping kept
+    assert chosen_epochs([{"epoch": 0, "train/loss": 1.0}]) is None

@@ -140,7 +140,9 @@ def test_model_shapes(variant: str) -> None:
 
 
 def test_context_changes_the_bin_prediction() -> None:
-    """With several context tokens the attention depends on the query (not a projection)."""
+    """The context cross-attention reaches the bin prediction once its gate opens: the
+    tiles' offsets from the bin enter nowhere else, so moving them changes the bins only
+    through the attention (with the gate closed, tanh(0) = 0, they change nothing)."""
     torch.manual_seed(0)
     s = _slide()
     cfg = MagNetConfig(
@@ -148,10 +150,18 @@ def test_context_changes_the_bin_prediction() -> None:
     )
     model = create_model(cfg).eval()
     b = make_batch(s, blocks(s, 2)[0], context_tokens=5, with_targets=False)
-    base = model(b)["bin"]
-    b2 = dict(b)
-    b2["spot_x"] = b["spot_x"] + torch.randn_like(b["spot_x"])
-    assert not torch.allclose(model(b2)["bin"], base)
+    moved = dict(b)
+    for lv in ("spot", "region"):
+        key = f"bin_{lv}_offset"
+        moved[key] = b[key] + torch.randn_like(b[key])
+    with torch.no_grad():
+        assert torch.equal(model(moved)["bin"], model(b)["bin"])  # gates closed at the start
+        for attn in (model.spot_attn, model.region_attn):
+            attn.gate.fill_(1.0)
+        base = model(b)["bin"]
+        assert (model(moved)["bin"] - base).abs().max() > 1e-3
+        # the coarse heads do not see the bins' offsets
+        torch.testing.assert_close(model(moved)["spot"], model(b)["spot"])
 
 
 def test_bad_model_configs() -> None:
@@ -259,7 +269,7 @@ def test_end_to_end_bin_encoder_with_a_pre_logits_head() -> None:
     assert enc.backbone.training and next(enc.backbone.parameters()).requires_grad
     rng = np.random.default_rng(0)
 
-    def patches(slide: SlideArrays, bins: np.ndarray, train: bool) -> torch.Tensor:
+    def patches(slide: SlideArrays, bins: np.ndarray, train: bool, key=(0, 0)) -> torch.Tensor:
         return torch.from_numpy(rng.integers(0, 256, (len(bins), 3, 32, 32), dtype=np.uint8))
 
     data = BlockDataset(

@@ -82,11 +82,11 @@ def signal_ds(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) 
     torch.set_num_threads(1)
     ds = Dataset(root / "ds")
     rng = np.random.default_rng(0)
-    w = rng.normal(0, 1, (len(ds.panel), 24))
+    w = rng.normal(0, 1, (len(ds.all_slide_panel), 24))
     feats = {}
     for s in ds.slides:
         for lv in LEVELS:
-            y = np.log1p(ds.counts(s, lv, ds.panel).toarray())
+            y = np.log1p(ds.counts(s, lv, ds.all_slide_panel).toarray())
             feats[s, lv] = (y @ w + rng.normal(0, 0.5, (len(y), w.shape[1]))).astype(np.float32)
     meta = import_features(root / "ds", "signal", feats, description="log1p @ W + noise")
     return root / "ds", meta["key"]
@@ -97,11 +97,11 @@ def fitted(signal_ds: tuple[Path, str]) -> dict:
     """Every neural baseline fitted once on s0 and s1 (no validation slide)."""
     path, key = signal_ds
     ds = Dataset(path)
-    return {n: create_baseline(n, key, **SMALL).fit(ds, TRAIN, ds.panel) for n in NEURAL}
+    return {n: create_baseline(n, key, **SMALL).fit(ds, TRAIN, ds.all_slide_panel) for n in NEURAL}
 
 
 def _log1p(ds: Dataset, slide: str, level: str) -> np.ndarray:
-    return np.log1p(ds.counts(slide, level, ds.panel).toarray())
+    return np.log1p(ds.counts(slide, level, ds.all_slide_panel).toarray())
 
 
 def test_every_neural_baseline_predicts_every_level_of_a_held_out_slide_in_log1p(
@@ -125,7 +125,7 @@ def test_every_neural_baseline_predicts_every_level_of_a_held_out_slide_in_log1p
         assert sorted(pred) == sorted(LEVELS), name
         for lv in LEVELS:
             p = pred[lv]
-            assert p.shape == (ds.level(HELD, lv).n_obs, len(ds.panel)), (name, lv)
+            assert p.shape == (ds.level(HELD, lv).n_obs, len(ds.all_slide_panel)), (name, lv)
             assert np.isfinite(p).all() and (p >= 0).all(), (name, lv)
             # log1p units: bounded by the training units' log1p range, and near their mean
             # (counts of spot and region tiles run into the hundreds and thousands)
@@ -187,13 +187,15 @@ def test_save_load_round_trip_and_same_seed_give_identical_predictions(
             m.setattr(np.linalg, "svd", lambda *a, **k: pytest.fail("SVD on load"))
             loaded = load_baseline(tmp_path / f"{name}.pt")
         assert type(loaded) is type(model) and loaded.genes == model.genes
-        again = create_baseline(name, key, **SMALL).fit(ds, TRAIN, ds.panel)
+        again = create_baseline(name, key, **SMALL).fit(ds, TRAIN, ds.all_slide_panel)
         for other in (loaded, again):
             got = other.predict(ds, HELD)
             for lv in LEVELS:
                 np.testing.assert_array_equal(got[lv], want[lv], err_msg=f"{name} {lv}")
     # the seed is used: another one gives another network
-    other_seed = create_baseline("stnet", key, **{**SMALL, "seed": 1}).fit(ds, TRAIN, ds.panel)
+    other_seed = create_baseline("stnet", key, **{**SMALL, "seed": 1}).fit(
+        ds, TRAIN, ds.all_slide_panel
+    )
     assert not np.array_equal(
         other_seed.predict(ds, HELD)["bin"], fitted["stnet"].predict(ds, HELD)["bin"]
     )
@@ -210,7 +212,7 @@ def test_retrieval_banks_hold_only_training_units(signal_ds: tuple[Path, str]) -
     for name in ("bleep", "egn"):
         cap = 200  # fewer than the training bins: the bank is a sample
         model = create_baseline(name, key, **{**SMALL, "epochs": 1, "bank": cap})
-        model.fit(ds, TRAIN, ds.panel, val=[HELD])
+        model.fit(ds, TRAIN, ds.all_slide_panel, val=[HELD])
         assert sorted(model.banks) == sorted(LEVELS)
         for lv, bank in model.banks.items():
             n = [ds.level(s, lv).n_obs for s in TRAIN]
@@ -258,9 +260,12 @@ def test_benchmark_tables_per_level_and_resume_model_by_model(
     assert set(curves) == set(LEVELS) and all(len(c) == 1 for c in curves.values())
     assert all(c[0]["train/loss"] > 0 and c[0]["epoch"] == 0 for c in curves.values())
     models = ["mean_profile", "ridge", "stnet"]
+    # each coarse level scores every model's head, then its bins summed over each tile
+    at = {lv: models for lv in LEVELS}
+    at["spot"] = at["region"] = [n for m in models for n in (m, f"{m} (aggregated bins)")]
     summary = pd.read_csv(out / "summary.csv")
-    assert list(summary["level"]) == [lv for lv in LEVELS for _ in models]
-    assert list(summary["model"]) == models * len(LEVELS)
+    assert list(summary["level"]) == [lv for lv in LEVELS for _ in at[lv]]
+    assert list(summary["model"]) == [m for lv in LEVELS for m in at[lv]]
     assert (summary["folds"] == 2).all()
     for m in ("mse", "mae", "pcc_unit", "pcc_gene", "pcc_gene_top"):
         assert np.isfinite(summary[f"{m}_mean"]).all() and np.isfinite(summary[f"{m}_std"]).all()
@@ -268,14 +273,14 @@ def test_benchmark_tables_per_level_and_resume_model_by_model(
     blocks = md.split("### ")[1:]
     per_slide = [f"{lv} level: PCC-gene per test slide" for lv in LEVELS]
     assert [b.splitlines()[0] for b in blocks] == [f"{lv} level" for lv in LEVELS] + per_slide
-    for block in blocks[len(LEVELS) :]:  # every model on each test slide
+    for lv, block in zip(LEVELS, blocks[len(LEVELS) :], strict=True):  # each test slide
         rows = [line for line in block.splitlines()[4:] if line.startswith("| ")]
-        assert [r.split(" | ")[0][2:] for r in rows] == models
-    for block in blocks[: len(LEVELS)]:
+        assert [r.split(" | ")[0][2:] for r in rows] == at[lv]
+    for lv, block in zip(LEVELS, blocks[: len(LEVELS)], strict=True):
         lines = block.splitlines()
         assert lines[2].startswith("| model | MSE | MAE | PCC-unit | PCC-gene | PCC-gene top-50 |")
         rows = [line for line in lines[4:] if line.startswith("| ")]
-        assert [r.split(" | ")[0][2:] for r in rows] == models
+        assert [r.split(" | ")[0][2:] for r in rows] == at[lv]
         assert all(r.count("±") == 5 for r in rows)
     assert (out / "figures" / "cv_pcc_gene_bin.png").is_file()
     # a baseline's training curves: one figure per level (its history.json is per level)

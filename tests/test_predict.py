@@ -99,7 +99,10 @@ def test_image_only_prediction_bins_positions_and_files(trained: dict, image_onl
 
     _, payload = load_model(trained["model"])
     assert list(ad.var["gene_ids"]) == payload["genes"]
-    assert np.isfinite(ad.X).all() and (ad.X >= 0).all()
+    # finite, and read from the image: they vary between bins for most genes (a constant
+    # profile, or predictions all clipped to 0, fail here)
+    x = np.asarray(ad.X)
+    assert np.isfinite(x).all() and (x.std(0) > 1e-4).mean() > 0.5
     assert ad.uns["magnet"]["scale"] == "log1p(counts)"
     sf = ad.uns["spatial"][ad.uns["magnet"]["slide"]]["scalefactors"]
     assert sf["spot_diameter_fullres"] == pytest.approx(8.0 / mpp)

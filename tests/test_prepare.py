@@ -431,7 +431,7 @@ def test_legacy_section_without_a_panel_gene_is_added_with_zeros(tmp_path: Path)
     d = Dataset(ds)
     assert d.slide_meta("B1")["panel_genes_filled"] == 1
     for level in ("bin", "spot", "region"):
-        y = d.counts("B1", level)
+        y = d.counts("B1", level, d.all_slide_panel)
         assert y.shape[1] == 4 and y[:, 0].nnz == 0 and y[:, 1:].sum() > 0
     # a slide that lists its whole reference (Space Ranger style) lacking g0 is refused
     slide = read.her2st(tmp_path / "st", "B1")
@@ -451,7 +451,7 @@ def test_panel_across_legacy_sections_counts_unlisted_genes_as_zero(tmp_path: Pa
     res = prepare([a, b], ds, PrepareConfig(panel="mean", n_genes=4), progress=False)
     assert res.panel[0] == "g0" and res.filled == {"A1": 0, "B1": 1}
     d = Dataset(ds)
-    assert d.counts("B1", "bin")[:, 0].nnz == 0
+    assert d.counts("B1", "bin", d.all_slide_panel)[:, 0].nnz == 0
     assert d.gene_names(["g0"]) == ["g0"]
     chosen = training_panel(d, ["B1", "A1"])  # B1 first: g0 comes from A1 alone
     assert chosen.genes[0] == "g0"
@@ -505,16 +505,35 @@ def test_cp10k_targets_are_scanpys_normalize_total_then_log1p(
     ds_path = tmp_path / "cp10k"
     prepare([_spec(synthetic_slide)], ds_path, PrepareConfig(n_genes=50, target="log1p_cp10k"))
     ds = Dataset(ds_path)
-    assert ds.target_transforms["bin"].scale == "log1p(counts per 10,000)"
+    assert ds.all_slide_target_transforms["bin"].scale == "log1p(counts per 10,000)"
     for level in ("bin", "spot"):
         full = _level(ds_path, "syn", level)
         full.X = full.X.astype(np.float64)
         sc.pp.normalize_total(full, target_sum=1e4)
         sc.pp.log1p(full)
         col = {g: i for i, g in enumerate(full.var["gene_ids"].astype(str))}
-        ref = full.X[:, [col[g] for g in ds.panel]].toarray()
-        np.testing.assert_allclose(ds.targets("syn", level), ref, rtol=1e-5, atol=1e-5)
+        ref = full.X[:, [col[g] for g in ds.all_slide_panel]].toarray()
+        genes, tt = ds.all_slide_panel, ds.all_slide_target_transforms[level]
+        np.testing.assert_allclose(ds.targets("syn", level, genes, tt), ref, rtol=1e-5, atol=1e-5)
         # a batch reads the same rows from disk
         rows = np.array([5, 1, 3])
-        got = np.log1p(ds.panel_counts("syn", level)[rows].toarray())
+        got = np.log1p(ds.panel_counts("syn", level, genes)[rows].toarray())
         np.testing.assert_allclose(got, ref[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_panel_records_nothing_and_names_the_panel_that_would_work(
+    synthetic_slide: Path, tmp_path: Path
+) -> None:
+    """A panel larger than the slides allow fails with the largest size that works and the
+    option to ask for it; the slide written before the panel is not left behind, so the
+    next run prepares it (instead of calling it 'unchanged')."""
+    import re
+
+    out = tmp_path / "ds"
+    with pytest.raises(ConfigError, match=r"ask for at most \d+ \(--n-genes \d+\)") as err:
+        prepare([_spec(synthetic_slide)], out, PrepareConfig(n_genes=100_000), progress=False)
+    most = int(re.search(r"--n-genes (\d+)", str(err.value)).group(1))
+    assert "detected" in str(err.value)  # seurat_v3 ranks detected genes only
+    assert not (out / "slides" / "syn").exists() and not (out / "manifest.json").exists()
+    res = prepare([_spec(synthetic_slide)], out, PrepareConfig(n_genes=most), progress=False)
+    assert res.processed == ["syn"] and res.skipped == [] and len(res.panel) == most

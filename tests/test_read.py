@@ -508,3 +508,24 @@ def test_unit_size_and_spot_pitch_options(synthetic_slide: Path, tmp_path: Path)
     sheet.write_text("name,path,unit_size_um\nx,c1.h5ad,-3\n")
     with pytest.raises(InputError, match="row 2: unit_size_um must be a positive number"):
         read.specs_from_sheet(sheet)
+
+
+def test_microns_per_pixel_that_cannot_be_right_stop_with_both_figures(
+    synthetic_slide: Path,
+) -> None:
+    """Space Ranger's hires image with the hires microns per pixel as --mpp divides by the
+    scale factor twice; any --mpp that puts 8 um bins 32 um apart is refused, naming the
+    pitch found, the pitch expected and the factor; a right one passes."""
+    img = synthetic_slide / "he_fullres.tif"
+    ok = read.visium_hd(synthetic_slide, 8, image=img)
+    mpp = float(ok.microns_per_pixel)
+    with pytest.raises(InputError, match=r"32 um apart .* are 8 um apart: .*wrong by 4x"):
+        read.visium_hd(synthetic_slide, 8, image=img, microns_per_pixel=4 * mpp)
+    read.visium_hd(synthetic_slide, 8, image=img, microns_per_pixel=1.1 * mpp)  # within 25 %
+    # an image larger than a glass slide at its microns per pixel
+    from magnet_st.slide import MAX_IMAGE_MM
+
+    big = read.visium_hd(synthetic_slide, 8, image=img)
+    big.microns_per_pixel = MAX_IMAGE_MM[0] * 1000 / min(big.image.size) * 1.01
+    with pytest.raises(InputError, match=r"image is .* mm at .* larger than a 30 x 80 mm"):
+        big.check_scale()

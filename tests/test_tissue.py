@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -272,13 +271,13 @@ def test_virtual_bins_validation() -> None:
     assert len(virtual_bins(mask, 8.0, origin_um=(1000.0, 0.0))) == 0
 
 
-def test_virtual_bins_full_capture_area_is_fast() -> None:
-    """A whole 6.5 mm Visium HD capture area in 8 um bins: 812 x 812 = 659,344 bins."""
+def test_virtual_bins_cover_a_full_capture_area() -> None:
+    """A whole 6.5 mm Visium HD capture area in 8 um bins: 812 x 812 = 659,344 bins (its
+    time is measured by benchmarks/virtual_bins.py, not here)."""
     width = int(6500 / MPP)  # 6499.7 um: the centre of bin 812 (6500 um) is outside
     mask = _full_mask(width, width, shape=4096)
-    t0 = time.perf_counter()
     v = virtual_bins(mask, 8.0)
-    elapsed = time.perf_counter() - t0
     assert len(v) == 812 * 812
+    assert v.barcodes[0] == "s_008um_00000_00000-1"
     assert v.barcodes[-1] == "s_008um_00811_00811-1"
-    assert elapsed < 10.0, elapsed  # measured 0.2-0.7 s on a slow shared core
+    np.testing.assert_allclose(v.centers_px[-1], [(811.5 * 8.0) / MPP] * 2)

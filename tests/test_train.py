@@ -42,16 +42,25 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def ds_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _synthetic_dataset(tmp_path_factory.mktemp("train"), 2)
+
+
+@pytest.fixture(scope="module")
+def ds3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three slides: a fold trains on one, validates on one, tests on one."""
+    return _synthetic_dataset(tmp_path_factory.mktemp("train3"), 3, size_um=256)
+
+
+def _synthetic_dataset(root: Path, n: int, size_um: int = 320) -> Path:
     from magnet_st.synthetic import write_synthetic_hd
 
-    root = tmp_path_factory.mktemp("train")
     specs = []
-    for i in range(2):
+    for i in range(n):
         run = root / f"s{i}"
         write_synthetic_hd(
             run,
-            width_um=320,
-            height_um=320,
+            width_um=size_um,
+            height_um=size_um,
             seed=20 + i,
             bin_sizes=(8, 16),
             progress=False,
@@ -78,11 +87,11 @@ def test_tiny_slide_overfits(ds_path: Path) -> None:
     ds = Dataset(ds_path)
     torch.manual_seed(0)
     cfg = TrainConfig(**SMALL)
-    arrays = slide_arrays(ds, "s0", KEY)
-    tt = ds.target_transforms
+    arrays = slide_arrays(ds, "s0", KEY, genes=ds.all_slide_panel)
+    tt = ds.all_slide_target_transforms
     data = BlockDataset([arrays], targets=lambda lv, c: tt[lv].transform(c))
     batch = data[0]
-    model = create_model(build_model_config(ds, cfg, len(ds.panel), "s0"))
+    model = create_model(build_model_config(ds, cfg, len(ds.all_slide_panel), "s0"))
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses, mses = [], []
@@ -108,7 +117,11 @@ def test_fit_is_deterministic_and_the_model_file_round_trips(ds_path: Path, tmp_
     assert a.best_score == b.best_score and a.best_score is not None
     # weights_only load, and the payload carries what prediction needs
     payload = torch.load(a.model_path, weights_only=True)
-    assert payload["genes"] == ds.panel and len(payload["gene_names"]) == len(ds.panel)
+    # no genes given: the panel is chosen on the training slide alone (not on s1)
+    from magnet_st.panel import training_panel
+
+    own = training_panel(ds, ["s0"], cfg.seed).genes
+    assert payload["genes"] == own and len(payload["gene_names"]) == len(own)
     assert payload["features"]["key"] == KEY
     model, payload = load_model(a.model_path)
     arrays = slide_arrays(ds, "s1", KEY, with_counts=False)
@@ -136,7 +149,10 @@ def test_aggregate_consistency_trains_rate_heads(ds_path: Path, tmp_path: Path) 
     cfg = TrainConfig(**{**SMALL, "epochs": 1, "consistency": "aggregate", "pcc_axis": "gene"})
     res = fit(ds, ["s0"], [], cfg, tmp_path, progress=False)
     row = res.history[0]
-    assert np.isfinite(row["train/poisson"]) and row["train/consistency"] >= 0
+    # both terms are live: a Poisson NLL, and a gap between tile and summed bin rates that
+    # is not zero (complete tiles are in the batches); dropping either fails here
+    assert np.isfinite(row["train/poisson"]) and row["train/poisson"] != 0
+    assert np.isfinite(row["train/consistency"]) and row["train/consistency"] > 1e-6
     model, payload = load_model(res.model_path)
     assert payload["model_config"]["rate_heads"] is True
     out = predict_slide(model, slide_arrays(ds, "s1", KEY, with_counts=False), payload)
@@ -158,7 +174,7 @@ def test_canary_gene_of_a_scored_slide_never_enters_a_panel(ds_path: Path, tmp_p
     ds_copy = tmp_path / "ds"
     shutil.copytree(ds_path, ds_copy)
     ds = Dataset(ds_copy)
-    canary = next(g for g in ds.level("s1", "bin").var["gene_ids"] if g not in ds.panel)
+    canary = next(g for g in ds.level("s1", "bin").var["gene_ids"] if g not in ds.all_slide_panel)
     ds.close()  # its level files are open (backed) and are rewritten below
     rng = np.random.default_rng(0)
     for slide in ("s0", "s1"):
@@ -334,15 +350,15 @@ def test_training_reads_count_and_feature_rows_from_disk_as_in_memory(ds_path: P
         on_disk[np.array([len(feats)])]
     # a batch's targets from the on-disk rows equal the slide's targets at those bins
     arrays = slide_arrays(ds, "s0", KEY, genes=genes)
-    tt = ds.target_transforms
+    tt = ds.all_slide_target_transforms
     data = BlockDataset([arrays], batch_bins=64, targets=lambda lv, c: tt[lv].transform(c))
     batch = data[3]
     bins = batch["bin_index"].numpy()
-    y = ds.targets("s0", "bin", genes)[bins]
+    y = ds.targets("s0", "bin", genes, tt["bin"])[bins]
     np.testing.assert_allclose(batch["y_bin"].numpy(), y, rtol=1e-6)
     spots = batch["spot_index"].numpy()
     np.testing.assert_allclose(
-        batch["y_spot"].numpy(), ds.targets("s0", "spot", genes)[spots], rtol=1e-6
+        batch["y_spot"].numpy(), ds.targets("s0", "spot", genes, tt["spot"])[spots], rtol=1e-6
     )
     np.testing.assert_array_equal(batch["bin_x"].numpy(), feats[bins].astype(np.float32))
 
@@ -518,7 +534,7 @@ def test_cross_validation_tables_and_resume(ds_path: Path, tmp_path: Path) -> No
     )
 
     cfg = TrainConfig(**{**SMALL, "epochs": 1})
-    panel = Dataset(ds_path).panel
+    panel = Dataset(ds_path).all_slide_panel
     groups_file = tmp_path / "groups.tsv"
     groups_file.write_text("gene\tgroup\n" + "".join(f"{g}\tfirst\n" for g in panel[:3]))
     groups = read_gene_groups(groups_file)
@@ -531,7 +547,8 @@ def test_cross_validation_tables_and_resume(ds_path: Path, tmp_path: Path) -> No
         baselines=["ridge"],
         progress=False,
     )
-    assert set(table["model"]) == {"mean_profile", "ridge", "no_context"}
+    models = {"mean_profile", "ridge", "no_context"}
+    assert set(table["model"]) == models | {f"{m} (aggregated bins)" for m in models}
     genes = pd.read_csv(tmp_path / "cv/gene_pcc.csv")
     # the per-gene PCCs average to the table's PCC-gene (no constant genes here)
     for (fold, model, level), sub in genes.groupby(["fold", "model", "level"]):
@@ -543,7 +560,8 @@ def test_cross_validation_tables_and_resume(ds_path: Path, tmp_path: Path) -> No
     got = grouped[(grouped["model"] == "no_context") & (grouped["level"] == "bin")].iloc[0]
     assert got["n_genes"] == 3 and got["pcc_gene_mean"] == pytest.approx(per_fold.mean())
     assert "| first | 3 |" in (tmp_path / "cv/groups.md").read_text()
-    assert len(table) == 2 * (3 + 3 + 1)  # mean profile, ridge at 3 levels, bins-only model
+    # mean profile, ridge at 3 levels, bins-only model; each one's bins summed at 2 levels
+    assert len(table) == 2 * (3 + 3 + 1 + 3 * 2)
     plan = json.loads((tmp_path / "cv/folds.json").read_text())
     assert plan["folds"] == make_folds(["s0", "s1"])
     summary = pd.read_csv(tmp_path / "cv/summary.csv")
@@ -750,7 +768,9 @@ def test_cross_validation_runs_the_ridge_probe_unasked(
 
     cfg = TrainConfig(**SMALL)
     table = cross_validate(ds_path, tmp_path / "cv", cfg, variants=[], progress=False)
-    assert sorted(set(table["model"])) == ["mean_profile", "ridge"] and len(table) == 2 * 6
+    agg = ["mean_profile (aggregated bins)", "ridge (aggregated bins)"]
+    assert sorted(set(table["model"])) == sorted(["mean_profile", "ridge", *agg])
+    assert len(table) == 2 * (6 + 4)
     # other baseline settings in the same folder would reuse finished folds: refused
     with pytest.raises(ConfigError, match="other folds or settings"):
         cross_validate(
@@ -762,11 +782,12 @@ def test_cross_validation_runs_the_ridge_probe_unasked(
             progress=False,
         )
     summary = pd.read_csv(tmp_path / "cv/summary.csv")
-    assert list(summary["model"]) == ["mean_profile", "ridge"] * 3
+    coarse = ["mean_profile", agg[0], "ridge", agg[1]]
+    assert list(summary["model"]) == ["mean_profile", "ridge", *coarse, *coarse]
     # synthetic slides bring their planted gene groups: PCC-gene per group without a flag
     groups = pd.read_csv(tmp_path / "cv/groups.csv")
     assert {"cell", "context"} <= set(groups["group"])  # those with genes in the panels
-    assert set(groups["model"]) == {"mean_profile", "ridge"}
+    assert set(groups["model"]) == {"mean_profile", "ridge", *agg}
     report = json.loads((tmp_path / "cv/fold0/ridge/ridge_cv.json").read_text())
     # one training slide per fold: alpha cross-validated over x-blocks of it
     assert report["levels"]["bin"]["cv"]["groups"].endswith("x-blocks of s1")
@@ -794,7 +815,7 @@ def test_ridge_baseline_matches_sklearn_and_round_trips(ds_path: Path, tmp_path:
     from magnet_st.features import load_features
 
     ds = Dataset(ds_path)
-    genes = ds.panel
+    genes = ds.all_slide_panel
     model = RidgeBaseline(KEY, n_components=8, alpha=2.0, chunk=300).fit(ds, ["s0"], genes)
     pred = model.predict(ds, "s1")
     for lv in ("bin", "spot", "region"):
@@ -830,3 +851,171 @@ def test_ridge_baseline_matches_sklearn_and_round_trips(ds_path: Path, tmp_path:
         np.testing.assert_array_equal(p, pred[lv])
     with pytest.raises(ConfigError, match="unknown baseline"):
         create_baseline("stnet9", KEY)
+
+
+def test_every_model_follows_one_fold_protocol(ds3_path: Path, tmp_path: Path) -> None:
+    """'select': every model (mean profile and ridge too) fits on the training slide and
+    makes its choices on the validation slide; 'refit': the same choices, then every model
+    is fitted again on training + validation slides (the network for the epochs chosen)."""
+    import anndata
+    import pandas as pd
+
+    from magnet_st.cv import aggregate_bins, cross_validate, make_folds
+    from magnet_st.metrics import chosen_epochs
+    from magnet_st.panel import training_panel
+
+    cfg = TrainConfig(**{**SMALL, "epochs": 3, "patience": 2})
+    fold = make_folds(["s0", "s1", "s2"])[0]
+    test = fold["test"][0]
+    ds = Dataset(ds3_path)
+    runs = {}
+    for refit in (False, True):
+        out = runs[refit] = tmp_path / ("refit" if refit else "select")
+        cross_validate(
+            ds3_path, out, cfg, variants=["no_context"], only_folds=[0], refit=refit, progress=False
+        )
+        assert (
+            (out / "summary.md")
+            .read_text()
+            .startswith("Protocol `refit`" if refit else "Protocol `select`")
+        )
+        slides = fold["train"] + (fold["val"] if refit else [])
+        # the mean profile: the mean over exactly the fitting slides, on their panel
+        profile = np.load(out / "fold0/mean_profile/profile.npz")
+        genes = list(profile["genes"])
+        assert genes == training_panel(ds, slides).genes
+        assert list(profile["slides"]) == slides
+        y = np.concatenate([np.log1p(ds.counts(s, "bin", genes).toarray()) for s in slides])
+        np.testing.assert_allclose(profile["bin"], y.mean(0), rtol=1e-5, atol=1e-6)
+        # and the network's predictions carry the same panel
+        pred = anndata.read_h5ad(out / f"fold0/no_context/pred_{test}_bin.h5ad")
+        assert list(pred.var["gene_ids"]) == genes
+        # every coarse tile is scored on the sum of the model's bins too, beside its head
+        table = pd.read_csv(out / "metrics.csv")
+        row = table[(table["model"] == "no_context (aggregated bins)") & (table["level"] == "spot")]
+        member = ds.membership(test, "spot")
+        agg = aggregate_bins(np.asarray(pred.X), member, ds.level(test, "spot").n_obs)
+        true = np.log1p(ds.counts(test, "spot", genes).toarray())
+        assert row["mse"].iloc[0] == pytest.approx(np.mean((agg - true) ** 2), rel=1e-5)
+        assert {"ridge", "ridge (aggregated bins)"} <= set(
+            table[table["level"] == "region"]["model"]
+        )
+        # ridge: its coefficients from the fitting slides' bins, its penalty from the
+        # validation slide
+        report = json.loads((out / "fold0/ridge/ridge_cv.json").read_text())["levels"]["bin"]
+        assert report["n_train"] == sum(ds.level(s, "bin").n_obs for s in slides)
+        assert report["cv"]["groups"] == f"validation slides {fold['val'][0]}"
+        assert report["refit_on_validation_slides"] is refit
+        # the network
+        folder = out / "fold0/no_context"
+        hist = json.loads((folder / "history.json").read_text())
+        payload = torch.load(folder / "model.pt", weights_only=True)
+        if refit:
+            choice = json.loads((folder / "choice/history.json").read_text())
+            n = chosen_epochs(choice)
+            assert int((folder / "choice/chosen_epochs.txt").read_text()) == n
+            assert [r["epoch"] for r in hist] == list(range(n))
+            assert not any("val/pcc_gene" in r for r in hist)  # nothing left to validate on
+            assert payload["training_slides"] == slides
+        else:
+            assert all("val/pcc_gene" in r for r in hist)
+            assert not (folder / "choice").exists()
+    # a folder of one protocol is not reused by the other
+    with pytest.raises(ConfigError, match="protocol 'select', not 'refit'"):
+        cross_validate(
+            ds3_path,
+            runs[False],
+            cfg,
+            variants=["no_context"],
+            only_folds=[0],
+            refit=True,
+            progress=False,
+        )
+
+
+def test_augmented_end_to_end_run_resumes_exactly_with_other_workers(
+    ds_path: Path, tmp_path: Path
+) -> None:
+    """The end-to-end bin encoder's flips and rotations are a function of (seed, epoch,
+    batch): a run with two workers killed after epoch 1 of 3 and resumed with none ends
+    with the weights of one that never stopped."""
+    import lightning as L
+
+    class Kill(L.Callback):
+        def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            if trainer.current_epoch == 1:
+                raise RuntimeError("killed")
+
+    class Final(L.Callback):
+        def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    ds = Dataset(ds_path)
+    cfg = TrainConfig(
+        **{**SMALL, "epochs": 3, "dropout": 0.3},
+        variant="no_context",
+        bin_encoder=ENC,
+        bin_weights="random",
+        max_batches=2,
+        batch_bins=64,
+        num_workers=2,
+    )
+    full, resumed = Final(), Final()
+    fit(ds, ["s0"], [], cfg, tmp_path / "full", progress=False, callbacks=[full])
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(ds, ["s0"], [], cfg, tmp_path / "cut", progress=False, callbacks=[Kill()])
+    last = tmp_path / "cut/checkpoints/last.ckpt"
+    fit(
+        ds,
+        ["s0"],
+        [],
+        replace_cfg(cfg, num_workers=0),
+        tmp_path / "cut",
+        resume=last,
+        progress=False,
+        callbacks=[resumed],
+    )
+    a, b = full.state, resumed.state
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-6
+
+
+def replace_cfg(cfg: TrainConfig, **changes) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(cfg, **changes)
+
+
+def test_a_timm_bin_encoder_without_weights_is_refused_unless_asked() -> None:
+    """--variant paper's ResNet50 (any timm bin encoder) without --bin-weights would train
+    from random weights: refused with one line, unless --bin-weights random."""
+    from magnet_st.train import check_bin_start
+
+    paper = TrainConfig.for_variant("paper", features=KEY)
+    assert paper.bin_encoder == "resnet50"
+    with pytest.raises(ConfigError, match="would train from random ones.*--bin-weights random"):
+        check_bin_start(paper)
+    check_bin_start(replace_cfg(paper, bin_weights="random"))  # asked for by name
+    check_bin_start(replace_cfg(paper, bin_weights="r50.pth"))
+    check_bin_start(TrainConfig(**SMALL))  # frozen features need no weights
+    check_bin_start(TrainConfig(**SMALL, bin_encoder="efficientnet_lite0_imagenet"))
+
+
+def test_aggregate_bins_sums_expression_over_each_tile() -> None:
+    from magnet_st.cv import aggregate_bins
+
+    counts = np.array([[1.0, 0.0], [3.0, 2.0], [5.0, 0.0], [7.0, 7.0]])
+    member = np.array([0, 0, 1, -1])  # the last bin is in no tile
+    got = aggregate_bins(np.log1p(counts), member, 3, chunk=2)
+    np.testing.assert_allclose(got, np.log1p([[4.0, 2.0], [5.0, 0.0], [0.0, 0.0]]), rtol=1e-6)
+
+
+def test_a_one_fold_table_has_no_spread() -> None:
+    import pandas as pd
+
+    from magnet_st.cv import markdown_summary, summary_table
+
+    one = pd.DataFrame(
+        {"model": ["m"], "level": ["bin"], "fold": [0], "mse": [1.0], "pcc_gene": [0.25]}
+    )
+    md = markdown_summary(summary_table(one))
+    assert "| m | 1.0000 ± n/a | 0.2500 ± n/a |" in md and "± 0.0000" not in md

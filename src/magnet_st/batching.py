@@ -157,7 +157,7 @@ def make_batch(
 
 class BlockDataset(torch.utils.data.Dataset):
     """One item per block of region tiles over one or more slides (for a DataLoader with
-    ``batch_size=None``). ``patch_reader(slide, bins, train)`` supplies bin patches when the
+    ``batch_size=None``). ``patch_reader(slide, bins, train, key=(epoch, batch))`` supplies bin patches when the
     bin encoder is trained end to end."""
 
     def __init__(
@@ -195,11 +195,15 @@ class BlockDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Batch ``i``; ``(i, epoch)`` (as :class:`magnet_st.train.EpochShuffle` yields
+        them) also seeds the batch's augmentation from the epoch, so that it is a function of
+        (seed, epoch, batch) only: the same whatever the workers or an interruption."""
+        i, epoch = (int(i[0]), int(i[1])) if isinstance(i, tuple) else (int(i), 0)
         s, bins = self.items[i]
         slide = self.slides[s]
         batch = make_batch(slide, bins, **self.kw)
         if self.patch_reader is not None:
-            batch["bin_x"] = self.patch_reader(slide, bins, self.train)
+            batch["bin_x"] = self.patch_reader(slide, bins, self.train, key=(epoch, i))
         batch["slide"] = torch.tensor(s)
         return batch

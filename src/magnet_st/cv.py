@@ -1,16 +1,26 @@
 """Slide-level cross-validation of MagNet (and its ablations) beside the mean-profile baseline.
 
 Per fold: the test slide(s) are held out; one training slide is held out for validation
-(early stopping and checkpoint choice) when there are at least two; the gene panel is
-chosen and the target statistics are fitted on the fold's training slides only; every
-model is trained, then predicts the test slides from their images alone; metrics
-(:mod:`magnet_st.metrics`) are computed at the bin, spot and region levels. Folds and
-models already finished are skipped, so an interrupted run resumes.
+when there are at least two. **One protocol for every model** (:data:`PROTOCOLS`):
+
+- ``"select"`` (default): every model, the mean profile and the ridge probe included, fits
+  its parameters on the training slides and makes its choices on the validation slides
+  (the networks' epoch, by early stopping; ridge's penalty); the gene panel and the
+  target statistics come from the training slides.
+- ``"refit"`` (``refit=True``, ``magnet cv --refit``): the same choices, then every model
+  is fitted again on training + validation slides with them (networks for the number of
+  epochs chosen, ridge with the chosen penalty, the mean profile over both); the panel
+  and target statistics come from training + validation slides.
+
+No model sees a slide the others do not. Each model then predicts the test slides from
+their images alone; metrics (:mod:`magnet_st.metrics`) are computed at the bin, spot and
+region levels. Folds and models already finished are skipped, so an interrupted run
+resumes.
 
 Outputs in ``OUT/``: ``folds.json`` (the split and seed), ``fold<i>/<model>/`` (model
 file, training log, ``pred_<slide>_<level>.h5ad``, ``metrics.json``, ``gene_pcc.csv``),
 ``metrics.csv`` (one row per fold, model, level and test slide), ``summary.csv`` and
-``summary.md`` (mean +- std over folds; then PCC-gene per test slide), ``gene_pcc.csv``
+``summary.md`` (the protocol; mean +- std over folds; then PCC-gene per test slide), ``gene_pcc.csv``
 (PCC of every gene, fold, model, level and test slide) and, given gene groups, ``groups.csv`` and ``groups.md`` (PCC-gene
 per group of genes, mean +- std over folds).
 """
@@ -30,7 +40,7 @@ from magnet_st.atomic import atomic_path, write_text
 from magnet_st.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
 from magnet_st.levels import LEVELS
-from magnet_st.metrics import BetweenGroupShare, StreamingEvaluation, summarize
+from magnet_st.metrics import BetweenGroupShare, StreamingEvaluation, chosen_epochs, summarize
 from magnet_st.modelfile import load_model, predict_slide
 from magnet_st.panel import training_panel
 from magnet_st.targets import TargetTransform, log1p_moments
@@ -55,6 +65,8 @@ METRICS = [
     "between_tile_share_true",
 ]
 BASELINE = "mean_profile"
+#: fold protocols: choices on the validation slides, then (``refit``) a refit on train + val
+PROTOCOLS = ("select", "refit")
 RIDGE = "ridge"
 GENE_PCC = "gene_pcc.csv"
 
@@ -163,6 +175,7 @@ def cross_validate(
     baseline_settings: dict[str, Any] | None = None,
     ensemble: int = 1,
     only_folds: list[int] | None = None,
+    refit: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Run the folds and write the tables; returns the per-fold metrics table.
@@ -170,7 +183,9 @@ def cross_validate(
     ``ensemble``: each MagNet variant is trained with that many seeds per fold (``cfg.seed``,
     ``cfg.seed + 1``, ...; one folder each, ``seed<N>``) and scored on the mean of their
     predictions (log1p scale). ``only_folds``: run just these fold indices (the tables cover
-    them; a later call without it reuses them and runs the rest).
+    them; a later call without it reuses them and runs the rest). ``refit``: the
+    ``"refit"`` protocol (see the module docstring): after the choices on the validation
+    slides every model is fitted again on training + validation slides.
 
     ``variants``: MagNet variants trained per fold (default ``[cfg.variant]``; ``[]`` for
     baselines only). ``gene_groups`` (see :func:`read_gene_groups`) adds PCC-gene per group
@@ -180,7 +195,9 @@ def cross_validate(
     ``max_batches`` ...). Two baselines always run: the mean profile and the ridge probe on
     the frozen features MagNet gets (:class:`magnet_st.baselines.RidgeBaseline`, alpha
     cross-validated on the training slides; skipped, with a log line, when ``cfg.features``
-    lacks a level of some slide), the first two rows of every table.
+    lacks a level of some slide), the first two rows of every table. Every model follows
+    the fold protocol: parameters from the training slides, choices from the validation
+    slides (and, with ``refit``, a final fit on both).
     """
     from magnet_st.baselines import BASELINE_NAMES
 
@@ -212,7 +229,9 @@ def cross_validate(
         )
     # (index, fold) of the folds this call runs
     selected = [(i, f) for i, f in enumerate(folds) if only_folds is None or i in only_folds]
+    protocol = PROTOCOLS[1] if refit else PROTOCOLS[0]
     plan = {
+        "protocol": protocol,
         "scheme": scheme,
         "k": k,
         "seed": seed,
@@ -228,6 +247,12 @@ def cross_validate(
         same_ensemble = old.get("ensemble", 1) == int(ensemble)
         # the neural baselines' settings too: their finished folds would be reused silently
         same_baselines = old.get("baseline_settings", settings) == settings
+        if old.get("protocol") != protocol:
+            raise ConfigError(
+                f"{out} holds a cross-validation of protocol "
+                f"{old.get('protocol', 'before protocols (ridge on train + val)')!r}, not "
+                f"{protocol!r}; use another output folder"
+            )
         if (
             old["folds"] != folds
             or science != cfg.science_dict()
@@ -241,20 +266,19 @@ def cross_validate(
         # another DDP rank (Lightning runs the command again per rank): it only joins the
         # trainings, in the same order as rank 0; rank 0 predicts, scores and writes
         for i, fold in selected:
-            pool = fold["train"] + fold["val"]
-            chosen = training_panel(ds, pool, seed)
+            chosen = training_panel(ds, fit_slides(fold, refit), seed)
             for variant in variants:
                 folder = out / f"fold{i}" / variant
                 if not (folder / "metrics.json").is_file():
                     for mcfg, mfolder in _members(replace(cfg, variant=variant), folder, ensemble):
-                        _train_fold(ds, fold, chosen.genes, chosen.targets, mcfg, variant, mfolder)
+                        _fit_member(ds, fold, chosen.genes, chosen.targets, mcfg, mfolder, refit)
         return pd.DataFrame()
     write_text(folds_file, json.dumps(plan, indent=1))
     rows: list[dict[str, Any]] = []
     gene_tables: list[pd.DataFrame] = []
     for i, fold in selected:
         fold_dir = out / f"fold{i}"
-        pool = fold["train"] + fold["val"]
+        pool = fit_slides(fold, refit)  # the slides every model's parameters come from
         chosen = training_panel(ds, pool, seed)
         genes, names, targets = chosen.genes, chosen.names, chosen.targets
         top = top_variable(ds, pool, genes)
@@ -266,13 +290,13 @@ def cross_validate(
         # the mean-profile baseline: each gene's mean over the training units
         rows += _run_cached(
             fold_dir / BASELINE,
-            lambda d, f=fold, g=genes, n=names, t=targets, tp=top: _baseline(ds, f, g, n, t, tp, d),
+            lambda d, f=fold, g=genes, n=names, tp=top: _baseline(ds, f, g, n, tp, d, refit),
         )
         for name in [b for b in baselines if b == RIDGE]:
             rows += _run_cached(
                 fold_dir / name,
                 lambda d, f=fold, g=genes, n=names, tp=top, b=name: _fit_baseline(
-                    ds, f, g, n, tp, b, cfg.features, d, settings
+                    ds, f, g, n, tp, b, cfg.features, d, settings, refit
                 ),
             )
         for variant in variants:
@@ -280,14 +304,14 @@ def cross_validate(
             rows += _run_cached(
                 fold_dir / variant,
                 lambda d, f=fold, g=genes, n=names, t=targets, tp=top, c=vcfg: _model(
-                    ds, f, g, n, t, tp, c, d, progress, ensemble
+                    ds, f, g, n, t, tp, c, d, progress, ensemble, refit
                 ),
             )
         for name in [b for b in baselines if b != RIDGE]:
             rows += _run_cached(
                 fold_dir / name,
                 lambda d, f=fold, g=genes, n=names, tp=top, b=name: _fit_baseline(
-                    ds, f, g, n, tp, b, cfg.features, d, settings
+                    ds, f, g, n, tp, b, cfg.features, d, settings, refit
                 ),
             )
         for r in rows:
@@ -297,7 +321,7 @@ def cross_validate(
             g.insert(0, "fold", i)
             gene_tables.append(g)
     table = pd.DataFrame(rows)
-    write_tables(table, out)
+    write_tables(table, out, protocol=protocol)
     genes_table = pd.concat(gene_tables, ignore_index=True)
     with atomic_path(out / GENE_PCC) as tmp:
         genes_table.to_csv(tmp, index=False)
@@ -307,6 +331,25 @@ def cross_validate(
             grouped.to_csv(tmp, index=False)
         write_text(out / "groups.md", markdown_groups(grouped))
     return table
+
+
+def fit_slides(fold: dict, refit: bool = False) -> list[str]:
+    """The slides a model's final parameters come from under the fold protocol: the training
+    slides, or with ``refit`` training + validation slides."""
+    return list(fold["train"]) + (list(fold["val"]) if refit else [])
+
+
+def protocol_line(protocol: str) -> str:
+    """One sentence for the tables: how every model of the run was fitted."""
+    if protocol == PROTOCOLS[1]:
+        return (
+            "Protocol `refit`: every model made its choices (epochs, penalty) on the "
+            "validation slides, then was fitted again on training + validation slides."
+        )
+    return (
+        "Protocol `select`: every model fitted on the training slides, its choices "
+        "(epochs, penalty) made on the validation slides."
+    )
 
 
 def _ridge_ready(ds: Dataset, features: str, slides: list[str]) -> bool:
@@ -348,6 +391,9 @@ def _run_cached(folder: Path, run) -> list[dict]:
     return rows
 
 
+AGGREGATED = " (aggregated bins)"  # suffix of the rows scoring tiles by their bins' sum
+
+
 def _score(
     ds: Dataset,
     preds: dict[str, dict[str, np.ndarray]],
@@ -360,57 +406,95 @@ def _score(
     chunk: int = 50_000,
 ):
     """Metrics rows per test slide and level; the PCC of every gene to ``gene_pcc.csv``.
-    Scored ``chunk`` units at a time: no dense copy of a whole slide's counts."""
+    Scored ``chunk`` units at a time: no dense copy of a whole slide's counts.
+
+    Beside each coarse level a model predicts (or not), the same tiles are scored on the
+    aggregate of its bin predictions, ``log1p(sum of expm1(bin predictions))`` over each
+    tile's bins, as model ``"<model> (aggregated bins)"``: a coarse head below its own
+    aggregated bins is a defect the tables show. (With raw-count targets only: counts per
+    10,000 of each unit do not add up to the tile's.)"""
     rows, per_gene = [], []
-    for slide, by_level in preds.items():
-        for lv, pred in by_level.items():
-            counts = ds.counts(slide, lv, genes)
-            stream = StreamingEvaluation(len(genes))
-            shares = None
-            if lv == "bin":  # collapse diagnostic: variance between the bins' spot tiles
-                tile = ds.membership(slide, "spot")
-                n_tiles = int(tile.max()) + 1 if len(tile) else 0
-                shares = {k: BetweenGroupShare(n_tiles, len(genes)) for k in ("pred", "true")}
-            for i in range(0, counts.shape[0], chunk):  # bounded memory on HD slides
-                true = np.log1p(counts[i : i + chunk].toarray().astype(np.float64))
-                stream.update(true, pred[i : i + chunk])
-                if shares is not None:
-                    shares["pred"].update(pred[i : i + chunk], tile[i : i + chunk])
-                    shares["true"].update(true, tile[i : i + chunk])
-            m = stream.result(top_genes=top)
+
+    def add(name: str, slide: str, lv: str, pred: np.ndarray) -> None:
+        counts = ds.counts(slide, lv, genes)
+        stream = StreamingEvaluation(len(genes))
+        shares = None
+        if lv == "bin":  # collapse diagnostic: variance between the bins' spot tiles
+            tile = ds.membership(slide, "spot")
+            n_tiles = int(tile.max()) + 1 if len(tile) else 0
+            shares = {k: BetweenGroupShare(n_tiles, len(genes)) for k in ("pred", "true")}
+        for i in range(0, counts.shape[0], chunk):  # bounded memory on HD slides
+            true = np.log1p(counts[i : i + chunk].toarray().astype(np.float64))
+            stream.update(true, pred[i : i + chunk])
             if shares is not None:
-                m["between_tile_share"] = shares["pred"].compute()
-                m["between_tile_share_true"] = shares["true"].compute()
-            per_gene.append(
-                pd.DataFrame(
-                    {
-                        "model": model,
-                        "level": lv,
-                        "test_slide": slide,
-                        "gene_id": genes,
-                        "gene_name": names,
-                        "pcc": stream.genes.compute(),
-                    }
-                )
-            )
-            rows.append(
+                shares["pred"].update(pred[i : i + chunk], tile[i : i + chunk])
+                shares["true"].update(true, tile[i : i + chunk])
+        m = stream.result(top_genes=top)
+        if shares is not None:
+            m["between_tile_share"] = shares["pred"].compute()
+            m["between_tile_share_true"] = shares["true"].compute()
+        per_gene.append(
+            pd.DataFrame(
                 {
-                    "model": model,
+                    "model": name,
                     "level": lv,
                     "test_slide": slide,
-                    **m,
-                    **({"train_seconds": seconds} if seconds is not None else {}),
+                    "gene_id": genes,
+                    "gene_name": names,
+                    "pcc": stream.genes.compute(),
                 }
             )
+        )
+        rows.append(
+            {
+                "model": name,
+                "level": lv,
+                "test_slide": slide,
+                **m,
+                **({"train_seconds": seconds} if seconds is not None else {}),
+            }
+        )
+
+    sums = not TargetTransform(ds.target_kind).per_10k
+    for slide, by_level in preds.items():
+        for lv, pred in by_level.items():
+            add(model, slide, lv, pred)
+        if sums and "bin" in by_level:  # every coarse level, with a head or without
+            for lv in (lv for lv in LEVELS if lv != "bin"):
+                n_tiles = ds.level(slide, lv).n_obs
+                agg = aggregate_bins(by_level["bin"], ds.membership(slide, lv), n_tiles, chunk)
+                add(model + AGGREGATED, slide, lv, agg)
     with atomic_path(folder / GENE_PCC) as tmp:
         pd.concat(per_gene, ignore_index=True).to_csv(tmp, index=False)
     return rows
 
 
-def _baseline(ds, fold, genes, names, targets, top, folder: Path) -> list[dict]:
-    pool = fold["train"] + fold["val"]
+def aggregate_bins(
+    pred: np.ndarray, member: np.ndarray, n_tiles: int, chunk: int = 50_000
+) -> np.ndarray:
+    """``log1p`` of the summed ``expm1`` of log1p bin predictions over each tile (``member``:
+    each bin's tile, ``-1`` for none): the tile's expression as its bins predict it.
+    Streamed ``chunk`` bins at a time (float32, tiles x genes)."""
+    import scipy.sparse as sp
+
+    total = np.zeros((n_tiles, pred.shape[1]), dtype=np.float64)
+    for i in range(0, len(pred), chunk):
+        m = np.asarray(member[i : i + chunk])
+        ok = m >= 0
+        onehot = sp.csr_matrix(
+            (np.ones(int(ok.sum())), (m[ok], np.flatnonzero(ok))), shape=(n_tiles, len(m))
+        )
+        total += onehot @ np.expm1(np.clip(pred[i : i + chunk].astype(np.float64), 0, 30))
+    return np.log1p(total).astype(np.float32)
+
+
+def _baseline(ds, fold, genes, names, top, folder: Path, refit: bool = False) -> list[dict]:
+    pool = fit_slides(fold, refit)  # nothing to choose: the mean over the fitting slides
     log1p = TargetTransform("log1p")
     mean = {lv: target_mean(log1p, [ds.counts(s, lv, genes) for s in pool]) for lv in LEVELS}
+    # the fitted model: a mean per level
+    with atomic_path(folder / "profile.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, genes=np.array(genes), slides=np.array(pool), **mean)
     preds = {
         slide: {lv: np.tile(mean[lv], (ds.level(slide, lv).n_obs, 1)) for lv in LEVELS}
         for slide in fold["test"]
@@ -419,7 +503,16 @@ def _baseline(ds, fold, genes, names, targets, top, folder: Path) -> list[dict]:
 
 
 def _fit_baseline(
-    ds, fold, genes, names, top, name: str, features: str, folder: Path, settings: dict
+    ds,
+    fold,
+    genes,
+    names,
+    top,
+    name: str,
+    features: str,
+    folder: Path,
+    settings: dict,
+    refit: bool = False,
 ):
     import time
 
@@ -427,13 +520,15 @@ def _fit_baseline(
 
     t0 = time.perf_counter()
     model = create_baseline(name, features, **({} if name == "ridge" else settings))
-    model.fit(ds, fold["train"], genes, val=fold["val"])
+    model.fit(ds, fold["train"], genes, val=fold["val"], refit=refit)
     seconds = time.perf_counter() - t0
     model.save(folder / model.filename)
     if hasattr(model, "report"):  # ridge: the alpha chosen per level and the CV scores
         write_text(folder / model.report_filename, json.dumps(model.report(), indent=1))
     if getattr(model, "history", None):  # neural baselines: each level's epochs
         write_text(folder / "history.json", json.dumps(model.history, indent=1))
+    if getattr(model, "chosen_epochs", None):  # refitted: the epochs of each level's refit
+        write_text(folder / "chosen_epochs.json", json.dumps(model.chosen_epochs, indent=1))
     preds = {slide: model.predict(ds, slide) for slide in fold["test"]}
     for slide, by_level in preds.items():
         for lv, pred in by_level.items():
@@ -443,23 +538,47 @@ def _fit_baseline(
     return _score(ds, preds, genes, names, top, name, folder, seconds)
 
 
-def _train_fold(
-    ds, fold, genes, targets, cfg: TrainConfig, variant: str, folder: Path, progress=False
-):
+def _train_fold(ds, train, val, genes, targets, cfg: TrainConfig, folder: Path, progress=False):
     last = folder / "checkpoints" / "last.ckpt"  # an interrupted fold goes on from there
     if last.is_file():
         log.info("%s: resuming from %s", folder, last)
     return fit(
         ds,
-        fold["train"],
-        fold["val"],
-        replace(cfg, variant=variant),
+        list(train),
+        list(val),
+        cfg,
         folder,
         genes=genes,
         targets=targets,
         progress=progress,
         resume=last if last.is_file() else None,
     )
+
+
+def _fit_member(
+    ds, fold, genes, targets, cfg: TrainConfig, folder: Path, refit: bool, progress=False
+) -> tuple[Path, float]:
+    """One MagNet training of a fold under the protocol: on the training slides, early-
+    stopped on the validation slides; with ``refit``, that run goes to ``folder/choice`` and
+    the model is trained again on training + validation slides for the epochs it chose.
+    Returns the model file and the fitting seconds (both runs)."""
+    if not (refit and fold["val"]):
+        res = _train_fold(ds, fold["train"], fold["val"], genes, targets, cfg, folder, progress)
+        return res.model_path, res.seconds
+    choice = folder / "choice"
+    done = choice / "fit_seconds.txt"
+    if done.is_file() and (choice / "history.json").is_file():
+        seconds = float(done.read_text())
+        history = json.loads((choice / "history.json").read_text())
+    else:
+        res = _train_fold(ds, fold["train"], fold["val"], genes, targets, cfg, choice, progress)
+        seconds, history = res.seconds, res.history
+        write_text(done, f"{res.seconds:.3f}")
+    epochs = chosen_epochs(history) or cfg.epochs
+    write_text(choice / "chosen_epochs.txt", f"{epochs}\n")
+    pool = fit_slides(fold, refit=True)
+    res = _train_fold(ds, pool, [], genes, targets, replace(cfg, epochs=epochs), folder, progress)
+    return res.model_path, seconds + res.seconds
 
 
 def _members(cfg: TrainConfig, folder: Path, ensemble: int) -> list[tuple[TrainConfig, Path]]:
@@ -481,6 +600,7 @@ def _model(
     folder: Path,
     progress: bool,
     ensemble: int = 1,
+    refit: bool = False,
 ):
     members = _members(cfg, folder, ensemble)
     sums: dict[str, dict[str, np.ndarray]] = {}
@@ -491,11 +611,12 @@ def _model(
             seconds += float(done.read_text())
             model_path = mfolder / "model.pt"
         else:
-            res = _train_fold(ds, fold, genes, targets, mcfg, mcfg.variant, mfolder, progress)
-            seconds += res.seconds
-            model_path = res.model_path
+            model_path, fit_s = _fit_member(
+                ds, fold, genes, targets, mcfg, mfolder, refit, progress
+            )
+            seconds += fit_s
             if len(members) > 1:
-                write_text(done, f"{res.seconds:.3f}")
+                write_text(done, f"{fit_s:.3f}")
         model, payload = load_model(model_path)
         for slide in fold["test"]:
             arrays = slide_arrays(
@@ -529,16 +650,17 @@ def _model(
     return _score(ds, preds, genes, names, top, cfg.variant, folder, seconds)
 
 
-def write_tables(table: pd.DataFrame, out: Path) -> pd.DataFrame:
-    """``metrics.csv`` (per fold), ``summary.csv`` and ``summary.md`` (mean +- std, then
-    PCC-gene per test slide)."""
+def write_tables(table: pd.DataFrame, out: Path, protocol: str | None = None) -> pd.DataFrame:
+    """``metrics.csv`` (per fold), ``summary.csv`` and ``summary.md`` (the protocol, given;
+    mean +- std, then PCC-gene per test slide)."""
     with atomic_path(out / "metrics.csv") as tmp:
         table.to_csv(tmp, index=False)
     summary = summary_table(table)
     with atomic_path(out / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
     per_slide = markdown_per_slide(table, summary=summary)
-    write_text(out / "summary.md", markdown_summary(summary) + "\n" + per_slide)
+    head = protocol_line(protocol) + "\n\n" if protocol else ""
+    write_text(out / "summary.md", head + markdown_summary(summary) + "\n" + per_slide)
     return summary
 
 
@@ -558,12 +680,20 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     order = {lv: i for i, lv in enumerate(LEVELS)}
     df["_l"] = df["level"].map(order)
-    df["_b"] = df["model"].map({BASELINE: 0, RIDGE: 1}).fillna(2)
+    # each model's "(aggregated bins)" rows right after its own
+    own = df["model"].str.removesuffix(AGGREGATED)
+    df["_b"] = own.map({BASELINE: 0, RIDGE: 1}).fillna(2) * 2 + (own != df["model"])
+    df["_o"] = own.map({m: i for i, m in enumerate(dict.fromkeys(own))})
     return (
-        df.sort_values(["_l", "_b"], kind="stable")
-        .drop(columns=["_l", "_b"])
+        df.sort_values(["_l", "_b", "_o"], kind="stable")
+        .drop(columns=["_l", "_b", "_o"])
         .reset_index(drop=True)
     )
+
+
+def _spread(sd: float) -> str:
+    """A standard deviation over folds for a table; "n/a" for one fold (no spread)."""
+    return f"{sd:.4f}" if np.isfinite(sd) else "n/a"
 
 
 def markdown_summary(summary: pd.DataFrame) -> str:
@@ -593,7 +723,7 @@ def markdown_summary(summary: pd.DataFrame) -> str:
             cells = [
                 "n/a"
                 if not np.isfinite(r[f"{c}_mean"])
-                else f"{r[f'{c}_mean']:.4f} ± {r[f'{c}_std']:.4f}"
+                else f"{r[f'{c}_mean']:.4f} ± {_spread(r[f'{c}_std'])}"
                 for c in cols
             ]
             if share:
@@ -691,7 +821,7 @@ def markdown_groups(grouped: pd.DataFrame) -> str:
                 cells.append(
                     "n/a"
                     if r.empty or not np.isfinite(r["pcc_gene_mean"].iloc[0])
-                    else f"{r['pcc_gene_mean'].iloc[0]:.4f} ± {r['pcc_gene_std'].iloc[0]:.4f}"
+                    else f"{r['pcc_gene_mean'].iloc[0]:.4f} ± {_spread(r['pcc_gene_std'].iloc[0])}"
                 )
             lines.append(f"| {group} | {int(g['n_genes'].max())} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -28,7 +28,14 @@ class Dataset:
     >>> ds = Dataset("runs/her2st")
     >>> ds.slides                       # ['C2', 'C3', ...]
     >>> bins = ds.level("C2", "bin")    # AnnData: raw counts of all genes, obs spot/region
-    >>> y = ds.targets("C2", "bin")     # float32 (n_units, n_panel) on the target scale
+    >>> from magnet_st.panel import training_panel
+    >>> chosen = training_panel(ds, ["C3", "C4"])   # genes + target statistics of these slides
+    >>> y = ds.targets("C2", "bin", chosen.genes, chosen.targets["bin"])  # float32 units x genes
+
+    Every read of counts or targets names its genes (and targets their fitted transform):
+    there is no default panel, so no caller can fall back on the panel ``prepare`` chose on
+    every slide, test slides included. That panel and its statistics are reachable only
+    as :attr:`all_slide_panel` and :attr:`all_slide_target_transforms`.
     """
 
     def __init__(self, path: str | Path):
@@ -66,12 +73,16 @@ class Dataset:
         return self.manifest["config"]
 
     @property
-    def panel(self) -> list[str]:
-        """Gene ids of the panel, in order."""
+    def all_slide_panel(self) -> list[str]:
+        """Gene ids of the panel ``prepare`` chose on the dataset's training slides (every
+        slide by default, slides scored later included): for inspection and for a model
+        trained on all of them; a cross-validation fold chooses its own
+        (:func:`magnet_st.panel.training_panel`)."""
         return list(self.manifest["panel"]["gene_ids"])
 
     @property
-    def panel_names(self) -> list[str]:
+    def all_slide_panel_names(self) -> list[str]:
+        """Gene names of :attr:`all_slide_panel`."""
         return list(self.manifest["panel"]["gene_names"])
 
     @property
@@ -101,8 +112,15 @@ class Dataset:
         return float(self.config["working_mpp"])
 
     @cached_property
-    def target_transforms(self) -> dict[str, TargetTransform]:
+    def all_slide_target_transforms(self) -> dict[str, TargetTransform]:
+        """The target transforms ``prepare`` fitted on the slides of :attr:`all_slide_panel`,
+        per level (a fold fits its own: :func:`magnet_st.panel.training_targets`)."""
         return {lv: TargetTransform.from_dict(d) for lv, d in self.manifest["targets"].items()}
+
+    @property
+    def target_kind(self) -> str:
+        """The dataset's target scale (``log1p`` or ``log1p_cp10k``): a choice, not a fit."""
+        return str(self.manifest["targets"]["bin"]["kind"])
 
     # -- data ---------------------------------------------------------------------------------
     def level(self, slide: str, level: str) -> anndata.AnnData:
@@ -174,16 +192,16 @@ class Dataset:
         return X if isinstance(X, h5py.Dataset) else sparse_dataset(X)
 
     def panel_counts(
-        self, slide: str, level: str, genes: list[str] | None = None, *, raw: bool = False
+        self, slide: str, level: str, genes: list[str], *, raw: bool = False
     ) -> PanelCounts:
-        """Raw counts (units x genes) for ``genes`` (gene ids; default: the panel), on disk:
+        """Raw counts (units x genes) for ``genes`` (gene ids, required), on disk:
         indexing it with rows reads those rows. On a slide that lists only the genes it
         detected (legacy ST), a gene it does not list is a column of zeros; elsewhere it is
         an error. With ``log1p_cp10k`` targets, counts per 10,000 of the unit's total
         (``raw``: the counts as measured, whatever the targets)."""
-        genes = self.panel if genes is None else list(genes)
+        genes = _named_genes(genes)
         scale = None
-        if self.target_transforms[level].per_10k and not raw:
+        if TargetTransform(self.target_kind).per_10k and not raw:
             scale = per_10k_scale(self.obs_column(slide, level, "total_counts"))
         try:
             return PanelCounts(
@@ -199,8 +217,8 @@ class Dataset:
                 f"slide {slide} lacks genes {exc.args[0][:10]}",
             ) from None
 
-    def counts(self, slide: str, level: str, genes: list[str] | None = None) -> sp.csr_matrix:
-        """Counts (units x genes) for ``genes`` (default: the panel), in memory (read in row
+    def counts(self, slide: str, level: str, genes: list[str]) -> sp.csr_matrix:
+        """Counts (units x genes) for ``genes`` (required), in memory (read in row
         chunks: only the selected columns are ever held): raw, or per 10,000 with
         ``log1p_cp10k`` targets. See :meth:`panel_counts`."""
         counts = self.panel_counts(slide, level, genes)
@@ -209,9 +227,12 @@ class Dataset:
         finally:
             counts.close()
 
-    def targets(self, slide: str, level: str, genes: list[str] | None = None) -> np.ndarray:
-        """Regression targets on the dataset's target scale (float32, units x genes)."""
-        return self.target_transforms[level].transform(self.counts(slide, level, genes))
+    def targets(
+        self, slide: str, level: str, genes: list[str], transform: TargetTransform
+    ) -> np.ndarray:
+        """Regression targets (float32, units x genes) of ``genes`` under ``transform`` (fitted
+        on a model's training slides, e.g. ``training_panel(...).targets[level]``)."""
+        return transform.transform(self.counts(slide, level, genes))
 
     def gene_names(self, genes: list[str]) -> list[str]:
         """Gene names (symbols) of gene ids, as the first slide that lists them names them."""
@@ -249,9 +270,20 @@ class Dataset:
 
     def __repr__(self) -> str:
         return (
-            f"Dataset({str(self.path)!r}, slides={self.slides}, panel={len(self.panel)} genes, "
+            f"Dataset({str(self.path)!r}, slides={self.slides}, "
+            f"all-slide panel={len(self.all_slide_panel)} genes, "
             f"preset={self.config['preset']})"
         )
 
 
 _LEVEL_KEY = {"bin": "bin_patch", "spot": "spot_tile", "region": "region_tile"}
+
+
+def _named_genes(genes: list[str]) -> list[str]:
+    """The gene ids a read names; ``None`` (the old default panel) is refused."""
+    if genes is None or isinstance(genes, str):
+        raise TypeError(
+            "name the genes to read (a model's panel, e.g. training_panel(ds, slides).genes); "
+            "the panel prepare chose on every slide is Dataset.all_slide_panel"
+        )
+    return list(genes)

@@ -71,7 +71,7 @@ def pcc_rows(pred: torch.Tensor, true: torch.Tensor, eps: float = 1e-8) -> torch
     return r.mean()
 
 
-def pcc(pred: torch.Tensor, true: torch.Tensor, axis: str = "unit") -> torch.Tensor:
+def pcc(pred: torch.Tensor, true: torch.Tensor, axis: str = "gene") -> torch.Tensor:
     """Mean Pearson r per unit across genes (``"unit"``) or per gene across units
     (``"gene"``; a gene constant in the batch contributes r = 0)."""
     if axis not in PCC_AXES:
@@ -118,7 +118,7 @@ def magnet_loss(
     weights: LossWeights,
     consistency: str = "paper",
     to_log1p: dict[str, callable] | None = None,
-    pcc_axis: str = "unit",
+    pcc_axis: str = "gene",
 ) -> dict[str, torch.Tensor]:
     """The total loss and its parts.
 

@@ -203,7 +203,8 @@ class BetweenGroupShare:
 
 
 def summarize(rows: list[dict[str, float]], keys: list[str]) -> dict[str, tuple[float, float]]:
-    """Mean and standard deviation (ddof=0 for one row, else 1) of ``keys`` over folds."""
+    """Mean and sample standard deviation (ddof=1) of ``keys`` over folds; one fold has no
+    spread: its standard deviation is NaN (tables print "n/a"), never 0."""
     out = {}
     for k in keys:
         v = np.array([r[k] for r in rows if k in r], dtype=np.float64)
@@ -211,5 +212,14 @@ def summarize(rows: list[dict[str, float]], keys: list[str]) -> dict[str, tuple[
         if len(v) == 0:
             out[k] = (float("nan"), float("nan"))
         else:
-            out[k] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+            out[k] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"))
     return out
+
+
+def chosen_epochs(history: list[dict]) -> int | None:
+    """The number of epochs early stopping chose: up to the first epoch with the best
+    validation PCC-gene (the checkpoint kept); ``None`` without validation scores."""
+    scored = [(r["val/pcc_gene"], -int(r["epoch"])) for r in history if "val/pcc_gene" in r]
+    if not scored:
+        return None
+    return -max(scored)[1] + 1

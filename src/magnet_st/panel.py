@@ -147,10 +147,6 @@ def select_panel(
                 f"{len(missing)} genes of the panel list are not in every slide: {missing[:10]}"
             )
         return list(dict.fromkeys(genes))
-    if n_genes > len(candidates):
-        raise ConfigError(
-            f"asked for {n_genes} genes but the training slides share only {len(candidates)}"
-        )
     rng = np.random.default_rng(seed)
     blocks = []
     for m, ids, full in zip(counts, gene_ids, lists_all, strict=True):
@@ -158,6 +154,18 @@ def select_panel(
         if m.shape[0] > max_units_per_slide:
             rows = np.sort(rng.choice(m.shape[0], max_units_per_slide, replace=False))
         blocks.append(gene_columns(read_rows(m, rows), ids, candidates, fill_absent=not full))
+    # the largest panel that would work, named in one message (seurat_v3 ranks only the
+    # genes detected in the training slides)
+    if method == "mean":
+        most = len(candidates)
+    else:
+        most = int(np.count_nonzero(sum(np.asarray((b > 0).sum(axis=0)).ravel() for b in blocks)))
+    if n_genes > most:
+        detected = "" if method == "mean" else f", {most} of them detected"
+        raise ConfigError(
+            f"asked for {n_genes} genes but the training slides share {len(candidates)}"
+            f"{detected}: ask for at most {most} (--n-genes {most})"
+        )
     if method == "mean":
         total = sum(np.asarray(b.sum(axis=0)).ravel() for b in blocks)
         mean = total / sum(b.shape[0] for b in blocks)
@@ -177,13 +185,9 @@ def _seurat_v3(blocks: list[sp.csr_matrix], candidates: list[str], n_genes: int)
     )
     obs.index = obs.index.astype(str)
     adata = anndata.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(candidates)))
-    # genes with no counts at all break the loess fit; they can never be variable
+    # genes with no counts at all break the loess fit; they can never be variable (the
+    # caller checked that n_genes of them are detected)
     detected = np.asarray((X > 0).sum(axis=0)).ravel() > 0
-    if detected.sum() < n_genes:
-        raise ConfigError(
-            f"asked for {n_genes} genes but only {int(detected.sum())} are detected "
-            "in the training slides"
-        )
     adata = adata[:, detected].copy()
     sc.pp.highly_variable_genes(
         adata,

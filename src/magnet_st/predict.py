@@ -23,7 +23,7 @@ spot tile and region tile. Outputs in ``OUT/``:
 * ``prediction.zarr`` (with ``spatialdata=True``): all three levels as one SpatialData store
   (``spatialdata.read_zarr``): tables, square shapes and the downsampled images; see
   :mod:`magnet_st.export`.
-* ``tissue_mask.png`` and ``tissue_overlay.png`` (image-only), ``prediction.json`` (what was
+* ``tissue_mask.png`` and ``tissue_mask_overlay.png`` (image-only), ``prediction.json`` (what was
   done, with which model and encoder, how long it took) and ``work/`` (the one-slide
   dataset and its cached features: a rerun reuses them).
 """

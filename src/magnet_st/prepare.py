@@ -758,7 +758,14 @@ def prepare(
         if d.is_dir() and d.name not in keep:
             shutil.rmtree(d)
 
-    panel_ids, targets = _panel_and_targets(out, slides_meta, resolved, old if add else None)
+    try:
+        panel_ids, targets = _panel_and_targets(out, slides_meta, resolved, old if add else None)
+    except (ConfigError, InputError):
+        # a failed prepare records nothing: the slides this run wrote would otherwise be
+        # taken as done ("unchanged") by the next run
+        for name in result.processed:
+            shutil.rmtree(out / "slides" / name, ignore_errors=True)
+        raise
     result.panel = panel_ids
     result.filled = _check_panel(out, slides_meta, panel_ids)
     for name, n_filled in result.filled.items():

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     from magnet_st.image import SlideImage
 
 
+#: the largest image a slide can have, mm (long, short side): a 75 x 25 mm glass slide, with
+#: a margin for scanners that image past its edge
+MAX_IMAGE_MM = (80.0, 30.0)
+
+
 @dataclass
 class Slide:
     """One section: counts per unit (bin or spot), where the units lie, and its image.
@@ -123,6 +128,46 @@ class Slide:
                 f"outside it (e.g. {self.unit_ids[i]} at x={x[i]:.1f}, y={y[i]:.1f} px); "
                 "is this the full-resolution image the positions refer to?",
             )
+
+    def check_scale(self, col_step_um: float | None = None) -> None:
+        """Raise :class:`InputError` when the microns per pixel cannot be right: units one
+        array column apart are not ``col_step_um`` apart (within 25 %; the step comes from a
+        least-squares fit of the pixel positions on the array coordinates, skipped where the
+        positions do not follow the array), or the image is larger than a glass slide
+        (:data:`MAX_IMAGE_MM`). Both say which figures disagree."""
+        mpp = float(self.microns_per_pixel)
+        source = self.sources.get("microns_per_pixel", "?")
+        rc = self.array_coords
+        if col_step_um is not None and rc is not None and self.n_units >= 3:
+            pts, rc = self.centers_px, np.asarray(rc, dtype=np.float64)
+            if len(pts) > 20_000:  # a seeded sample: the fit needs no more
+                pick = np.random.default_rng(0).choice(len(pts), 20_000, replace=False)
+                pts, rc = pts[pick], rc[pick]
+            a = np.column_stack([np.ones(len(rc)), rc])
+            coef, _, rank, _ = np.linalg.lstsq(a, pts, rcond=None)
+            step_px = float(np.hypot(*coef[2]))
+            rms = float(np.sqrt(np.mean(np.sum((pts - a @ coef) ** 2, axis=1))))
+            found = step_px * mpp
+            follows = rank == 3 and step_px > 0 and rms < 0.5 * step_px
+            if follows and not 0.75 <= found / col_step_um <= 1 / 0.75:
+                raise InputError(
+                    self.image_path or self.sources.get("positions", self.name),
+                    f"units one array column apart are {found:.3g} um apart at {mpp:.4g} "
+                    f"um/px, but {self.technology} columns are {col_step_um:g} um apart: "
+                    f"the microns per pixel ({source}) are wrong by "
+                    f"{found / col_step_um:.2g}x (--mpp is that of the full-resolution "
+                    "image, also when Space Ranger's hires image is given)",
+                )
+        img = self.image
+        if img is not None:
+            w, h = (float(v) * mpp / 1000 for v in img.size)
+            if max(w, h) > MAX_IMAGE_MM[0] or min(w, h) > MAX_IMAGE_MM[1]:
+                raise InputError(
+                    self.image_path,
+                    f"image is {w:.1f} x {h:.1f} mm at {mpp:.4g} um/px ({source}), larger "
+                    f"than a {MAX_IMAGE_MM[1]:g} x {MAX_IMAGE_MM[0]:g} mm glass slide: the "
+                    "microns per pixel are wrong",
+                )
 
     def summary(self) -> dict[str, Any]:
         """Numbers worth printing: units, genes, sizes and counts-per-unit quantiles."""

@@ -189,7 +189,6 @@ class PatchReader:
         self.patch_um = patch_um
         self.patch_px = patch_px
         self.seed = seed
-        self.calls = 0
         # resampling only (Preprocess.resize): the model normalises
         self.resampler = Preprocess((patch_px, patch_px), (0.0,) * 3, (1.0,) * 3, interpolation)
 
@@ -200,13 +199,22 @@ class PatchReader:
         mpp = self.images[slide].microns_per_pixel
         return TileCutter.plan(self.patch_um, mpp, self.patch_px)
 
-    def __call__(self, slide: SlideArrays, bins: np.ndarray, train: bool) -> torch.Tensor:
+    def __call__(
+        self,
+        slide: SlideArrays,
+        bins: np.ndarray,
+        train: bool,
+        key: tuple[int, int] = (0, 0),
+    ) -> torch.Tensor:
+        """The patches of ``bins``; when training, flipped and rotated by a generator seeded
+        from (seed, ``key``) = (seed, epoch, batch index) only: no state that a worker or
+        an interrupted run would not share."""
         tiles = self.cutter(slide.name).cut(self.images[slide.name], slide.bin_px[bins])
         x = self.resampler.resize(torch.from_numpy(tiles))  # grey levels, (n, 3, P, P)
         x = x.round_().clamp_(0, 255).to(torch.uint8).contiguous()
         if train:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(bins[0]) + self.calls)
-            self.calls += 1
+            words = np.random.SeedSequence([self.seed, *map(int, key)]).generate_state(2)
+            g = torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
             flip = torch.rand(len(x), generator=g) < 0.5
             x[flip] = x[flip].flip(-1)
             rot = torch.randint(0, 4, (len(x),), generator=g)
@@ -218,7 +226,8 @@ class PatchReader:
 
 class EpochShuffle(torch.utils.data.Sampler[int]):
     """A new order of the batches each epoch, a function of (seed, epoch) only: a run
-    resumed at epoch e sees the same order as one that never stopped. The epoch comes from
+    resumed at epoch e sees the same order as one that never stopped. Yields ``(batch,
+    epoch)`` pairs (:meth:`magnet_st.batching.BlockDataset.__getitem__`). The epoch comes from
     ``epoch()`` (the trainer's current epoch) when the order is drawn; Lightning's own
     ``set_epoch`` counts from 0 again after a resume, so it is not used."""
 
@@ -231,9 +240,12 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
     def __iter__(self):
         # a generator: the order is drawn when the first batch is fetched, not when
         # Lightning creates the iterator (on a resume it does so before the epoch is set)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.epoch()))
+        epoch = int(self.epoch())
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(self.n, generator=g).tolist()
-        yield from order
+        # (batch, epoch): the dataset seeds the batch's augmentation from both, in whichever
+        # worker process it runs (a worker cannot ask the trainer for the epoch)
+        yield from ((i, epoch) for i in order)
 
 
 class SpatialDataModule(L.LightningDataModule):
@@ -507,12 +519,12 @@ def fit(
     if genes is None:  # the panel and target statistics of the training slides alone
         from magnet_st.panel import training_panel
 
-        chosen = training_panel(ds, list(train_slides) + list(val_slides), cfg.seed)
+        chosen = training_panel(ds, list(train_slides), cfg.seed)
         genes, targets = chosen.genes, targets or chosen.targets
     elif targets is None:  # the given genes' statistics, from the training slides alone
         from magnet_st.panel import training_targets
 
-        targets = training_targets(ds, list(train_slides) + list(val_slides), genes)
+        targets = training_targets(ds, list(train_slides), genes)
     if cfg.consistency == "aggregate" and any(t.per_10k for t in targets.values()):
         raise ConfigError(
             "consistency 'aggregate' needs raw counts (a tile's counts are the sum of its "
@@ -522,6 +534,7 @@ def fit(
     bin_feats = cfg.bin_encoder == "frozen"
     if bin_feats and cfg.bin_weights is not None:
         raise ConfigError("bin_weights (--bin-weights) needs an end-to-end bin encoder")
+    check_bin_start(cfg)
     train = [
         slide_arrays(ds, s, cfg.features, genes=genes, bin_features=bin_feats) for s in train_slides
     ]
@@ -603,6 +616,25 @@ def fit(
     )
 
 
+#: ``--bin-weights random``: train a timm bin encoder from random weights, on purpose
+RANDOM_BIN_WEIGHTS = "random"
+
+
+def check_bin_start(cfg: TrainConfig) -> None:
+    """An end-to-end timm bin encoder (``--variant paper``'s ResNet50 included) without
+    ``--bin-weights`` would train from random weights: refused unless asked for by name."""
+    from magnet_st.encoders import OFFLINE_IMAGENET
+
+    if cfg.bin_encoder in ("frozen", OFFLINE_IMAGENET) or cfg.bin_weights is not None:
+        return
+    raise ConfigError(
+        f"the end-to-end bin encoder {cfg.bin_encoder} has no starting weights and would "
+        f"train from random ones: give --bin-weights FILE (e.g. ImageNet {cfg.bin_encoder} "
+        f"weights), --bin-encoder {OFFLINE_IMAGENET} (ImageNet weights shipped offline), or "
+        f"--bin-weights {RANDOM_BIN_WEIGHTS} to train from random weights on purpose"
+    )
+
+
 def init_bin_encoder(module: MagNetModule, cfg: TrainConfig) -> dict[str, Any]:
     """Load the weights the end-to-end bin encoder starts from into its backbone: the
     file ``cfg.bin_weights`` (read as ``magnet features --weights`` reads its file, by
@@ -613,7 +645,8 @@ def init_bin_encoder(module: MagNetModule, cfg: TrainConfig) -> dict[str, Any]:
     from magnet_st.encoders import load_backbone_weights
 
     backbone = module.model.bin_encoder.backbone
-    info = load_backbone_weights(backbone, cfg.bin_encoder, cfg.bin_weights)
+    weights = None if cfg.bin_weights == RANDOM_BIN_WEIGHTS else cfg.bin_weights
+    info = load_backbone_weights(backbone, cfg.bin_encoder, weights)
     checksum = info["weights_checksum"]
     module.model.cfg.bin_weights_checksum = checksum
     module.hparams["model_config"]["bin_weights_checksum"] = checksum

@@ -44,7 +44,7 @@ from magnet_st.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
 from magnet_st.graph import knn_edges
 from magnet_st.levels import LEVELS
-from magnet_st.metrics import pcc_per_gene
+from magnet_st.metrics import chosen_epochs, pcc_per_gene
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +325,7 @@ class NeuralBaseline:
         self.norms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.banks: dict[str, _Bank] = {}
         self.history: dict[str, list[dict[str, float]]] = {}
+        self.chosen_epochs: dict[str, int] = {}  # per level, when refitted
 
     # what a subclass provides
     def build(self, dim: int, genes: int) -> nn.Module:
@@ -412,9 +413,17 @@ class NeuralBaseline:
 
     # fitting
     def fit(
-        self, ds: Dataset, slides: list[str], genes: list[str], val: list[str] | None = None
+        self,
+        ds: Dataset,
+        slides: list[str],
+        genes: list[str],
+        val: list[str] | None = None,
+        refit: bool = False,
     ) -> NeuralBaseline:
-        """Train one network per level on ``slides``, early-stopped on ``val`` (PCC-gene)."""
+        """Train one network per level on ``slides``, early-stopped on ``val`` (PCC-gene);
+        with ``refit``, trained again from the start on ``slides`` + ``val`` for the number
+        of epochs early stopping chose (:attr:`chosen_epochs`; :attr:`history` keeps the
+        curves of the choosing run)."""
         if not slides:
             raise ConfigError(f"{self.name}: no training slides")
         self.genes = list(genes)
@@ -424,9 +433,21 @@ class NeuralBaseline:
             if sum(d.n for d in train) == 0:
                 raise InputError(ds.path, f"{self.name}: no {lv} units in the training slides")
             self._fit_level(lv, train, held)
+            if refit and held:
+                n = chosen_epochs(self.history[lv]) or self.cfg.epochs
+                self.chosen_epochs[lv] = n
+                self._fit_level(lv, train + held, [], epochs=n)
         return self
 
-    def _fit_level(self, level: str, train: list[_LevelData], val: list[_LevelData]) -> None:
+    def _fit_level(
+        self,
+        level: str,
+        train: list[_LevelData],
+        val: list[_LevelData],
+        epochs: int | None = None,
+    ) -> None:
+        """Train ``level``'s network; given ``epochs`` (a refit), exactly that many, the
+        last state kept and the choosing run's history left in place."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
@@ -441,7 +462,7 @@ class NeuralBaseline:
         self.nets[level] = net
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         best, best_state, bad, history = -np.inf, None, 0, []
-        for epoch in range(cfg.epochs):
+        for epoch in range(cfg.epochs if epochs is None else epochs):
             t0 = time.perf_counter()
             net.train()
             total, steps = 0.0, 0
@@ -472,6 +493,9 @@ class NeuralBaseline:
             rec["seconds"] = time.perf_counter() - t0
             history.append(rec)
             log.info("%s %s epoch %d: %s", self.name, level, epoch, rec)
+            if epochs is not None:  # a refit: the last epoch is the model
+                best_state = None
+                continue
             if score > best:
                 best, bad = score, 0
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -482,7 +506,8 @@ class NeuralBaseline:
         if best_state is not None:
             net.load_state_dict(best_state)
         net.eval()
-        self.history[level] = history
+        if epochs is None:
+            self.history[level] = history
 
     def _make_bank(self, train: list[_LevelData], level: str, rng: np.random.Generator) -> _Bank:
         sizes = np.array([d.n for d in train])

@@ -50,7 +50,11 @@ class RidgeBaseline:
       standard deviation (on the PCA sample of training units) is below ``drop_tol`` (1e-2)
       times the median standard deviation is dropped, the rest are standardised, then PCA
       keeps ``min(n_components, units, dimensions)`` components.
-    - *The penalty is chosen by cross-validation on the training slides only*, as HEST's
+    - *The penalty is chosen on the validation slides* of the fold protocol
+      (:mod:`magnet_st.cv`), like every model's choices: fitted on the training slides, each
+      alpha of the grid scored on the validation slides; with ``refit`` the model is then
+      fitted again on training + validation slides with the alpha chosen. Without
+      validation slides it is cross-validated on the training slides only, as HEST's
       later tuning did (HEST PR #140: a per-encoder alpha moved UNI2-h's PCC from 0.408 to
       0.434). ``alpha`` is a penalty per training unit: the objective is the mean squared
       error plus ``alpha * |w|^2`` (scikit-learn's ``Ridge(alpha=alpha * n_units)``), so the
@@ -135,19 +139,43 @@ class RidgeBaseline:
 
     # -- fitting --------------------------------------------------------------------------------
     def fit(
-        self, ds: Dataset, slides: list[str], genes: list[str], val: list[str] | None = None
+        self,
+        ds: Dataset,
+        slides: list[str],
+        genes: list[str],
+        val: list[str] | None = None,
+        refit: bool = False,
     ) -> RidgeBaseline:
-        """Fit one PCA + ridge per level on ``slides`` and ``val`` (no early stopping to do:
-        both are training slides, and alpha is cross-validated over them); targets are log1p
-        counts of ``genes``. No other slide is read."""
-        slides = list(dict.fromkeys(list(slides) + list(val or [])))
+        """Fit one PCA + ridge per level on ``slides``, the penalty chosen on ``val`` (each
+        alpha fitted on ``slides``, scored on ``val``; without ``val``, cross-validated on
+        ``slides``); with ``refit``, fitted again on ``slides`` + ``val`` with the alpha
+        chosen. Targets are log1p counts of ``genes``. No other slide is read."""
+        slides = list(dict.fromkeys(slides))
+        val = [s for s in dict.fromkeys(val or []) if s not in slides]
         if not slides:
             raise ConfigError("ridge: no training slides")
         for lv in LEVELS:
-            self.params[lv] = self._fit_level(ds, slides, genes, lv)
+            p = self._fit_level(ds, slides, genes, lv, held=val)
+            if refit and val:
+                choice = {k: v for k, v in p.items() if k.startswith("cv_")}
+                p = self._fit_level(ds, slides + val, genes, lv, alpha=float(p["alpha"]))
+                p.update(choice)
+                p["refit"] = np.array(True)
+            self.params[lv] = p
         return self
 
-    def _fit_level(self, ds: Dataset, slides: list[str], genes: list[str], lv: str) -> dict:
+    def _fit_level(
+        self,
+        ds: Dataset,
+        slides: list[str],
+        genes: list[str],
+        lv: str,
+        held: list[str] | None = None,
+        alpha: float | None = None,
+    ) -> dict:
+        """One level's PCA + ridge on ``slides``; the penalty: ``alpha`` if given, else
+        :attr:`alpha` if set, else chosen on the ``held`` slides, else cross-validated over
+        ``slides``."""
         rng = np.random.default_rng([self.seed, LEVELS.index(lv)])
         inputs = {s: self._inputs(ds, s, lv) for s in slides}
         sizes = [ds.level(s, lv).n_obs for s in slides]
@@ -162,6 +190,8 @@ class RidgeBaseline:
             s: pick[(pick >= o) & (pick < o + m)] - o
             for s, o, m in zip(slides, offsets[:-1], sizes, strict=True)
         }
+        held = list(held or [])
+        fixed = self.alpha if alpha is None else alpha
         n_src = len(self.sources(lv))
         blocks = []  # per source: mean and std of every dimension on the sample
         for b in range(n_src):
@@ -188,9 +218,21 @@ class RidgeBaseline:
         p["components"] = _pca(z, self.n_components, self.seed)
         del z
         # sums of the projected features and log1p targets, per group of units
-        by_slide = len(slides) >= 2
+        by_slide = len(slides) >= 2 or bool(held) or fixed is not None
         stats: dict[object, _Sums] = {}
-        for s in slides:
+        held_stats: list[_Sums] = []
+        for s in [*slides, *(held if fixed is None else [])]:
+            if s in held:  # a validation slide: its sums score the penalties, fit nothing
+                y_all = ds.counts(s, lv, genes).tocsr()
+                part = None
+                for a, x in self._project_slide(p, self._inputs(ds, s, lv), ds.level(s, lv).n_obs):
+                    y = np.log1p(y_all[a : a + len(x)].toarray().astype(np.float64))
+                    if part is None:
+                        part = _Sums(x.shape[1], y.shape[1])
+                    part.add(x, y)
+                if part is not None:
+                    held_stats.append(part)
+                continue
             gid = None if by_slide else self._blocks(ds, s, lv)
             y_all = ds.counts(s, lv, genes).tocsr()
             for a, x in self._project_slide(p, inputs[s], ds.level(s, lv).n_obs):
@@ -203,10 +245,10 @@ class RidgeBaseline:
                     sel = g == k
                     stats.setdefault(int(k), _Sums(x.shape[1], y.shape[1])).add(x[sel], y[sel])
         total = _Sums.total(stats.values())
-        if self.alpha is not None:
-            alpha, cv = self.alpha, None
+        if fixed is not None:
+            alpha, cv = fixed, None
         else:
-            alpha, cv = choose_alpha(list(stats.values()), self.alphas)
+            alpha, cv = choose_alpha(list(stats.values()), self.alphas, held=held_stats or None)
             if cv is None:
                 log.warning(
                     "ridge %s: fewer than two groups of training units to cross-validate "
@@ -224,7 +266,11 @@ class RidgeBaseline:
             p["cv_pcc_gene"] = cv["pcc_gene"]
             p["cv_mse"] = cv["mse"]
             p["cv_groups"] = np.array(
-                "slides" if by_slide else f"{len(stats)} x-blocks of {slides[0]}"
+                f"validation slides {', '.join(held)}"
+                if held_stats
+                else "slides"
+                if by_slide
+                else f"{len(stats)} x-blocks of {slides[0]}"
             )
             log.info(
                 "ridge %s: alpha %g chosen by cross-validation over %s (PCC-gene %s)",
@@ -325,6 +371,7 @@ class RidgeBaseline:
                 if "cv_alphas" in p
                 else "fallback: too few units to cross-validate",
                 "n_train": int(p["n_train"]) if "n_train" in p else None,
+                "refit_on_validation_slides": bool(p.get("refit", False)),
                 "dims": int(len(p["keep"])) if "keep" in p else None,
                 "dims_kept": int(p["keep"].sum()) if "keep" in p else None,
                 "components": int(len(p["components"])),
@@ -495,18 +542,28 @@ class _Sums:
         return w, my - mx @ w
 
 
-def choose_alpha(groups: list[_Sums], alphas: tuple[float, ...]) -> tuple[float, dict | None]:
-    """The penalty (per unit) with the best mean held-out PCC-gene, leaving each group out in
-    turn; ``(alpha, {"pcc_gene": ..., "mse": ...})`` or ``(nan, None)`` with fewer than two
-    usable groups."""
+def choose_alpha(
+    groups: list[_Sums], alphas: tuple[float, ...], held: list[_Sums] | None = None
+) -> tuple[float, dict | None]:
+    """The penalty (per unit) with the best mean held-out PCC-gene: fitted on all ``groups``
+    and scored on each of ``held`` (validation slides), or without ``held`` leaving each
+    group out in turn; ``(alpha, {"pcc_gene": ..., "mse": ...})`` or ``(nan, None)`` with
+    too few usable units."""
     groups = [g for g in groups if g.n >= 2]
-    if len(groups) < 2:
-        return float("nan"), None
-    total = _Sums.total(groups)
-    pcc = np.full((len(groups), len(alphas)), np.nan)
-    mse = np.full((len(groups), len(alphas)), np.nan)
-    for i, held in enumerate(groups):
-        fit = total.minus(held)
+    if held is not None:
+        held = [h for h in held if h.n >= 2]
+        if not groups or not held:
+            return float("nan"), None
+        total = _Sums.total(groups)
+        splits = [(total, h) for h in held]
+    else:
+        if len(groups) < 2:
+            return float("nan"), None
+        total = _Sums.total(groups)
+        splits = [(total.minus(g), g) for g in groups]
+    pcc = np.full((len(splits), len(alphas)), np.nan)
+    mse = np.full((len(splits), len(alphas)), np.nan)
+    for i, (fit, held) in enumerate(splits):
         mx, my, cxx, cxy, _ = fit.centred()
         lam, v = np.linalg.eigh(cxx)
         proj = v.T @ cxy

@@ -83,8 +83,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a state-dict file (.pth/.pt/.bin/.safetensors; timm or torchvision keys, read "
         "as 'magnet features --weights' reads its file) that the end-to-end --bin-encoder "
-        "starts from, e.g. ImageNet weights; its checksum is recorded in the model file. "
-        "Default: none, a random init (efficientnet_lite0_imagenet: its ImageNet weights)",
+        "starts from, e.g. ImageNet weights; its checksum is recorded in the model file; "
+        "'random' to train a timm encoder from random weights on purpose. Default: none, "
+        "which a timm --bin-encoder refuses (it would start from random weights) and "
+        "efficientnet_lite0_imagenet does not need (its ImageNet weights ship with it)",
     )
     g.add_argument(
         "--width", type=_positive_int, default=None, help="model width; " + _preset_help("width")
@@ -360,6 +362,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
         },
         ensemble=args.ensemble,
         only_folds=args.only_folds,
+        refit=args.refit,
         progress=not args.quiet,
     )
     from magnet_st.train import is_main_process
@@ -382,8 +385,10 @@ def _add_cv(sub: argparse._SubParsersAction) -> None:
         "cv",
         help="slide-level cross-validation with metrics tables",
         description="Cross-validate by slide: leave-one-slide-out or k-fold, seeded. Per "
-        "fold the panel is chosen and targets fitted on the training slides only; each "
-        "model is trained, predicts the held-out slides from their images, and is scored "
+        "fold the panel is chosen and targets fitted on the training slides only; every "
+        "model (mean profile and ridge included) fits on the training slides and makes its "
+        "choices on the validation slide (see --refit); each "
+        "model predicts the held-out slides from their images, and is scored "
         "at the bin, spot and region levels (MSE, MAE, PCC-gene, PCC-gene on the 50 most "
         "variable training genes, PCC-unit) beside the mean-profile baseline. Finished "
         "folds are skipped on a rerun.",
@@ -436,6 +441,15 @@ def _add_fold_options(p: argparse.ArgumentParser) -> None:
         help="run only these folds (0-based, in the order of folds.json), e.g. one per "
         "machine; the tables cover the folds run; a later call without it reuses them and "
         "runs the rest; default: every fold",
+    )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="the refit protocol: every model makes its choices on the validation slides "
+        "(epochs by early stopping, ridge's penalty), then is fitted again on training + "
+        "validation slides with them (panel and target statistics from both too); "
+        "default: off (every model fitted on the training slides only, choices on the "
+        "validation slides); summary.md names the protocol",
     )
 
 

@@ -266,6 +266,7 @@ def _to_slide(
     image: str | Path | None,
     positions_path: Path,
     image_note: str = "",
+    col_step_um: float | None = None,
 ) -> Slide:
     slide = Slide(
         name=name,
@@ -287,6 +288,7 @@ def _to_slide(
         },
     )
     slide.check_image_bounds()
+    slide.check_scale(col_step_um)
     return slide
 
 
@@ -354,6 +356,7 @@ def visium_hd(
         mpp=mpp,
         mpp_source=mpp_source,
         technology="visium_hd",
+        col_step_um=float(sf.get("bin_size_um", bin_size_um)),  # square bins, edge to edge
         image=image,
         positions_path=positions_path,
         image_note=note,
@@ -403,6 +406,7 @@ def visium(
         mpp=mpp,
         mpp_source=mpp_source,
         technology="visium",
+        col_step_um=VISIUM_SPOT_PITCH_UM / 2,  # hexagonal: neighbours are two columns apart
         image=image,
         positions_path=positions_path,
         image_note=note,
