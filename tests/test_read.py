@@ -529,3 +529,16 @@ def test_microns_per_pixel_that_cannot_be_right_stop_with_both_figures(
     big.microns_per_pixel = MAX_IMAGE_MM[0] * 1000 / min(big.image.size) * 1.01
     with pytest.raises(InputError, match=r"image is .* mm at .* larger than a 30 x 80 mm"):
         big.check_scale()
+
+
+def test_sample_sheets_are_read_as_csv_or_tsv_never_sniffed(tmp_path: Path) -> None:
+    """A sheet with only a 'path' column was split on the letter t by a CSV sniffer
+    (found ['pa', 'h']): sheets are CSV, or TSV by their extension."""
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("path\nrun_a\n")
+    with pytest.raises(InputError, match=r"missing columns \['name'\]; found \['path'\]"):
+        read.specs_from_sheet(sheet)
+    tsv = tmp_path / "sheet.tsv"
+    tsv.write_text("name\tpath\nA1\trun,a\n")  # a comma inside a TSV field stays in it
+    (spec,) = read.specs_from_sheet(tsv)
+    assert spec.name == "A1" and spec.path.endswith("run,a")

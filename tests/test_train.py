@@ -134,12 +134,21 @@ def test_fit_is_deterministic_and_the_model_file_round_trips(ds_path: Path, tmp_
         assert np.isfinite(p1[lv]).all()
 
 
-def test_no_context_variant_predicts_bins_only(ds_path: Path, tmp_path: Path) -> None:
+def test_no_context_variant_predicts_coarse_levels_as_its_summed_bins(
+    ds_path: Path, tmp_path: Path
+) -> None:
+    from magnet_st.modelfile import aggregate_bins
+
     ds = Dataset(ds_path)
     res = fit(ds, ["s0"], [], TrainConfig(variant="no_context", **SMALL), tmp_path, progress=False)
     model, payload = load_model(res.model_path)
-    out = predict_slide(model, slide_arrays(ds, "s1", KEY, with_counts=False), payload)
-    assert set(out) == {"bin"}
+    arrays = slide_arrays(ds, "s1", KEY, with_counts=False)
+    assert set(predict_slide(model, arrays, payload, raw=True)) == {"bin"}  # no heads
+    out = predict_slide(model, arrays, payload)
+    assert set(out) == {"bin", "spot", "region"}
+    for lv, member in (("spot", arrays.bin_spot), ("region", arrays.bin_region)):
+        want = aggregate_bins(out["bin"], member, ds.n_obs("s1", lv))
+        np.testing.assert_array_equal(out[lv], want)
 
 
 def test_aggregate_consistency_trains_rate_heads(ds_path: Path, tmp_path: Path) -> None:
@@ -508,8 +517,8 @@ def test_cross_validation_ddp_two_cpu_processes(ds_path: Path, tmp_path: Path) -
         cmd += ["--accelerator", "cpu", "--devices", devices, "--quiet"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        # summary, per test slide and groups, once, by rank 0
-        assert proc.stdout.count("### bin level") == 3
+        # summary, per test slide, paired with ridge and groups, once, by rank 0
+        assert proc.stdout.count("### bin level") == 4
         tables[devices] = pd.read_csv(out / "metrics.csv")
     key = ["fold", "model", "level", "test_slide"]
     one, two = (tables[d].sort_values(key).reset_index(drop=True) for d in ("1", "2"))
@@ -560,8 +569,9 @@ def test_cross_validation_tables_and_resume(ds_path: Path, tmp_path: Path) -> No
     got = grouped[(grouped["model"] == "no_context") & (grouped["level"] == "bin")].iloc[0]
     assert got["n_genes"] == 3 and got["pcc_gene_mean"] == pytest.approx(per_fold.mean())
     assert "| first | 3 |" in (tmp_path / "cv/groups.md").read_text()
-    # mean profile, ridge at 3 levels, bins-only model; each one's bins summed at 2 levels
-    assert len(table) == 2 * (3 + 3 + 1 + 3 * 2)
+    # mean profile, ridge and the no-context model (its coarse levels: its bins summed) at 3
+    # levels; each one's bins summed at 2 levels
+    assert len(table) == 2 * (3 + 3 + 3 + 3 * 2)
     plan = json.loads((tmp_path / "cv/folds.json").read_text())
     assert plan["folds"] == make_folds(["s0", "s1"])
     summary = pd.read_csv(tmp_path / "cv/summary.csv")
@@ -872,7 +882,7 @@ def test_every_model_follows_one_fold_protocol(ds3_path: Path, tmp_path: Path) -
     for refit in (False, True):
         out = runs[refit] = tmp_path / ("refit" if refit else "select")
         cross_validate(
-            ds3_path, out, cfg, variants=["no_context"], only_folds=[0], refit=refit, progress=False
+            ds3_path, out, cfg, variants=["magnet"], only_folds=[0], refit=refit, progress=False
         )
         assert (
             (out / "summary.md")
@@ -888,11 +898,11 @@ def test_every_model_follows_one_fold_protocol(ds3_path: Path, tmp_path: Path) -
         y = np.concatenate([np.log1p(ds.counts(s, "bin", genes).toarray()) for s in slides])
         np.testing.assert_allclose(profile["bin"], y.mean(0), rtol=1e-5, atol=1e-6)
         # and the network's predictions carry the same panel
-        pred = anndata.read_h5ad(out / f"fold0/no_context/pred_{test}_bin.h5ad")
+        pred = anndata.read_h5ad(out / f"fold0/magnet/pred_{test}_bin.h5ad")
         assert list(pred.var["gene_ids"]) == genes
         # every coarse tile is scored on the sum of the model's bins too, beside its head
         table = pd.read_csv(out / "metrics.csv")
-        row = table[(table["model"] == "no_context (aggregated bins)") & (table["level"] == "spot")]
+        row = table[(table["model"] == "magnet (aggregated bins)") & (table["level"] == "spot")]
         member = ds.membership(test, "spot")
         agg = aggregate_bins(np.asarray(pred.X), member, ds.level(test, "spot").n_obs)
         true = np.log1p(ds.counts(test, "spot", genes).toarray())
@@ -907,7 +917,7 @@ def test_every_model_follows_one_fold_protocol(ds3_path: Path, tmp_path: Path) -
         assert report["cv"]["groups"] == f"validation slides {fold['val'][0]}"
         assert report["refit_on_validation_slides"] is refit
         # the network
-        folder = out / "fold0/no_context"
+        folder = out / "fold0/magnet"
         hist = json.loads((folder / "history.json").read_text())
         payload = torch.load(folder / "model.pt", weights_only=True)
         if refit:
@@ -917,16 +927,32 @@ def test_every_model_follows_one_fold_protocol(ds3_path: Path, tmp_path: Path) -
             assert [r["epoch"] for r in hist] == list(range(n))
             assert not any("val/pcc_gene" in r for r in hist)  # nothing left to validate on
             assert payload["training_slides"] == slides
+            # the refitted model keeps the coarse choice its validation run made
+            made = torch.load(folder / "choice/model.pt", weights_only=True)
+            assert payload["coarse_from"] == made["coarse_from"]
         else:
             assert all("val/pcc_gene" in r for r in hist)
             assert not (folder / "choice").exists()
+            # each coarse level from the source with the better validation PCC-gene
+            scores = payload["coarse_choice"]["scores"]
+            assert payload["coarse_choice"]["slides"] == fold["val"]
+            assert set(payload["coarse_from"]) == {"spot", "region"}
+            for lv, src in payload["coarse_from"].items():
+                assert scores[lv][src] == max(scores[lv].values()), (lv, scores)
+                # the model's rows are its chosen source's; the unused head keeps a row
+                at = table[table["level"] == lv].set_index("model")["mse"]
+                other = "magnet (aggregated bins)" if src == "bins" else "magnet (head)"
+                if src == "bins":
+                    assert at["magnet"] == at[other] and "magnet (head)" in at
+                else:
+                    assert "magnet (head)" not in at
     # a folder of one protocol is not reused by the other
     with pytest.raises(ConfigError, match="protocol 'select', not 'refit'"):
         cross_validate(
             ds3_path,
             runs[False],
             cfg,
-            variants=["no_context"],
+            variants=["magnet"],
             only_folds=[0],
             refit=True,
             progress=False,
@@ -1019,3 +1045,58 @@ def test_a_one_fold_table_has_no_spread() -> None:
     )
     md = markdown_summary(summary_table(one))
     assert "| m | 1.0000 ± n/a | 0.2500 ± n/a |" in md and "± 0.0000" not in md
+
+
+def test_models_are_compared_with_ridge_paired_by_fold() -> None:
+    """Differences are read from the paired per-fold differences: mean, spread, folds won;
+    a gain smaller than its spread is a tie."""
+    import pandas as pd
+
+    from magnet_st.cv import markdown_paired, paired_table
+
+    toy = pd.DataFrame(
+        {
+            "model": ["ridge"] * 3 + ["a"] * 3 + ["b"] * 3,
+            "level": ["bin"] * 9,
+            "fold": [0, 1, 2] * 3,
+            "pcc_gene": [0.20, 0.30, 0.40, 0.25, 0.34, 0.46, 0.30, 0.20, 0.41],
+            "mse": [1.0, 1.0, 1.0, 0.9, 0.8, 0.9, 1.0, 1.1, 1.2],
+        }
+    )
+    p = paired_table(toy).set_index("model")
+    assert p.loc["a", "diff_mean"] == pytest.approx(0.05)  # +0.05, +0.04, +0.06
+    assert p.loc["a", "diff_std"] == pytest.approx(0.01)
+    assert p.loc["a", "folds_ahead"] == 3 and p.loc["a", "verdict"] == "ahead"
+    assert p.loc["b", "folds_ahead"] == 2 and p.loc["b", "verdict"] == "tie"  # +0.1, -0.1, +0.01
+    m = paired_table(toy, metric="mse").set_index("model")  # lower is ahead
+    assert m.loc["a", "diff_mean"] == pytest.approx(-2 / 15) and m.loc["a", "verdict"] == "ahead"
+    assert m.loc["b", "folds_ahead"] == 0 and m.loc["b", "verdict"] == "behind"
+    assert "| a | +0.0500 ± 0.0100 | 3 of 3 | ahead |" in markdown_paired(toy)
+    assert markdown_paired(toy[toy["model"] != "ridge"]) == ""
+
+
+def test_diverging_training_stops_and_broken_models_are_refused(
+    ds_path: Path, tmp_path: Path
+) -> None:
+    """A non-finite loss stops training with one line naming epoch and step (no model file);
+    a model file with non-finite weights is refused; a slide in two roles is refused."""
+    from magnet_st.train import TrainingDiverged
+
+    ds = Dataset(ds_path)
+    cfg = TrainConfig(**{**SMALL, "epochs": 2, "lr": 1e30})
+    with pytest.raises(
+        TrainingDiverged, match=r"diverged: the loss is (nan|inf) at epoch \d+, step"
+    ):
+        fit(ds, ["s0"], [], cfg, tmp_path / "nan", progress=False)
+    assert not (tmp_path / "nan/model.pt").exists()
+    with pytest.raises(ConfigError, match=r"\['s0'\] are given twice .* one role"):
+        fit(ds, ["s0"], ["s0"], TrainConfig(**SMALL), tmp_path / "twice", progress=False)
+    good = fit(
+        ds, ["s0"], [], TrainConfig(**{**SMALL, "epochs": 1}), tmp_path / "ok", progress=False
+    )
+    payload = torch.load(good.model_path, weights_only=True)
+    name = next(k for k, v in payload["state_dict"].items() if v.is_floating_point())
+    payload["state_dict"][name] = payload["state_dict"][name] * float("nan")
+    torch.save(payload, tmp_path / "nan.pt")
+    with pytest.raises(InputError, match="weights are not finite"):
+        load_model(tmp_path / "nan.pt")

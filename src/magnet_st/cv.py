@@ -41,7 +41,13 @@ from magnet_st.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
 from magnet_st.levels import LEVELS
 from magnet_st.metrics import BetweenGroupShare, StreamingEvaluation, chosen_epochs, summarize
-from magnet_st.modelfile import load_model, predict_slide
+from magnet_st.modelfile import (
+    aggregate_bins,
+    coarse_sources,
+    compose_coarse,
+    load_model,
+    predict_slide,
+)
 from magnet_st.panel import training_panel
 from magnet_st.targets import TargetTransform, log1p_moments
 from magnet_st.train import (
@@ -88,7 +94,12 @@ def read_gene_groups(path: str | Path) -> dict[str, set[str]]:
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(path, f"not a synthetic_truth.json with genes ({exc})") from None
         return groups
-    table = pd.read_csv(path, sep=None, engine="python", dtype=str)
+    from magnet_st.read.specs import table_sep
+
+    try:
+        table = pd.read_csv(path, sep=table_sep(path), dtype=str)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read the gene-group table ({exc})") from None
     missing = {"gene", "group"} - set(table.columns)
     if missing:
         raise InputError(path, f"missing columns {sorted(missing)}; need 'gene' and 'group'")
@@ -392,6 +403,7 @@ def _run_cached(folder: Path, run) -> list[dict]:
 
 
 AGGREGATED = " (aggregated bins)"  # suffix of the rows scoring tiles by their bins' sum
+HEAD = " (head)"  # suffix of the rows scoring a network's own coarse heads
 
 
 def _score(
@@ -404,6 +416,7 @@ def _score(
     folder: Path,
     seconds=None,
     chunk: int = 50_000,
+    heads: dict[str, dict[str, np.ndarray]] | None = None,
 ):
     """Metrics rows per test slide and level; the PCC of every gene to ``gene_pcc.csv``.
     Scored ``chunk`` units at a time: no dense copy of a whole slide's counts.
@@ -412,7 +425,8 @@ def _score(
     aggregate of its bin predictions, ``log1p(sum of expm1(bin predictions))`` over each
     tile's bins, as model ``"<model> (aggregated bins)"``: a coarse head below its own
     aggregated bins is a defect the tables show. (With raw-count targets only: counts per
-    10,000 of each unit do not add up to the tile's.)"""
+    10,000 of each unit do not add up to the tile's.) ``heads``: a network's own coarse
+    predictions where they are not what it predicts, scored as ``"<model> (head)"``."""
     rows, per_gene = [], []
 
     def add(name: str, slide: str, lv: str, pred: np.ndarray) -> None:
@@ -464,28 +478,11 @@ def _score(
                 n_tiles = ds.level(slide, lv).n_obs
                 agg = aggregate_bins(by_level["bin"], ds.membership(slide, lv), n_tiles, chunk)
                 add(model + AGGREGATED, slide, lv, agg)
+        for lv, pred in (heads or {}).get(slide, {}).items():
+            add(model + HEAD, slide, lv, pred)
     with atomic_path(folder / GENE_PCC) as tmp:
         pd.concat(per_gene, ignore_index=True).to_csv(tmp, index=False)
     return rows
-
-
-def aggregate_bins(
-    pred: np.ndarray, member: np.ndarray, n_tiles: int, chunk: int = 50_000
-) -> np.ndarray:
-    """``log1p`` of the summed ``expm1`` of log1p bin predictions over each tile (``member``:
-    each bin's tile, ``-1`` for none): the tile's expression as its bins predict it.
-    Streamed ``chunk`` bins at a time (float32, tiles x genes)."""
-    import scipy.sparse as sp
-
-    total = np.zeros((n_tiles, pred.shape[1]), dtype=np.float64)
-    for i in range(0, len(pred), chunk):
-        m = np.asarray(member[i : i + chunk])
-        ok = m >= 0
-        onehot = sp.csr_matrix(
-            (np.ones(int(ok.sum())), (m[ok], np.flatnonzero(ok))), shape=(n_tiles, len(m))
-        )
-        total += onehot @ np.expm1(np.clip(pred[i : i + chunk].astype(np.float64), 0, 30))
-    return np.log1p(total).astype(np.float32)
 
 
 def _baseline(ds, fold, genes, names, top, folder: Path, refit: bool = False) -> list[dict]:
@@ -555,30 +552,65 @@ def _train_fold(ds, train, val, genes, targets, cfg: TrainConfig, folder: Path, 
     )
 
 
+def _trained(ds, train, val, genes, targets, cfg, folder: Path, progress) -> tuple[Path, float]:
+    """A training of the fold, or the one already finished in ``folder`` (its model file and
+    history are written last; ``fit_seconds.txt`` keeps its time). A model trained with
+    validation slides carries its coarse-level choice (recorded now if it lacks one)."""
+    model, done = folder / "model.pt", folder / "fit_seconds.txt"
+    if model.is_file() and (folder / "history.json").is_file() and done.is_file():
+        seconds = float(done.read_text())
+        if val and "coarse_from" not in torch_payload(model):
+            from magnet_st.train import record_coarse_choice
+
+            record_coarse_choice(ds, model, list(val), _reader(ds, cfg, val))
+        return model, seconds
+    res = _train_fold(ds, train, val, genes, targets, cfg, folder, progress)
+    write_text(done, f"{res.seconds:.3f}")
+    return res.model_path, res.seconds
+
+
+def torch_payload(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _reader(ds, cfg: TrainConfig, slides):
+    """The patch reader of an end-to-end bin encoder (``None`` for cached features)."""
+    if cfg.bin_encoder == "frozen":
+        return None
+    from magnet_st.train import PatchReader
+
+    images = {s: ds.image(s) for s in slides}
+    return PatchReader(images, ds.patch_um("bin"), ds.patch_px("bin"))
+
+
 def _fit_member(
     ds, fold, genes, targets, cfg: TrainConfig, folder: Path, refit: bool, progress=False
 ) -> tuple[Path, float]:
     """One MagNet training of a fold under the protocol: on the training slides, early-
-    stopped on the validation slides; with ``refit``, that run goes to ``folder/choice`` and
-    the model is trained again on training + validation slides for the epochs it chose.
-    Returns the model file and the fitting seconds (both runs)."""
+    stopped on the validation slides (which also choose each coarse level's source); with
+    ``refit``, that run goes to ``folder/choice`` and the model is trained again on training
+    + validation slides for the epochs it chose, keeping its coarse choice. Returns the
+    model file and the fitting seconds (both runs)."""
     if not (refit and fold["val"]):
-        res = _train_fold(ds, fold["train"], fold["val"], genes, targets, cfg, folder, progress)
-        return res.model_path, res.seconds
+        return _trained(ds, fold["train"], fold["val"], genes, targets, cfg, folder, progress)
     choice = folder / "choice"
-    done = choice / "fit_seconds.txt"
-    if done.is_file() and (choice / "history.json").is_file():
-        seconds = float(done.read_text())
-        history = json.loads((choice / "history.json").read_text())
-    else:
-        res = _train_fold(ds, fold["train"], fold["val"], genes, targets, cfg, choice, progress)
-        seconds, history = res.seconds, res.history
-        write_text(done, f"{res.seconds:.3f}")
+    first, seconds = _trained(ds, fold["train"], fold["val"], genes, targets, cfg, choice, progress)
+    history = json.loads((choice / "history.json").read_text())
     epochs = chosen_epochs(history) or cfg.epochs
     write_text(choice / "chosen_epochs.txt", f"{epochs}\n")
     pool = fit_slides(fold, refit=True)
-    res = _train_fold(ds, pool, [], genes, targets, replace(cfg, epochs=epochs), folder, progress)
-    return res.model_path, seconds + res.seconds
+    final, more = _trained(
+        ds, pool, [], genes, targets, replace(cfg, epochs=epochs), folder, progress
+    )
+    made = torch_payload(first)
+    if torch_payload(final).get("coarse_from") != made.get("coarse_from"):
+        from magnet_st.train import record_coarse_choice
+
+        kept = {"coarse_from": made["coarse_from"], **made.get("coarse_choice", {})}
+        record_coarse_choice(ds, final, [], choice=kept)
+    return final, seconds + more
 
 
 def _members(cfg: TrainConfig, folder: Path, ensemble: int) -> list[tuple[TrainConfig, Path]]:
@@ -604,19 +636,11 @@ def _model(
 ):
     members = _members(cfg, folder, ensemble)
     sums: dict[str, dict[str, np.ndarray]] = {}
+    layout: dict[str, Any] = {}
     seconds = 0.0
     for mcfg, mfolder in members:
-        done = mfolder / "fit_seconds.txt"  # an ensemble member already trained
-        if len(members) > 1 and done.is_file() and (mfolder / "model.pt").is_file():
-            seconds += float(done.read_text())
-            model_path = mfolder / "model.pt"
-        else:
-            model_path, fit_s = _fit_member(
-                ds, fold, genes, targets, mcfg, mfolder, refit, progress
-            )
-            seconds += fit_s
-            if len(members) > 1:
-                write_text(done, f"{fit_s:.3f}")
+        model_path, fit_s = _fit_member(ds, fold, genes, targets, mcfg, mfolder, refit, progress)
+        seconds += fit_s
         model, payload = load_model(model_path)
         for slide in fold["test"]:
             arrays = slide_arrays(
@@ -627,27 +651,27 @@ def _model(
                 bin_features=cfg.bin_encoder == "frozen",
                 with_counts=False,
             )
-            reader = None
-            if cfg.bin_encoder != "frozen":
-                from magnet_st.train import PatchReader
-
-                reader = PatchReader(
-                    {slide: ds.image(slide)}, ds.patch_um("bin"), ds.patch_px("bin")
-                )
-            pred = predict_slide(model, arrays, payload, patch_reader=reader)
+            reader = _reader(ds, cfg, [slide])
+            pred = predict_slide(model, arrays, payload, patch_reader=reader, raw=True)
+            acc = sums.setdefault(slide, {})
             for lv, p in pred.items():
-                acc = sums.setdefault(slide, {})
-                if lv in acc:
-                    acc[lv] += p
-                else:
-                    acc[lv] = p
-    preds = {s: {lv: p / len(members) for lv, p in by.items()} for s, by in sums.items()}
+                acc[lv] = acc[lv] + p if lv in acc else p
+            layout[slide] = arrays
+    raw = {s: {lv: p / len(members) for lv, p in by.items()} for s, by in sums.items()}
+    # what the model predicts: each coarse level from its head or its bins' sum, as chosen
+    # on the validation slides (the first member's choice for an ensemble)
+    sources = coarse_sources(payload)
+    preds = {s: compose_coarse(r, layout[s], payload, sources) for s, r in raw.items()}
+    heads = {
+        s: {lv: r[lv] for lv in r if lv != "bin" and sources.get(lv) != "head"}
+        for s, r in raw.items()
+    }
     for slide, by_level in preds.items():
         for lv, pred in by_level.items():
             ad = _pred_anndata(ds, slide, lv, pred, genes, names)
             with atomic_path(folder / f"pred_{slide}_{lv}.h5ad") as tmp:
                 ad.write_h5ad(tmp)
-    return _score(ds, preds, genes, names, top, cfg.variant, folder, seconds)
+    return _score(ds, preds, genes, names, top, cfg.variant, folder, seconds, heads=heads)
 
 
 def write_tables(table: pd.DataFrame, out: Path, protocol: str | None = None) -> pd.DataFrame:
@@ -659,9 +683,77 @@ def write_tables(table: pd.DataFrame, out: Path, protocol: str | None = None) ->
     with atomic_path(out / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False)
     per_slide = markdown_per_slide(table, summary=summary)
+    paired = markdown_paired(table)
     head = protocol_line(protocol) + "\n\n" if protocol else ""
-    write_text(out / "summary.md", head + markdown_summary(summary) + "\n" + per_slide)
+    body = markdown_summary(summary) + "\n" + per_slide + ("\n" + paired if paired else "")
+    write_text(out / "summary.md", head + body)
     return summary
+
+
+def paired_table(
+    table: pd.DataFrame, reference: str = RIDGE, metric: str = "pcc_gene"
+) -> pd.DataFrame:
+    """Each model against ``reference``, paired by fold: per level, the mean and sample std
+    over folds of (model - reference) of each fold's mean ``metric`` over its test slides,
+    the folds the model is ahead in, and a verdict: ``tie`` when the mean difference is
+    smaller than its spread over folds (or with one fold), else ``ahead`` / ``behind``
+    (for MSE / MAE, lower is ahead)."""
+    higher = metric.startswith("pcc")
+    per_fold = table.groupby(["level", "model", "fold"])[metric].mean()
+    rows = []
+    for level in dict.fromkeys(table["level"]):
+        if (level, reference) not in per_fold.index.droplevel("fold"):
+            continue
+        ref = per_fold.loc[(level, reference)]
+        for model in dict.fromkeys(table.loc[table["level"] == level, "model"]):
+            if model == reference:
+                continue
+            mine = per_fold.loc[(level, model)]
+            d = (mine - ref).dropna()
+            d = d if higher else -d  # positive: the model is ahead
+            if d.empty:
+                continue
+            mean = float(d.mean())
+            sd = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+            tie = not np.isfinite(sd) or abs(mean) < sd
+            rows.append(
+                {
+                    "level": level,
+                    "model": model,
+                    "reference": reference,
+                    "metric": metric,
+                    "folds": len(d),
+                    "diff_mean": mean if higher else -mean,
+                    "diff_std": sd,
+                    "folds_ahead": int((d > 0).sum()),
+                    "verdict": "tie" if tie else ("ahead" if mean > 0 else "behind"),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def markdown_paired(table: pd.DataFrame, reference: str = RIDGE, metric: str = "pcc_gene") -> str:
+    """One Markdown table per level from :func:`paired_table` (empty without the
+    reference)."""
+    paired = paired_table(table, reference, metric)
+    if paired.empty:
+        return ""
+    label = {"pcc_gene": "PCC-gene", "pcc_unit": "PCC-unit", "mse": "MSE", "mae": "MAE"}
+    lines = []
+    for level, sub in paired.groupby("level", sort=False):
+        lines += [
+            f"### {level} level: {label.get(metric, metric)} against {reference}, paired by fold",
+            "",
+            f"| model | minus {reference} (mean ± std over folds) | folds ahead | verdict |",
+            "|---|---|---|---|",
+        ]
+        for _, r in sub.iterrows():
+            lines.append(
+                f"| {r['model']} | {r['diff_mean']:+.4f} ± {_spread(r['diff_std'])} | "
+                f"{r['folds_ahead']} of {r['folds']} | {r['verdict']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
 
 
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -680,15 +772,14 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     order = {lv: i for i, lv in enumerate(LEVELS)}
     df["_l"] = df["level"].map(order)
-    # each model's "(aggregated bins)" rows right after its own
-    own = df["model"].str.removesuffix(AGGREGATED)
-    df["_b"] = own.map({BASELINE: 0, RIDGE: 1}).fillna(2) * 2 + (own != df["model"])
+    # the mean profile, ridge, then the rest; each model's "(head)" and "(aggregated bins)"
+    # rows right after its own
+    own = df["model"].str.removesuffix(AGGREGATED).str.removesuffix(HEAD)
+    df["_b"] = own.map({BASELINE: 0, RIDGE: 1}).fillna(2)
     df["_o"] = own.map({m: i for i, m in enumerate(dict.fromkeys(own))})
-    return (
-        df.sort_values(["_l", "_b", "_o"], kind="stable")
-        .drop(columns=["_l", "_b", "_o"])
-        .reset_index(drop=True)
-    )
+    df["_k"] = np.where(df["model"].str.endswith(AGGREGATED), 2, (own != df["model"]) * 1)
+    keys = ["_l", "_b", "_o", "_k"]
+    return df.sort_values(keys, kind="stable").drop(columns=keys).reset_index(drop=True)
 
 
 def _spread(sd: float) -> str:

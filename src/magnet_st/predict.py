@@ -42,7 +42,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from magnet_st.atomic import atomic_path, write_text
-from magnet_st.errors import ConfigError, InputError
+from magnet_st.errors import ConfigError, InputError, MagnetError
 from magnet_st.targets import TargetTransform, per_10k_rows
 
 log = logging.getLogger(__name__)
@@ -238,6 +238,12 @@ def seen_in_training(payload: dict, name: str, image: str | Path | None) -> bool
 
 def _write(adata: Any, path: Path, zarr: bool) -> Path:
     path = path.with_suffix(".zarr" if zarr else ".h5ad")
+    x = np.asarray(adata.X)
+    if not np.isfinite(x).all():  # never write a prediction that is not a number
+        raise MagnetError(
+            f"{path.name}: {int((~np.isfinite(x)).sum())} of {x.size} predicted values are not "
+            "finite; nothing written"
+        )
     with atomic_path(path) as tmp:
         if zarr:
             adata.write_zarr(tmp)
@@ -325,7 +331,7 @@ def predict(
     from magnet_st.encoders import resolve_device
     from magnet_st.features import extract_features
     from magnet_st.image import open_image
-    from magnet_st.modelfile import load_model, predict_slide
+    from magnet_st.modelfile import coarse_sources, load_model, predict_slide
     from magnet_st.prepare import prepare_unmeasured
     from magnet_st.train import PatchReader, slide_arrays
 
@@ -462,6 +468,8 @@ def predict(
         "bin_size_um": unit_um,
         "grid_origin_um": list(grid_origin_um) if spaceranger is None else None,
         "encoder": res["key"],
+        # per coarse level: the model's head, or the sum of its bins (chosen on validation)
+        "coarse_from": coarse_sources(payload),
         "n": n,
         "files": {k: str(v) for k, v in files.items()},
         "seconds": seconds,

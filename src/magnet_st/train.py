@@ -34,6 +34,10 @@ from magnet_st.targets import TargetTransform, log1p_moments
 log = logging.getLogger(__name__)
 
 
+class TrainingDiverged(ConfigError):
+    """A non-finite training loss: the settings (most often the learning rate) diverge."""
+
+
 # Settings that only concern the machine: changing them does not invalidate a resume.
 MACHINE_KEYS = ("num_workers", "accelerator", "devices", "num_nodes", "deterministic")
 
@@ -369,6 +373,13 @@ class MagNetModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
         out = self.model(batch)
         parts = self._loss(out, batch)
+        if not bool(torch.isfinite(parts["loss"]).all()):
+            # diverged: stop with one line rather than train on NaN weights
+            raise TrainingDiverged(
+                f"training diverged: the loss is {float(parts['loss'])} at epoch "
+                f"{self.current_epoch}, step {self.global_step} (learning rate "
+                f"{self.cfg.base_lr:g}); lower --lr"
+            )
         n = int(batch["bin_index"].numel())
         for key, value in parts.items():
             self.log(f"train/{key}", value, batch_size=n, on_step=False, on_epoch=True)
@@ -532,6 +543,13 @@ def fit(
         )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     bin_feats = cfg.bin_encoder == "frozen"
+    both = sorted(set(train_slides) & set(val_slides))
+    if both or len(set(train_slides)) < len(train_slides):
+        twice = both or sorted({s for s in train_slides if list(train_slides).count(s) > 1})
+        raise ConfigError(
+            f"slides {twice} are given twice (training and validation, or twice for "
+            "training): each slide has one role"
+        )
     if bin_feats and cfg.bin_weights is not None:
         raise ConfigError("bin_weights (--bin-weights) needs an end-to-end bin encoder")
     check_bin_start(cfg)
@@ -603,6 +621,8 @@ def fit(
             features=cfg.features,
             training_slides=list(train_slides) + list(val_slides),
         )
+        if val_slides:  # each coarse level from its head or from its bins, by validation
+            record_coarse_choice(ds, out / "model.pt", list(val_slides), reader)
         write_text(out / "history.json", json.dumps(history.rows, indent=1))
     trainer.strategy.barrier()  # every rank leaves once model.pt is written
     score = ckpt.best_model_score if ckpt is not None else None
@@ -614,6 +634,74 @@ def fit(
         history=history.rows,
         steps_per_epoch=_steps(trainer.num_training_batches),
     )
+
+
+def record_coarse_choice(
+    ds: Dataset,
+    model_path: Path,
+    val_slides: list[str],
+    patch_reader: PatchReader | None = None,
+    choice: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Choose, per coarse level, whether the model's predictions come from its head or from
+    the sum of its bin predictions over the tile: the one with the higher PCC-gene on the
+    validation slides (ties: the head); written into the model file (``coarse_from``, with
+    the scores in ``coarse_choice``). ``choice``: a choice made before (by the run that
+    chose a refitted model's epochs), recorded as it is. Returns the record."""
+    from magnet_st.atomic import atomic_path
+    from magnet_st.metrics import pcc_per_gene
+    from magnet_st.modelfile import (
+        COARSE_LEVELS,
+        aggregate_bins,
+        bins_add_up,
+        load_model,
+        predict_slide,
+    )
+
+    model, payload = load_model(model_path)
+    if choice is None:
+        scores: dict[str, dict[str, float]] = {}
+        genes = payload["genes"]
+        can_sum = bins_add_up(payload)
+        variant = payload["train_config"]["variant"]
+        for slide in val_slides:
+            arrays = slide_arrays(
+                ds,
+                slide,
+                payload["features"]["key"],
+                genes=genes,
+                bin_features=payload["train_config"]["bin_encoder"] == "frozen",
+                with_counts=False,
+            )
+            raw = predict_slide(model, arrays, payload, patch_reader=patch_reader, raw=True)
+            for lv in COARSE_LEVELS:
+                true = np.log1p(ds.counts(slide, lv, genes).toarray().astype(np.float64))
+                cand = {}
+                if lv in raw:
+                    cand["head"] = raw[lv]
+                if can_sum:
+                    n = ds.n_obs(slide, lv)
+                    cand["bins"] = aggregate_bins(raw["bin"], ds.membership(slide, lv), n)
+                for src, pred in cand.items():
+                    r = float(np.nanmean(pcc_per_gene(true, pred)))
+                    scores.setdefault(lv, {}).setdefault(src, 0.0)
+                    scores[lv][src] += r / len(val_slides)
+        chosen = {
+            lv: max(sc, key=lambda k: (sc[k], k == "head")) for lv, sc in scores.items() if sc
+        }
+        if variant == "no_context":
+            chosen = {lv: "bins" for lv in chosen}
+        choice = {"coarse_from": chosen, "scores": scores, "slides": list(val_slides)}
+    payload["coarse_from"] = dict(choice["coarse_from"])
+    payload["coarse_choice"] = {k: v for k, v in choice.items() if k != "coarse_from"}
+    with atomic_path(Path(model_path)) as tmp:
+        torch.save(payload, tmp)
+    log.info(
+        "coarse predictions from %s (validation PCC-gene %s)",
+        choice["coarse_from"],
+        choice.get("scores"),
+    )
+    return choice
 
 
 #: ``--bin-weights random``: train a timm bin encoder from random weights, on purpose

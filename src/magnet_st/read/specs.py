@@ -120,15 +120,22 @@ SHEET_COLUMNS = (
 )
 
 
+def table_sep(path: Path) -> str:
+    """The column separator of a user's table by its extension: tab for ``.tsv`` / ``.tab``
+    / ``.txt``, else comma."""
+    return "\t" if path.suffix.lower() in (".tsv", ".tab", ".txt") else ","
+
+
 def specs_from_sheet(sheet: str | Path) -> list[SlideSpec]:
-    """Read a sample sheet (CSV or TSV) with columns ``name, path`` and optionally
+    """Read a sample sheet (CSV, or TSV by extension) with columns ``name, path`` and optionally
     ``image, mpp, bin_size, section, spot_pitch_um, unit_size_um``. Relative paths are
     relative to the sheet's folder."""
     sheet = Path(sheet)
     if not sheet.is_file():
         raise InputError(sheet, "sample sheet not found")
     try:
-        df = pd.read_csv(sheet, sep=None, engine="python", dtype=str, keep_default_na=False)
+        # read as CSV, or TSV by extension: never sniffed (a sniffer split "path" on "t")
+        df = pd.read_csv(sheet, sep=table_sep(sheet), dtype=str, keep_default_na=False)
     except Exception as exc:  # pandas raises many types for malformed files
         raise InputError(sheet, f"cannot read the sample sheet ({exc})") from exc
     missing = [c for c in ("name", "path") if c not in df.columns]
