@@ -939,13 +939,10 @@ def test_every_model_follows_one_fold_protocol(ds3_path: Path, tmp_path: Path) -
             assert set(payload["coarse_from"]) == {"spot", "region"}
             for lv, src in payload["coarse_from"].items():
                 assert scores[lv][src] == max(scores[lv].values()), (lv, scores)
-                # the model's rows are its chosen source's; the unused head keeps a row
+                # the model's rows are its chosen source's; its head is scored in any case
                 at = table[table["level"] == lv].set_index("model")["mse"]
-                other = "magnet (aggregated bins)" if src == "bins" else "magnet (head)"
-                if src == "bins":
-                    assert at["magnet"] == at[other] and "magnet (head)" in at
-                else:
-                    assert "magnet (head)" not in at
+                used = "magnet (aggregated bins)" if src == "bins" else "magnet (head)"
+                assert at["magnet"] == at[used] and "magnet (head)" in at
     # a folder of one protocol is not reused by the other
     with pytest.raises(ConfigError, match="protocol 'select', not 'refit'"):
         cross_validate(

@@ -426,7 +426,8 @@ def _score(
     tile's bins, as model ``"<model> (aggregated bins)"``: a coarse head below its own
     aggregated bins is a defect the tables show. (With raw-count targets only: counts per
     10,000 of each unit do not add up to the tile's.) ``heads``: a network's own coarse
-    predictions where they are not what it predicts, scored as ``"<model> (head)"``."""
+    heads' predictions, scored as ``"<model> (head)"`` (what the model predicts at a level
+    may be its head or its summed bins: :func:`magnet_st.modelfile.coarse_sources`)."""
     rows, per_gene = [], []
 
     def add(name: str, slide: str, lv: str, pred: np.ndarray) -> None:
@@ -662,10 +663,8 @@ def _model(
     # on the validation slides (the first member's choice for an ensemble)
     sources = coarse_sources(payload)
     preds = {s: compose_coarse(r, layout[s], payload, sources) for s, r in raw.items()}
-    heads = {
-        s: {lv: r[lv] for lv in r if lv != "bin" and sources.get(lv) != "head"}
-        for s, r in raw.items()
-    }
+    # the coarse heads' own scores, in every fold (the same as the model's where it uses them)
+    heads = {s: {lv: r[lv] for lv in r if lv != "bin"} for s, r in raw.items()}
     for slide, by_level in preds.items():
         for lv, pred in by_level.items():
             ad = _pred_anndata(ds, slide, lv, pred, genes, names)
