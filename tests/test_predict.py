@@ -239,3 +239,22 @@ def test_errors(trained: dict, tmp_path: Path) -> None:
             num_workers=0,
             progress=False,
         )
+
+
+def test_a_name_that_is_a_path_is_refused_before_anything_is_written(
+    trained: dict, tmp_path: Path
+) -> None:
+    from magnet_st.errors import ConfigError
+    from magnet_st.predict import predict
+
+    out = tmp_path / "a" / "b" / "pred"
+    with pytest.raises(ConfigError, match="a name is not a path"):
+        predict(
+            trained["model"],
+            out,
+            image=trained["new"] / "he_fullres.tif",
+            name="../../../escape_pred",
+            device="cpu",
+            progress=False,
+        )
+    assert not (tmp_path / "a").exists() and not list(tmp_path.rglob("escape_pred*"))

@@ -542,3 +542,19 @@ def test_sample_sheets_are_read_as_csv_or_tsv_never_sniffed(tmp_path: Path) -> N
     tsv.write_text("name\tpath\nA1\trun,a\n")  # a comma inside a TSV field stays in it
     (spec,) = read.specs_from_sheet(tsv)
     assert spec.name == "A1" and spec.path.endswith("run,a")
+
+
+def test_slide_names_are_names_not_paths(tmp_path: Path) -> None:
+    """A sheet name '../../escaped' made prepare write two folders above the dataset: every
+    name that becomes a file or folder name is refused with one line if it is a path."""
+    from magnet_st.errors import ConfigError, check_name
+
+    sheet = tmp_path / "sheet.csv"
+    for bad in ("../../escaped", "/abs/name", ".hidden", "a\\b"):
+        sheet.write_text(f"name,path\n{bad},run\n")
+        with pytest.raises(InputError, match="a name is not a path"):
+            read.specs_from_sheet(sheet)
+    with pytest.raises(ConfigError, match=r"--name '\.\./x' holds a path separator"):
+        check_name("../x", "--name")
+    assert check_name("C2 section_1.v2", "--name") == "C2 section_1.v2"
+    assert not list(tmp_path.parent.glob("escaped"))

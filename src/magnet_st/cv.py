@@ -332,7 +332,7 @@ def cross_validate(
             g.insert(0, "fold", i)
             gene_tables.append(g)
     table = pd.DataFrame(rows)
-    write_tables(table, out, protocol=protocol)
+    write_tables(table, out, protocol=protocol, scale=TargetTransform(ds.target_kind).scale)
     genes_table = pd.concat(gene_tables, ignore_index=True)
     with atomic_path(out / GENE_PCC) as tmp:
         genes_table.to_csv(tmp, index=False)
@@ -673,9 +673,12 @@ def _model(
     return _score(ds, preds, genes, names, top, cfg.variant, folder, seconds, heads=heads)
 
 
-def write_tables(table: pd.DataFrame, out: Path, protocol: str | None = None) -> pd.DataFrame:
-    """``metrics.csv`` (per fold), ``summary.csv`` and ``summary.md`` (the protocol, given;
-    mean +- std, then PCC-gene per test slide)."""
+def write_tables(
+    table: pd.DataFrame, out: Path, protocol: str | None = None, scale: str | None = None
+) -> pd.DataFrame:
+    """``metrics.csv`` (per fold), ``summary.csv`` and ``summary.md`` (the protocol and the
+    scale of the scores, given; mean +- std, PCC-gene per test slide, then each model
+    against ridge paired by fold)."""
     with atomic_path(out / "metrics.csv") as tmp:
         table.to_csv(tmp, index=False)
     summary = summary_table(table)
@@ -684,6 +687,8 @@ def write_tables(table: pd.DataFrame, out: Path, protocol: str | None = None) ->
     per_slide = markdown_per_slide(table, summary=summary)
     paired = markdown_paired(table)
     head = protocol_line(protocol) + "\n\n" if protocol else ""
+    if scale:
+        head += f"Targets and scores on {scale}.\n\n"
     body = markdown_summary(summary) + "\n" + per_slide + ("\n" + paired if paired else "")
     write_text(out / "summary.md", head + body)
     return summary

@@ -23,3 +23,26 @@ class InputError(MagnetError):
 
 class ConfigError(MagnetError):
     """A configuration value or command-line option is invalid."""
+
+
+def check_name(name: str, what: str = "slide name", where: str | Path | None = None) -> str:
+    """A slide (or output) name is a name, not a path: one rule wherever names enter (sample
+    sheets, ``--name``, model files, SpatialData stores), since names become file and
+    folder names. Refused: empty, over 200 characters, ``/`` or ``\\``, a leading ``.``
+    (``.``, ``..``, hidden files), control characters. Returns ``name``."""
+    text = str(name)
+    problem = None
+    if not text.strip():
+        problem = "is empty"
+    elif len(text) > 200:
+        problem = "is longer than 200 characters"
+    elif "/" in text or "\\" in text:
+        problem = "holds a path separator ('/' or '\\')"
+    elif text.startswith("."):
+        problem = "starts with '.'"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in text):
+        problem = "holds a control character"
+    if problem:
+        message = f"{what} {text!r} {problem}: a name is not a path"
+        raise InputError(where, message) if where is not None else ConfigError(message)
+    return text

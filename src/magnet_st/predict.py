@@ -42,7 +42,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from magnet_st.atomic import atomic_path, write_text
-from magnet_st.errors import ConfigError, InputError, MagnetError
+from magnet_st.errors import ConfigError, InputError, MagnetError, check_name
 from magnet_st.targets import TargetTransform, per_10k_rows
 
 log = logging.getLogger(__name__)
@@ -349,16 +349,18 @@ def predict(
             f"{model_path}: trained on {units.get('technology')} units; prediction on new "
             "slides needs a model trained on Visium HD bins"
         )
-    out = Path(out)
+    image = Path(image) if image is not None else None
+    if image is not None and not image.exists():
+        raise InputError(image, "image not found")
+    if name is not None:  # a name, not a path: outputs are named after it
+        check_name(name, "--name")
+    out = Path(out)  # made once the inputs are checked: a refused run leaves no folder
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     bin_target = TargetTransform.from_dict(payload["targets"]["bin"])
     per_10k = bin_target.per_10k
 
     t = time.perf_counter()
-    image = Path(image) if image is not None else None
-    if image is not None and not image.exists():
-        raise InputError(image, "image not found")
     if spaceranger is not None:
         slide, measured = _spaceranger_slide(
             name, Path(spaceranger), image, mpp, unit_um, genes, gene_names, per_10k
@@ -367,7 +369,7 @@ def predict(
     else:
         assert image is not None
         mpp = _slide_mpp(image, mpp, dcfg["working_mpp"])
-        slide_name = name or image.name.split(".")[0]
+        slide_name = check_name(name or image.name.split(".")[0], "--name")
         slide, measured = _image_only_slide(
             slide_name,
             image,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from magnet_st.errors import InputError
+from magnet_st.errors import InputError, check_name
 from magnet_st.slide import Slide
 
 
@@ -28,6 +28,9 @@ class SlideSpec:
     section: str | None = None
     spot_pitch_um: float | None = None
     unit_size_um: float | None = None
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "slide name", self.path)  # names become folder names
 
     def to_dict(self) -> dict:
         d = asdict(self)
