@@ -1086,9 +1086,13 @@ def test_diverging_training_stops_and_broken_models_are_refused(
     assert not (tmp_path / "nan/model.pt").exists()
     with pytest.raises(ConfigError, match=r"\['s0'\] are given twice .* one role"):
         fit(ds, ["s0"], ["s0"], TrainConfig(**SMALL), tmp_path / "twice", progress=False)
+    # a killed run's checkpoints do not survive a fresh run in the same folder
+    (tmp_path / "ok/checkpoints").mkdir(parents=True)
+    (tmp_path / "ok/checkpoints/best-epoch=0.ckpt").write_bytes(b"stale")
     good = fit(
         ds, ["s0"], [], TrainConfig(**{**SMALL, "epochs": 1}), tmp_path / "ok", progress=False
     )
+    assert not (tmp_path / "ok/checkpoints/best-epoch=0.ckpt").exists()
     payload = torch.load(good.model_path, weights_only=True)
     name = next(k for k, v in payload["state_dict"].items() if v.is_floating_point())
     payload["state_dict"][name] = payload["state_dict"][name] * float("nan")

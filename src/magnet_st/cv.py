@@ -205,7 +205,7 @@ def cross_validate(
     to the neural baselines (:class:`magnet_st.baselines.neural.BaselineConfig`: ``epochs``,
     ``max_batches`` ...). Two baselines always run: the mean profile and the ridge probe on
     the frozen features MagNet gets (:class:`magnet_st.baselines.RidgeBaseline`, alpha
-    cross-validated on the training slides; skipped, with a log line, when ``cfg.features``
+    chosen on the validation slides, like every model's choices; skipped, with a log line, when ``cfg.features``
     lacks a level of some slide), the first two rows of every table. Every model follows
     the fold protocol: parameters from the training slides, choices from the validation
     slides (and, with ``refit``, a final fit on both).

@@ -527,6 +527,9 @@ def fit(
         logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if resume is None:  # a fresh run: checkpoints of an earlier (killed) one are not its own
+        for stale in (out / "checkpoints").glob("*.ckpt"):
+            stale.unlink()
     if genes is None:  # the panel and target statistics of the training slides alone
         from magnet_st.panel import training_panel
 

@@ -8,7 +8,8 @@ on its test slides by ``magnet cv --baselines`` and ``magnet benchmark``:
 
 - ``ridge``: the HEST linear probe (PCA 256 + ridge) on the frozen features MagNet gets (a
   unit's own, its spot tile's and its region tile's), near-constant dimensions dropped,
-  alpha cross-validated on the training slides, :mod:`.ridge`;
+  alpha chosen on the validation slides (cross-validated on the training slides
+  without one), :mod:`.ridge`;
 - ``stnet``, ``histogene``, ``his2st``, ``bleep``, ``egn``: the MagNet paper's neural
   baselines on frozen features, :mod:`.neural` (each class says what was simplified).
 

@@ -468,7 +468,7 @@ def _add_ensemble_option(p: argparse.ArgumentParser) -> None:
 _BASELINES = ("ridge", "stnet", "histogene", "his2st", "bleep", "egn")
 _BASELINE_HELP = (
     "ridge (the unit's own + its spot and region tiles' features, near-constant dimensions "
-    "dropped, PCA 256, penalty by cross-validation on the training slides: HEST protocol), "
+    "dropped, PCA 256, penalty chosen on the validation slide, as every model's choices: HEST protocol), "
     "stnet (ST-Net), histogene (HisToGene), his2st (Hist2ST), bleep (BLEEP), egn (EGN); all "
     "on the frozen features, one model per level (see the magnet_st.baselines docstrings)"
 )
