@@ -42,8 +42,21 @@ def test_info_her2st(her2st_root: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 def test_info_json_hd_toy(hd_toy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--json", str(hd_toy)]) == 0
-    (s,) = json.loads(capsys.readouterr().out)
+    cap = capsys.readouterr()
+    (s,) = json.loads(cap.out)
     assert s["units_under_tissue"] == 10 and s["genes"] == 10 and s["unit_size_um"] == 2.0
+    # its counts are all zero: info says so; prepare refuses it with one line, writing nothing
+    assert "have zero counts" in cap.err
+
+
+def test_a_slide_without_counts_is_refused_by_prepare(
+    hd_toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ds = tmp_path / "ds"
+    assert main(["prepare", str(ds), str(hd_toy), "--bin-size", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "all 10 units have zero counts" in err[0]
+    assert not (ds / "slides").exists() and not (ds / "manifest.json").exists()
 
 
 def test_info_finds_the_image_of_a_synth_run(
@@ -83,6 +96,14 @@ def test_prepare_cli_her2st(
     assert sorted(m["slides"]) == ["C5", "C6"] and m["panel"]["n_genes"] == 100
     assert main(args) == 0
     assert "nothing to do" in capsys.readouterr().out
+    # commands refused on their arguments leave no output folder behind
+    out = tmp_path / "cv"
+    assert main(["cv", str(ds), str(out), "--only-folds", "7", "--quiet"]) == 2
+    assert "no fold [7]" in capsys.readouterr().err and not out.exists()
+    figs = tmp_path / "figs"
+    assert main(["plot", str(ds), "--out", str(figs), "--formats", "xyz"]) == 2
+    assert "--formats: unknown ['xyz']" in capsys.readouterr().err and not figs.exists()
+    assert "--n-genes" in _rejected(["plot", "x", "--out", str(figs), "--n-genes", "0"], capsys)
 
 
 def test_cli_reference_in_docs_is_current() -> None:

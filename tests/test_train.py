@@ -1099,3 +1099,15 @@ def test_diverging_training_stops_and_broken_models_are_refused(
     torch.save(payload, tmp_path / "nan.pt")
     with pytest.raises(InputError, match="weights are not finite"):
         load_model(tmp_path / "nan.pt")
+    # the model file has a schema, checked on load with one line
+    ok = torch.load(good.model_path, weights_only=True)
+    for change, message in (
+        ({"format_version": 99}, "format version 99; this release reads version 1"),
+        ({"genes": None}, "'genes' is a NoneType, not a list"),
+    ):
+        torch.save({**ok, **change}, tmp_path / "bad.pt")
+        with pytest.raises(InputError, match=message):
+            load_model(tmp_path / "bad.pt")
+    torch.save({k: v for k, v in ok.items() if k != "genes"}, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="lacks 'genes'"):
+        load_model(tmp_path / "bad.pt")

@@ -218,8 +218,7 @@ def cross_validate(
         raise ConfigError(f"unknown baselines {unknown}; available: {list(BASELINE_NAMES)}")
     settings = {k: v for k, v in (baseline_settings or {}).items() if v is not None}
     ds = Dataset(dataset)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)  # made once the arguments are checked: a refused run leaves no folder
     slides = list(slides or ds.slides)
     unknown_slides = sorted(set(slides) - set(ds.slides))
     if unknown_slides:
@@ -284,6 +283,7 @@ def cross_validate(
                     for mcfg, mfolder in _members(replace(cfg, variant=variant), folder, ensemble):
                         _fit_member(ds, fold, chosen.genes, chosen.targets, mcfg, mfolder, refit)
         return pd.DataFrame()
+    out.mkdir(parents=True, exist_ok=True)
     write_text(folds_file, json.dumps(plan, indent=1))
     rows: list[dict[str, Any]] = []
     gene_tables: list[pd.DataFrame] = []

@@ -44,7 +44,7 @@ def save_model(
     hp = module.hparams
     payload = {
         "format": MODEL_FORMAT,
-        "format_version": 1,
+        "format_version": MODEL_FORMAT_VERSION,
         "model_config": dict(hp["model_config"]),
         "train_config": dict(hp["train_config"]),
         "targets": dict(hp["targets"]),
@@ -74,6 +74,48 @@ def _units(ds: Dataset) -> dict[str, Any]:
     }
 
 
+#: the model file's format version this release writes and reads
+MODEL_FORMAT_VERSION = 1
+#: keys a model file must hold, and their types
+MODEL_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "format_version": int,
+    "model_config": dict,
+    "train_config": dict,
+    "targets": dict,
+    "genes": list,
+    "gene_names": list,
+    "dataset_config": dict,
+    "features": dict,
+    "state_dict": dict,
+}
+
+
+def check_schema(path: Path, payload: dict) -> None:
+    """Refuse, with one line naming what is wrong, a model file of another format version
+    or one that lacks a key (or holds it with the wrong type)."""
+    version = payload.get("format_version")
+    if version != MODEL_FORMAT_VERSION:
+        raise InputError(
+            path,
+            f"model file format version {version!r}; this release reads version "
+            f"{MODEL_FORMAT_VERSION}",
+        )
+    for key, kind in MODEL_SCHEMA.items():
+        if key not in payload:
+            raise InputError(path, f"not a complete model file: it lacks {key!r}")
+        if not isinstance(payload[key], kind):
+            raise InputError(
+                path,
+                f"model file key {key!r} is a {type(payload[key]).__name__}, not a "
+                f"{getattr(kind, '__name__', kind)}",
+            )
+    if len(payload["genes"]) != len(payload["gene_names"]):
+        raise InputError(path, "model file lists a different number of genes and gene names")
+    for key in ("bin", "spot", "region"):
+        if key not in payload["targets"]:
+            raise InputError(path, f"model file has no target transform of level {key!r}")
+
+
 def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """The model (eval mode) and the rest of the model file."""
     path = Path(path)
@@ -85,6 +127,7 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
         raise InputError(path, f"not a magnet-st model file ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise InputError(path, "not a magnet-st model file")
+    check_schema(path, payload)
     bad = [k for k, v in payload["state_dict"].items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise InputError(

@@ -161,6 +161,7 @@ def _spaceranger_slide(
     src = visium_hd(run, int(round(unit_um)), image, microns_per_pixel=mpp)
     if src.image_path is None:
         raise InputError(run, "--spaceranger needs --image: the full-resolution H&E of the run")
+    src.check_counts()  # nothing to compare the predictions with
     col = {g: i for i, g in enumerate(src.gene_ids.astype(str))}
     have = [i for i, g in enumerate(genes) if g in col]
     if not have:

@@ -687,6 +687,7 @@ def prepare(
         else:
             bar.set_postfix_str(f"{spec.name}: read")
             slide = spec.load()
+            slide.check_counts()  # an all-zero slide has nothing to learn from
             if slide.image_path is None:
                 raise InputError(
                     spec.path,

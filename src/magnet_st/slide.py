@@ -129,6 +129,15 @@ class Slide:
                 "is this the full-resolution image the positions refer to?",
             )
 
+    def check_counts(self) -> None:
+        """Raise :class:`InputError` if every unit has zero counts: nothing to learn from or
+        compare with (scanpy's panel selection crashed in native code on such a slide)."""
+        if not np.asarray(self.counts.sum()).item():
+            raise InputError(
+                self.sources.get("counts", self.name),
+                f"slide {self.name}: all {self.n_units:,} units have zero counts",
+            )
+
     def check_scale(self, col_step_um: float | None = None) -> None:
         """Raise :class:`InputError` when the microns per pixel cannot be right: units one
         array column apart are not ``col_step_um`` apart (within 25 %; the step comes from a

@@ -120,8 +120,15 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 # -- plot ------------------------------------------------------------------------------------
 def cmd_plot(args: argparse.Namespace) -> int:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from magnet_st.errors import ConfigError
     from magnet_st.report import plot_results
 
+    known = FigureCanvasBase.get_supported_filetypes()
+    unknown = [f for f in args.formats if f.lower() not in known]
+    if unknown:  # before anything is drawn or any folder made
+        raise ConfigError(f"--formats: unknown {unknown}; matplotlib writes {sorted(known)}")
     files = plot_results(args.inputs, args.out, args.genes, args.n_genes, args.formats)
     for f in files:
         print(f"  {f}")
@@ -151,7 +158,12 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
         help="genes to map (names or ids); default: the --n-genes best predicted genes when "
         "measured values are known, else the most variable predictions",
     )
-    p.add_argument("--n-genes", type=int, default=4, help="genes to map when --genes is not given")
+    p.add_argument(
+        "--n-genes",
+        type=_positive_int,
+        default=4,
+        help="genes to map when --genes is not given (default: 4)",
+    )
     p.add_argument(
         "--formats",
         nargs="+",
