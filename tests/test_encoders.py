@@ -258,3 +258,23 @@ def test_resolve_device() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match="unknown device"):
         resolve_device("tpu9")
+
+
+def test_encoder_kwargs_import_only_layer_classes() -> None:
+    """Encoder settings also come from model files: a dotted name may only import a layer
+    class of timm.layers / torch.nn, never a function such as torch.hub.load."""
+    import torch
+
+    from magnet_st.encoders import _resolve_kwargs
+    from magnet_st.errors import ConfigError
+
+    got = _resolve_kwargs({"act_layer": "torch.nn.SiLU", "mlp_layer": "timm.layers.SwiGLUPacked"})
+    assert got["act_layer"] is torch.nn.SiLU
+    assert issubclass(got["mlp_layer"].func, torch.nn.Module)  # a partial of timm's GluMlp
+    for bad in ("torch.hub.load", "torch.save", "timm.create_model", "torch.nn.functional.relu"):
+        with pytest.raises(ConfigError, match="is not allowed"):
+            _resolve_kwargs({"act_layer": bad})
+    assert _resolve_kwargs({"init_values": 1e-5, "name": "plain"}) == {
+        "init_values": 1e-5,
+        "name": "plain",
+    }

@@ -465,18 +465,45 @@ def _fit_state_dict(
 # --------------------------------------------------------------------------- building
 
 
+#: the packages whose layer classes ``encoder_kwargs`` may name (e.g. Virchow2's
+#: ``timm.layers.SwiGLUPacked`` and ``torch.nn.SiLU``): nothing else is imported or called
+KWARG_PACKAGES = ("timm.layers", "torch.nn")
+
+
+def _is_layer_class(value: Any) -> bool:
+    """A ``torch.nn.Module`` subclass, or a ``functools.partial`` of one (timm's
+    ``SwiGLUPacked``)."""
+    import functools
+
+    if isinstance(value, functools.partial):
+        value = value.func
+    return isinstance(value, type) and issubclass(value, torch.nn.Module)
+
+
 def _resolve_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """Copy ``kwargs``; a string value naming a ``timm.`` / ``torch.`` object is imported."""
+    """Copy ``kwargs``; a string value naming a layer class of :data:`KWARG_PACKAGES`
+    (a ``torch.nn.Module`` subclass, or a partial of one) is imported. Any other ``timm.`` / ``torch.`` name is
+    refused: encoder settings come from model files too, and a model file must not make
+    ``predict`` import or call anything else (``torch.hub.load``, ``torch.save`` ...)."""
     out: dict[str, Any] = {}
     for k, v in (kwargs or {}).items():
         if k in _RESERVED_KWARGS:
             raise ConfigError(f"encoder_kwargs may not set {k!r}; it is managed by magnet-st")
         if isinstance(v, str) and re.fullmatch(r"(timm|torch)(\.\w+)+", v):
+            allowed = any(v.startswith(f"{p}.") for p in KWARG_PACKAGES)
             module, _, attr = v.rpartition(".")
-            try:
-                v = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError):
-                raise ConfigError(f"encoder_kwargs[{k!r}]: cannot import {v!r}") from None
+            found = None
+            if allowed:
+                try:
+                    found = getattr(importlib.import_module(module), attr)
+                except (ImportError, AttributeError):
+                    raise ConfigError(f"encoder_kwargs[{k!r}]: cannot import {v!r}") from None
+            if not _is_layer_class(found):
+                raise ConfigError(
+                    f"encoder_kwargs[{k!r}]: {v!r} is not allowed; only layer classes of "
+                    f"{' / '.join(KWARG_PACKAGES)} (torch.nn.Module subclasses) may be named"
+                )
+            v = found
         out[k] = v
     return out
 
