@@ -560,7 +560,7 @@ def _trained(ds, train, val, genes, targets, cfg, folder: Path, progress) -> tup
     model, done = folder / "model.pt", folder / "fit_seconds.txt"
     if model.is_file() and (folder / "history.json").is_file() and done.is_file():
         seconds = float(done.read_text())
-        if val and "coarse_from" not in torch_payload(model):
+        if val and is_main_process() and "coarse_from" not in torch_payload(model):
             from magnet_st.train import record_coarse_choice
 
             record_coarse_choice(ds, model, list(val), _reader(ds, cfg, val))
@@ -606,7 +606,8 @@ def _fit_member(
         ds, pool, [], genes, targets, replace(cfg, epochs=epochs), folder, progress
     )
     made = torch_payload(first)
-    if torch_payload(final).get("coarse_from") != made.get("coarse_from"):
+    # rank 0 alone rewrites a model file (under DDP every rank runs this)
+    if is_main_process() and torch_payload(final).get("coarse_from") != made.get("coarse_from"):
         from magnet_st.train import record_coarse_choice
 
         kept = {"coarse_from": made["coarse_from"], **made.get("coarse_choice", {})}
