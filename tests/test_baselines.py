@@ -164,6 +164,18 @@ def test_ridge_fits_on_training_slides_chooses_on_validation_then_refits() -> No
     np.testing.assert_allclose(r["coef"], same.params["bin"]["coef"], rtol=1e-6, atol=1e-9)
     np.testing.assert_array_equal(r["cv_pcc_gene"], p["cv_pcc_gene"])  # the choice is kept
     assert refit.report()["levels"]["bin"]["refit_on_validation_slides"] is True
+    # each coarse level from its own ridge or from the summed bins, chosen on c, kept by
+    # the refit; predict follows the choice, raw=True gives the level's own ridge
+    from magnet_st.modelfile import aggregate_bins
+
+    chosen = model.coarse_from
+    assert set(chosen) == {"spot", "region"} and refit.coarse_from == chosen
+    raw, pred = model.predict(ds, "c", raw=True), model.predict(ds, "c")
+    for lv, src in chosen.items():
+        agg = aggregate_bins(raw["bin"], ds.membership("c", lv), len(raw[lv]))
+        np.testing.assert_array_equal(pred[lv], agg if src == "bins" else raw[lv])
+        scores = {name: _pcc_gene(p, y["c", lv]) for name, p in (("head", raw[lv]), ("bins", agg))}
+        assert scores[src] >= max(scores.values()) - 1e-9, (lv, scores)
     # given alpha: no cross-validation
     fixed = ArrayRidge("fake", context=False, alpha=2.0).fit(ds, ["a", "b"], ["g"] * 3)
     assert float(fixed.params["bin"]["alpha"]) == 2.0 and "cv_alphas" not in fixed.params["bin"]

@@ -528,12 +528,19 @@ def _fit_baseline(
     if getattr(model, "chosen_epochs", None):  # refitted: the epochs of each level's refit
         write_text(folder / "chosen_epochs.json", json.dumps(model.chosen_epochs, indent=1))
     preds = {slide: model.predict(ds, slide) for slide in fold["test"]}
+    heads = None
+    if any("coarse_from" in p for p in getattr(model, "params", {}).values()):
+        # ridge's own per-level models, scored beside what it predicts (as MagNet's heads)
+        heads = {
+            slide: {lv: p for lv, p in model.predict(ds, slide, raw=True).items() if lv != "bin"}
+            for slide in fold["test"]
+        }
     for slide, by_level in preds.items():
         for lv, pred in by_level.items():
             ad = _pred_anndata(ds, slide, lv, pred, genes, names)
             with atomic_path(folder / f"pred_{slide}_{lv}.h5ad") as tmp:
                 ad.write_h5ad(tmp)
-    return _score(ds, preds, genes, names, top, name, folder, seconds)
+    return _score(ds, preds, genes, names, top, name, folder, seconds, heads=heads)
 
 
 def _train_fold(ds, train, val, genes, targets, cfg: TrainConfig, folder: Path, progress=False):

@@ -149,20 +149,48 @@ class RidgeBaseline:
         """Fit one PCA + ridge per level on ``slides``, the penalty chosen on ``val`` (each
         alpha fitted on ``slides``, scored on ``val``; without ``val``, cross-validated on
         ``slides``); with ``refit``, fitted again on ``slides`` + ``val`` with the alpha
-        chosen. Targets are log1p counts of ``genes``. No other slide is read."""
+        chosen. Targets are log1p counts of ``genes``. No other slide is read.
+
+        With ``val``, each coarse level's predictions also come from the source that scores
+        the higher PCC-gene there (ties: its own model): the level's own ridge, or the sum
+        of the bin predictions over each tile (as MagNet chooses; :meth:`predict`); a refit
+        keeps the choice."""
         slides = list(dict.fromkeys(slides))
         val = [s for s in dict.fromkeys(val or []) if s not in slides]
         if not slides:
             raise ConfigError("ridge: no training slides")
         for lv in LEVELS:
-            p = self._fit_level(ds, slides, genes, lv, held=val)
+            self.params[lv] = self._fit_level(ds, slides, genes, lv, held=val)
+        coarse = self._choose_coarse(ds, val, genes) if val else {}
+        for lv in LEVELS:
+            p = self.params[lv]
             if refit and val:
                 choice = {k: v for k, v in p.items() if k.startswith("cv_")}
                 p = self._fit_level(ds, slides + val, genes, lv, alpha=float(p["alpha"]))
                 p.update(choice)
                 p["refit"] = np.array(True)
+            if lv in coarse:
+                p["coarse_from"] = np.array(coarse[lv])
             self.params[lv] = p
         return self
+
+    def _choose_coarse(self, ds: Dataset, val: list[str], genes: list[str]) -> dict[str, str]:
+        """Per coarse level, ``"head"`` (the level's own ridge) or ``"bins"`` (the summed bin
+        predictions), by the mean PCC-gene over the validation slides."""
+        from magnet_st.metrics import pcc_per_gene
+        from magnet_st.modelfile import aggregate_bins
+
+        score: dict[str, dict[str, float]] = {}
+        for slide in val:
+            raw = self.predict(ds, slide, raw=True)
+            for lv in (lv for lv in LEVELS if lv != "bin"):
+                true = np.log1p(ds.counts(slide, lv, genes).toarray().astype(np.float64))
+                agg = aggregate_bins(raw["bin"], ds.membership(slide, lv), len(raw[lv]))
+                for src, pred in (("head", raw[lv]), ("bins", agg)):
+                    r = float(np.nanmean(pcc_per_gene(true, pred))) / len(val)
+                    score.setdefault(lv, {}).setdefault(src, 0.0)
+                    score[lv][src] += r
+        return {lv: "bins" if sc["bins"] > sc["head"] else "head" for lv, sc in score.items()}
 
     def _fit_level(
         self,
@@ -341,8 +369,10 @@ class RidgeBaseline:
             yield a, x
 
     # -- prediction -----------------------------------------------------------------------------
-    def predict(self, ds: Dataset, slide: str) -> dict[str, np.ndarray]:
-        """log1p predictions per level for every unit of ``slide``."""
+    def predict(self, ds: Dataset, slide: str, raw: bool = False) -> dict[str, np.ndarray]:
+        """log1p predictions per level for every unit of ``slide``: each coarse level from
+        its own ridge or from the summed bin predictions, as chosen on the validation slides
+        (``raw``: every level from its own ridge)."""
         if not self.params:
             raise ConfigError("ridge: predict before fit")
         out = {}
@@ -356,7 +386,23 @@ class RidgeBaseline:
             ]
             pred = np.concatenate(parts) if parts else np.zeros((0, k))
             out[lv] = np.maximum(pred, 0.0).astype(np.float32)  # log1p is never negative
+        if raw:
+            return out
+        from magnet_st.modelfile import aggregate_bins
+
+        for lv, src in self.coarse_from.items():
+            if src == "bins" and "bin" in out:
+                out[lv] = aggregate_bins(out["bin"], ds.membership(slide, lv), len(out[lv]))
         return out
+
+    @property
+    def coarse_from(self) -> dict[str, str]:
+        """Per coarse level, where its predictions come from (``"head"`` unless chosen)."""
+        return {
+            lv: str(p["coarse_from"]) if "coarse_from" in p else "head"
+            for lv, p in self.params.items()
+            if lv != "bin"
+        }
 
     def report(self) -> dict:
         """Per level: the alpha used, how it was chosen, the CV scores, the dimensions kept."""
@@ -372,6 +418,7 @@ class RidgeBaseline:
                 else "fallback: too few units to cross-validate",
                 "n_train": int(p["n_train"]) if "n_train" in p else None,
                 "refit_on_validation_slides": bool(p.get("refit", False)),
+                "coarse_from": str(p["coarse_from"]) if "coarse_from" in p else None,
                 "dims": int(len(p["keep"])) if "keep" in p else None,
                 "dims_kept": int(p["keep"].sum()) if "keep" in p else None,
                 "components": int(len(p["components"])),
