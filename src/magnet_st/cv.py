@@ -527,14 +527,15 @@ def _fit_baseline(
         write_text(folder / "history.json", json.dumps(model.history, indent=1))
     if getattr(model, "chosen_epochs", None):  # refitted: the epochs of each level's refit
         write_text(folder / "chosen_epochs.json", json.dumps(model.chosen_epochs, indent=1))
-    preds = {slide: model.predict(ds, slide) for slide in fold["test"]}
     heads = None
     if any("coarse_from" in p for p in getattr(model, "params", {}).values()):
-        # ridge's own per-level models, scored beside what it predicts (as MagNet's heads)
-        heads = {
-            slide: {lv: p for lv, p in model.predict(ds, slide, raw=True).items() if lv != "bin"}
-            for slide in fold["test"]
-        }
+        # ridge chose its coarse sources: its own per-level models are scored beside what
+        # it predicts (as MagNet's heads), from one prediction per slide
+        raw = {slide: model.predict(ds, slide, raw=True) for slide in fold["test"]}
+        preds = {slide: model.compose(ds, slide, r) for slide, r in raw.items()}
+        heads = {s: {lv: p for lv, p in r.items() if lv != "bin"} for s, r in raw.items()}
+    else:
+        preds = {slide: model.predict(ds, slide) for slide in fold["test"]}
     for slide, by_level in preds.items():
         for lv, pred in by_level.items():
             ad = _pred_anndata(ds, slide, lv, pred, genes, names)
@@ -646,11 +647,13 @@ def _model(
     members = _members(cfg, folder, ensemble)
     sums: dict[str, dict[str, np.ndarray]] = {}
     layout: dict[str, Any] = {}
+    first: dict | None = None  # the first member's model file: its coarse choice is used
     seconds = 0.0
     for mcfg, mfolder in members:
         model_path, fit_s = _fit_member(ds, fold, genes, targets, mcfg, mfolder, refit, progress)
         seconds += fit_s
         model, payload = load_model(model_path)
+        first = first or payload
         for slide in fold["test"]:
             arrays = slide_arrays(
                 ds,
@@ -669,8 +672,8 @@ def _model(
     raw = {s: {lv: p / len(members) for lv, p in by.items()} for s, by in sums.items()}
     # what the model predicts: each coarse level from its head or its bins' sum, as chosen
     # on the validation slides (the first member's choice for an ensemble)
-    sources = coarse_sources(payload)
-    preds = {s: compose_coarse(r, layout[s], payload, sources) for s, r in raw.items()}
+    sources = coarse_sources(first)
+    preds = {s: compose_coarse(r, layout[s], first, sources) for s, r in raw.items()}
     # the coarse heads' own scores, in every fold (the same as the model's where it uses them)
     heads = {s: {lv: r[lv] for lv in r if lv != "bin"} for s, r in raw.items()}
     for slide, by_level in preds.items():

@@ -184,6 +184,40 @@ def aggregate_bins(
     return np.log1p(total).astype(np.float32)
 
 
+def coarse_scores(
+    raw: dict[str, np.ndarray],
+    truth: dict[str, np.ndarray],
+    member: dict[str, np.ndarray],
+    can_sum: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Mean PCC-gene of each coarse level's candidate sources on one slide: ``"head"`` (the
+    level's own prediction in ``raw``, where there is one) and ``"bins"`` (the sum of
+    ``raw["bin"]`` over each tile, where bins add up). ``truth``: log1p counts per level;
+    ``member``: each bin's tile per level."""
+    from magnet_st.metrics import pcc_per_gene
+
+    scores: dict[str, dict[str, float]] = {}
+    for lv, true in truth.items():
+        cand = {"head": raw[lv]} if lv in raw else {}
+        if can_sum:
+            cand["bins"] = aggregate_bins(raw["bin"], member[lv], len(true))
+        scores[lv] = {src: float(np.nanmean(pcc_per_gene(true, p))) for src, p in cand.items()}
+    return scores
+
+
+def choose_coarse(per_slide: list[dict[str, dict[str, float]]]) -> tuple[dict, dict]:
+    """The source of each coarse level with the higher mean score over the validation
+    slides of :func:`coarse_scores` (ties: the head); returns ``(choice, mean scores)``."""
+    mean: dict[str, dict[str, float]] = {}
+    for scores in per_slide:
+        for lv, sc in scores.items():
+            for src, r in sc.items():
+                mean.setdefault(lv, {}).setdefault(src, 0.0)
+                mean[lv][src] += r / len(per_slide)
+    chosen = {lv: max(sc, key=lambda k: (sc[k], k == "head")) for lv, sc in mean.items() if sc}
+    return chosen, mean
+
+
 def compose_coarse(
     raw: dict[str, np.ndarray], slide: SlideArrays, payload: dict, sources: dict | None = None
 ) -> dict[str, np.ndarray]:
@@ -193,8 +227,11 @@ def compose_coarse(
     out = {"bin": raw["bin"]}
     member = {"spot": slide.bin_spot, "region": slide.bin_region}
     n = {"spot": len(slide.spot_pos), "region": len(slide.region_pos)}
+    can_sum = bins_add_up(payload)
     for lv in COARSE_LEVELS:
-        if sources.get(lv) == "bins" or lv not in raw:
+        if lv not in raw and not can_sum:  # no head, and bins that do not add up
+            continue
+        if lv not in raw or (sources.get(lv) == "bins" and can_sum):
             out[lv] = aggregate_bins(raw["bin"], member[lv], n[lv])
         else:
             out[lv] = raw[lv]
@@ -220,7 +257,8 @@ def predict_slide(
     the outputs plus one batch (a block of region tiles).
     """
     out = _network_outputs(model, slide, payload, patch_reader, device, progress)
-    if raw or not bins_add_up(payload) and payload["train_config"]["variant"] == "no_context":
+    headless = payload["train_config"]["variant"] == "no_context"
+    if raw or (headless and not bins_add_up(payload)):  # nothing to compose
         return out
     return compose_coarse(out, slide, payload)
 

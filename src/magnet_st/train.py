@@ -652,21 +652,19 @@ def record_coarse_choice(
     the scores in ``coarse_choice``). ``choice``: a choice made before (by the run that
     chose a refitted model's epochs), recorded as it is. Returns the record."""
     from magnet_st.atomic import atomic_path
-    from magnet_st.metrics import pcc_per_gene
     from magnet_st.modelfile import (
         COARSE_LEVELS,
-        aggregate_bins,
         bins_add_up,
+        choose_coarse,
+        coarse_scores,
         load_model,
         predict_slide,
     )
 
     model, payload = load_model(model_path)
     if choice is None:
-        scores: dict[str, dict[str, float]] = {}
         genes = payload["genes"]
-        can_sum = bins_add_up(payload)
-        variant = payload["train_config"]["variant"]
+        per_slide = []
         for slide in val_slides:
             arrays = slide_arrays(
                 ds,
@@ -677,23 +675,13 @@ def record_coarse_choice(
                 with_counts=False,
             )
             raw = predict_slide(model, arrays, payload, patch_reader=patch_reader, raw=True)
-            for lv in COARSE_LEVELS:
-                true = np.log1p(ds.counts(slide, lv, genes).toarray().astype(np.float64))
-                cand = {}
-                if lv in raw:
-                    cand["head"] = raw[lv]
-                if can_sum:
-                    n = ds.n_obs(slide, lv)
-                    cand["bins"] = aggregate_bins(raw["bin"], ds.membership(slide, lv), n)
-                for src, pred in cand.items():
-                    r = float(np.nanmean(pcc_per_gene(true, pred)))
-                    scores.setdefault(lv, {}).setdefault(src, 0.0)
-                    scores[lv][src] += r / len(val_slides)
-        chosen = {
-            lv: max(sc, key=lambda k: (sc[k], k == "head")) for lv, sc in scores.items() if sc
-        }
-        if variant == "no_context":
-            chosen = {lv: "bins" for lv in chosen}
+            truth = {
+                lv: np.log1p(ds.counts(slide, lv, genes).toarray().astype(np.float64))
+                for lv in COARSE_LEVELS
+            }
+            member = {lv: ds.membership(slide, lv) for lv in COARSE_LEVELS}
+            per_slide.append(coarse_scores(raw, truth, member, bins_add_up(payload)))
+        chosen, scores = choose_coarse(per_slide)
         choice = {"coarse_from": chosen, "scores": scores, "slides": list(val_slides)}
     payload["coarse_from"] = dict(choice["coarse_from"])
     payload["coarse_choice"] = {k: v for k, v in choice.items() if k != "coarse_from"}

@@ -177,20 +177,18 @@ class RidgeBaseline:
     def _choose_coarse(self, ds: Dataset, val: list[str], genes: list[str]) -> dict[str, str]:
         """Per coarse level, ``"head"`` (the level's own ridge) or ``"bins"`` (the summed bin
         predictions), by the mean PCC-gene over the validation slides."""
-        from magnet_st.metrics import pcc_per_gene
-        from magnet_st.modelfile import aggregate_bins
+        from magnet_st.modelfile import choose_coarse, coarse_scores
 
-        score: dict[str, dict[str, float]] = {}
+        coarse = [lv for lv in LEVELS if lv != "bin"]
+        per_slide = []
         for slide in val:
-            raw = self.predict(ds, slide, raw=True)
-            for lv in (lv for lv in LEVELS if lv != "bin"):
-                true = np.log1p(ds.counts(slide, lv, genes).toarray().astype(np.float64))
-                agg = aggregate_bins(raw["bin"], ds.membership(slide, lv), len(raw[lv]))
-                for src, pred in (("head", raw[lv]), ("bins", agg)):
-                    r = float(np.nanmean(pcc_per_gene(true, pred))) / len(val)
-                    score.setdefault(lv, {}).setdefault(src, 0.0)
-                    score[lv][src] += r
-        return {lv: "bins" if sc["bins"] > sc["head"] else "head" for lv, sc in score.items()}
+            truth = {
+                lv: np.log1p(ds.counts(slide, lv, genes).toarray().astype(np.float64))
+                for lv in coarse
+            }
+            member = {lv: ds.membership(slide, lv) for lv in coarse}
+            per_slide.append(coarse_scores(self.predict(ds, slide, raw=True), truth, member))
+        return choose_coarse(per_slide)[0]
 
     def _fit_level(
         self,
@@ -386,10 +384,14 @@ class RidgeBaseline:
             ]
             pred = np.concatenate(parts) if parts else np.zeros((0, k))
             out[lv] = np.maximum(pred, 0.0).astype(np.float32)  # log1p is never negative
-        if raw:
-            return out
+        return out if raw else self.compose(ds, slide, out)
+
+    def compose(self, ds: Dataset, slide: str, raw: dict[str, np.ndarray]) -> dict:
+        """What the model predicts from every level's own ridge (``predict(raw=True)``):
+        each coarse level from its ridge or from the summed bins, as chosen."""
         from magnet_st.modelfile import aggregate_bins
 
+        out = dict(raw)
         for lv, src in self.coarse_from.items():
             if src == "bins" and "bin" in out:
                 out[lv] = aggregate_bins(out["bin"], ds.membership(slide, lv), len(out[lv]))

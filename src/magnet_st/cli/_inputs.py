@@ -62,14 +62,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         )
         for slide in slides:
             summaries.append(slide.summary())
-            if not slide.counts.nnz:  # info inspects; prepare and predict refuse such a slide
+            try:  # info inspects; prepare and predict --spaceranger refuse such a slide
+                slide.check_counts()
+            except MagnetError as exc:
                 import sys
 
-                print(
-                    f"warning: {slide.name}: all {slide.n_units:,} units have zero counts: "
-                    "prepare and predict --spaceranger refuse this slide",
-                    file=sys.stderr,
-                )
+                print(f"warning: {exc} (prepare and predict refuse it)", file=sys.stderr)
             if not args.json:
                 print(_format_summary(summaries[-1]))
                 print()
