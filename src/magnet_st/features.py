@@ -47,6 +47,7 @@ left and nothing is stored under the final name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -291,6 +292,7 @@ def _write_meta(
     run: dict,
     *,
     computed: bool = True,
+    level_dims: dict[str, int] | None = None,
 ) -> dict:
     """Write ``meta.json``. With ``computed=False`` (a run that encoded nothing) a meta
     whose content is unchanged but for its times and last run is left untouched."""
@@ -309,7 +311,7 @@ def _write_meta(
             "native_px": job.native_px,
             "read_px": job.read_px,
             "fingerprint": job.fingerprint,
-            "complete": _is_complete(root, job, dim),
+            "complete": _is_complete(root, job, (level_dims or {}).get(job.level, dim)),
         }
         slides.setdefault(job.slide, {})[job.level] = entry
     level_info = dict(old.get("levels") or {})
@@ -711,6 +713,7 @@ def extract_features(
     precision: str = "auto",
     flush_every: int = 20,
     input_px: int | None = None,
+    dense: Any = None,
 ) -> dict:
     """Encode every tile of ``levels`` of every slide of a prepared dataset; cache the features.
 
@@ -737,6 +740,10 @@ def extract_features(
         flush_every: save resumable progress every this many batches.
         input_px: encode tiles at this edge instead of the encoder's default input size
             (see :func:`magnet_st.encoders.create_encoder`).
+        dense: a :class:`magnet_st.dense.DenseConfig`: one encoder pass per image tile,
+            each unit's features its footprint's mean of the encoder's maps (see
+            :mod:`magnet_st.dense`) instead of one pass per unit; the feature set's key
+            gains a ``-dense<hash>`` suffix.
 
     Returns:
         ``{"key", "path", "encoder", "meta", "jobs"}``; ``jobs`` has one entry per
@@ -779,13 +786,32 @@ def extract_features(
     }
     encoder = create_encoder(device=dev, **enc_args)
     enc_desc = encoder.describe()
+    level_dims: dict[str, int] = {}
+    if dense is not None:
+        from magnet_st import dense as dense_mod
+
+        dense = dense.check()
+        specs = dense_mod.map_specs(encoder.model, dense.strides)
+        base = sum(s.channels for s in specs)
+        parts = dense_mod.block_names(specs, dense.windows_um)
+        level_dims = {lv: base for lv in ALL_LEVELS}
+        level_dims["bin"] = sum(w for _, w in parts)
+        enc_desc.update(
+            key=f"{encoder.key}-{dense.suffix()}",
+            feature_dim=base,
+            dense={
+                **dense.describe(),
+                "maps": [dataclasses.asdict(s) for s in specs],
+                "blocks": {lv: parts if lv == "bin" else parts[: len(specs)] for lv in ALL_LEVELS},
+            },
+        )
     if encoder.weights_checksum == "random-init":
         log.warning(
             "encoder %s has random weights (no weights file, not pretrained): fine for "
             "tests, useless for real predictions",
             encoder_name,
         )
-    root = ds.path / FEATURES_DIR / encoder.key
+    root = ds.path / FEATURES_DIR / enc_desc["key"]
     root.mkdir(parents=True, exist_ok=True)
     old_meta = _read_json(root / META)
     if not _compatible(old_meta, enc_desc):
@@ -799,7 +825,9 @@ def extract_features(
         for level in levels:
             job, centers = _plan_job(ds, slide, level, encoder.input_size)
             all_jobs.append(job)
-            if not overwrite and _is_complete(root, job, encoder.feature_dim):
+            if not overwrite and _is_complete(
+                root, job, level_dims.get(level, encoder.feature_dim)
+            ):
                 log.info("%s: complete; skipped", job.name)
                 results.append(
                     {
@@ -825,7 +853,9 @@ def extract_features(
         "num_workers": workers,
         "precision": encoder.precision,
     }
-    _write_meta(root, enc_desc, ds, all_jobs, levels, run, computed=bool(plans))
+    _write_meta(
+        root, enc_desc, ds, all_jobs, levels, run, computed=bool(plans), level_dims=level_dims
+    )
     opts = {
         "batch_size": int(batch_size),
         "num_workers": workers,
@@ -833,7 +863,15 @@ def extract_features(
         "progress": progress,
     }
     try:
-        if len(device_names) > 1 and len(plans) > 1:
+        if dense is not None:
+            by_slide: dict[str, dict[str, _Job]] = {}
+            for job, _ in plans:
+                by_slide.setdefault(job.slide, {})[job.level] = job
+            for slide, jobs in by_slide.items():
+                results += dense_mod.extract_slide(
+                    encoder, ds, root, slide, jobs, dense, specs, progress=progress
+                )
+        elif len(device_names) > 1 and len(plans) > 1:
             del encoder
             import torch
 
@@ -845,7 +883,9 @@ def extract_features(
             for job, centers in plans:
                 results.append(_run_job(encoder, ds, root, job, centers, **opts))
     finally:
-        meta = _write_meta(root, enc_desc, ds, all_jobs, levels, run, computed=bool(plans))
+        meta = _write_meta(
+            root, enc_desc, ds, all_jobs, levels, run, computed=bool(plans), level_dims=level_dims
+        )
     order = {(s, lv): i for i, (s, lv) in enumerate((s, lv) for s in chosen for lv in levels)}
     results.sort(key=lambda r: order[(r["slide"], r["level"])])
     return {

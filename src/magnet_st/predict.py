@@ -273,9 +273,12 @@ def _encoder_args(payload: dict, weights: str | Path | None, model_path: Path) -
                 "--weights with the same file",
             )
         path = None
+    from magnet_st.dense import DenseConfig
     from magnet_st.encoders import OFFLINE_IMAGENET
 
+    dense = enc.get("dense")
     return {
+        "dense": DenseConfig.from_dict(dense) if dense else None,
         "encoder_name": name,
         "weights": None if name == OFFLINE_IMAGENET else path,
         "pretrained": checksum.startswith("timm-pretrained:"),
@@ -405,6 +408,7 @@ def predict(
         pretrained=enc["pretrained"],
         encoder_kwargs=enc["encoder_kwargs"],
         input_px=enc["input_px"],
+        dense=enc["dense"],
         batch_size=batch_size,
         num_workers=num_workers,
         device=device,

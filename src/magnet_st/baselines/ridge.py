@@ -229,11 +229,12 @@ class RidgeBaseline:
         if not keep.any():
             raise InputError(ds.path, f"ridge: every {lv} feature dimension is constant")
         dims = [len(m) for m, _ in blocks]
+        weight = self._block_weights(ds, lv, dims)
         p = {
             "keep": keep,
             "dims": np.array(dims, dtype=np.int64),
             "mean": np.concatenate([m for m, _ in blocks])[keep],
-            "scale": std[keep],
+            "scale": std[keep] / weight[keep],
         }
         z = np.empty((take, int(keep.sum())), dtype=np.float32)
         for b in range(n_src):
@@ -315,6 +316,28 @@ class RidgeBaseline:
             len(p["components"]),
         )
         return p
+
+    def _block_weights(self, ds: Dataset, lv: str, dims: list[int]) -> np.ndarray:
+        """A weight per input dimension that gives every block of the input the same total
+        variance after standardising (the total kept): a block is one source's features,
+        or one part of them where the feature set lists parts (dense features: each map
+        and window, ``meta["encoder"]["dense"]["blocks"]``). Without it one PCA and one
+        penalty over a 1,280-d and a 112-d block let the large block swamp the small one.
+        Blocks of equal width get weight 1 (nothing changes)."""
+        from magnet_st.features import feature_set_meta
+
+        try:
+            meta = feature_set_meta(ds.path, self.features)
+        except InputError:  # features given another way (tests): one block per source
+            meta = {}
+        listed = (meta.get("encoder") or {}).get("dense")
+        widths: list[int] = []
+        for src, dim in zip(self.sources(lv), dims, strict=True):
+            parts = [int(w) for _, w in ((listed or {}).get("blocks") or {}).get(src, [])]
+            widths += parts if sum(parts) == dim else [dim]
+        w = np.asarray(widths, dtype=np.float64)
+        factor = np.sqrt(w.sum() / (len(w) * w))
+        return np.repeat(factor, widths)
 
     def _blocks(self, ds: Dataset, slide: str, lv: str) -> np.ndarray:
         """Contiguous blocks along x of one slide's units, for cross-validation."""

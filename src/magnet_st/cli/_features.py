@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from magnet_st.cli._common import (
     _devices,
@@ -13,6 +14,9 @@ from magnet_st.cli._common import (
     _positive_int,
 )
 from magnet_st.errors import ConfigError
+
+if TYPE_CHECKING:
+    from magnet_st.dense import DenseConfig
 
 
 # -- features --------------------------------------------------------------------------------
@@ -37,6 +41,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     from magnet_st.features import extract_features
 
+    dense = _dense_config(args)
     t0 = time.perf_counter()
     result = extract_features(
         args.dataset,
@@ -54,6 +59,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         slides=args.slides,
         precision=args.precision,
         input_px=args.input_px,
+        dense=dense,
     )
     done = [j for j in result["jobs"] if j["status"] != "skipped"]
     skipped = len(result["jobs"]) - len(done)
@@ -68,6 +74,95 @@ def cmd_features(args: argparse.Namespace) -> int:
         f"already complete, in {time.perf_counter() - t0:.1f} s"
     )
     return 0
+
+
+def _dense_config(args: argparse.Namespace) -> DenseConfig | None:
+    """The dense settings of ``magnet features`` / ``magnet predict`` arguments, or None."""
+    from magnet_st.dense import DenseConfig
+
+    given = [
+        o
+        for o, v in (
+            ("--dense-mpp", args.dense_mpp),
+            ("--dense-tile", args.dense_tile),
+            ("--dense-margin", args.dense_margin),
+            ("--dense-strides", args.dense_strides),
+            ("--dense-windows", args.dense_windows),
+        )
+        if v is not None
+    ]
+    if args.mode != "dense":
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply with --mode dense")
+        return None
+    d = DenseConfig()
+    return DenseConfig(
+        mpp=d.mpp if args.dense_mpp is None else args.dense_mpp,
+        tile_px=d.tile_px if args.dense_tile is None else args.dense_tile,
+        margin_px=d.margin_px if args.dense_margin is None else args.dense_margin,
+        strides=d.strides if args.dense_strides is None else tuple(args.dense_strides),
+        windows_um=d.windows_um if args.dense_windows is None else tuple(args.dense_windows),
+    ).check()
+
+
+def add_dense_options(p: argparse.ArgumentParser) -> None:
+    """The options of dense features (``magnet features``)."""
+    from magnet_st.dense import DenseConfig
+
+    d = DenseConfig()
+    g = p.add_argument_group(
+        "dense features (--mode dense)",
+        "One encoder pass per image tile; each unit's features are the mean of the encoder's "
+        "maps over its footprint (8/16 um squares for bins, discs for Visium/ST spots, the "
+        "tile squares for the spot and region levels). Every setting is part of the feature "
+        "set's key.",
+    )
+    g.add_argument(
+        "--mode",
+        choices=["patches", "dense"],
+        default="patches",
+        help="patches: one encoder pass per unit's patch; dense: one pass per image tile, "
+        "pooled over each unit's footprint (much faster at Visium HD)",
+    )
+    g.add_argument(
+        "--dense-mpp",
+        type=float,
+        default=None,
+        metavar="UM",
+        help=f"working resolution, microns per pixel; default: {d.mpp:g}",
+    )
+    g.add_argument(
+        "--dense-tile",
+        type=int,
+        default=None,
+        metavar="PX",
+        help=f"edge of each tile's core in px (a multiple of 32); default: {d.tile_px}",
+    )
+    g.add_argument(
+        "--dense-margin",
+        type=int,
+        default=None,
+        metavar="PX",
+        help=f"context read around each core, px (a multiple of 32); default: {d.margin_px}",
+    )
+    g.add_argument(
+        "--dense-strides",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="the encoder maps to pool, by stride (the deepest map of each: 16 is mid-level, "
+        f"32 the last); default: {' '.join(map(str, d.strides))}",
+    )
+    g.add_argument(
+        "--dense-windows",
+        type=float,
+        nargs="*",
+        default=None,
+        metavar="UM",
+        help="also pool squares of these sizes (um) around every bin, appended to its "
+        "features, e.g. 300 600; default: none",
+    )
 
 
 def _feature_devices(devices: int | str, device: str) -> int:
@@ -174,4 +269,5 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
         "--overwrite", action="store_true", help="recompute slide/levels that are already done"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_dense_options(p)
     p.set_defaults(func=cmd_features)

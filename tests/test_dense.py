@@ -1,0 +1,258 @@
+"""dense: one encoder pass per tile, features pooled over each unit's exact footprint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from magnet_st import dense as D
+from magnet_st.dense import DenseConfig, Footprints
+from magnet_st.errors import ConfigError
+from magnet_st.features import extract_features, load_features
+from magnet_st.prepare import PrepareConfig, prepare
+from magnet_st.read.specs import SlideSpec
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ENC = "mobilenetv3_small_050"
+
+
+def _brute_box(field: np.ndarray, box: np.ndarray, sub: int) -> np.ndarray:
+    """Mean of a piecewise-constant field over a box whose edges are multiples of 1/sub."""
+    fine = np.repeat(np.repeat(field, sub, 0), sub, 1)
+    y0, y1, x0, x1 = (int(round(v * sub)) for v in box)
+    return fine[y0:y1, x0:x1].reshape(-1, field.shape[2]).mean(0)
+
+
+def test_box_means_are_exact_area_means_and_tiles_have_no_seams() -> None:
+    rng = np.random.default_rng(0)
+    field = rng.normal(size=(12, 12, 5))
+    sub = 8
+    lo = rng.integers(0, 9 * sub, size=(40, 2)) / sub
+    size = rng.integers(1, 3 * sub, size=(40, 2)) / sub
+    boxes = np.stack([lo[:, 0], lo[:, 0] + size[:, 0], lo[:, 1], lo[:, 1] + size[:, 1]], 1)
+    whole, area = D.pool_tile(field, (0, 0), boxes)
+    # the same boxes pooled from four 6 x 6 tiles and added up
+    parts = np.zeros_like(whole)
+    part_area = np.zeros_like(area)
+    for ty in (0, 1):
+        for tx in (0, 1):
+            core = field[ty * 6 : ty * 6 + 6, tx * 6 : tx * 6 + 6]
+            s, a = D.pool_tile(core, (ty * 6, tx * 6), boxes)
+            parts += s
+            part_area += a
+    np.testing.assert_allclose(area, size[:, 0] * size[:, 1])
+    np.testing.assert_allclose(part_area, area)
+    np.testing.assert_allclose(parts, whole, atol=1e-9)
+    for i in range(len(boxes)):
+        np.testing.assert_allclose(whole[i] / area[i], _brute_box(field, boxes[i], sub), atol=1e-9)
+
+
+def test_disc_means_weigh_cells_by_their_share_of_the_disc() -> None:
+    rng = np.random.default_rng(1)
+    field = rng.normal(size=(16, 16, 3))
+    centres = np.array([[8.0, 8.0], [5.3, 9.7], [2.0, 14.5]])
+    radii = np.array([3.0, 4.4, 2.5])
+    sums, areas = D.pool_discs(field, (0, 0), centres, radii)
+    n = 256  # brute force: 256 x 256 samples per... whole map
+    g = (np.arange(16 * n // 16) + 0.5) / (n // 16)
+    yy, xx = np.meshgrid(g, g, indexing="ij")
+    for i, ((cy, cx), r) in enumerate(zip(centres, radii, strict=True)):
+        inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        cells = field[np.floor(yy[inside]).astype(int), np.floor(xx[inside]).astype(int)]
+        np.testing.assert_allclose(sums[i] / areas[i], cells.mean(0), atol=0.03)
+        disc_area = min(np.pi * r * r, areas[i] + 1)  # the third disc is cut by the map
+        assert areas[i] == pytest.approx(inside.sum() / (n // 16) ** 2, rel=0.02)
+        assert areas[i] <= disc_area + 1e-9
+
+
+def test_window_means_of_a_block_map() -> None:
+    rng = np.random.default_rng(2)
+    blocks = rng.normal(size=(10, 10, 4))
+    centres = np.array([[40.0, 40.0], [12.0, 70.0]])  # px; blocks of 8 px from (0, 0)
+    got = D.window_means(blocks, (0.0, 0.0), 8.0, centres, 24.0)
+    # first window: x, y in [28, 52) px = blocks 3.5 .. 6.5
+    want = _brute_box(blocks, np.array([3.5, 6.5, 3.5, 6.5]), 2)
+    np.testing.assert_allclose(got[0], want, atol=1e-9)
+    # second: x in [0, 24) (clipped at the map's edge), y in [58, 82) -> 7.25 .. 10 (clipped)
+    want = _brute_box(blocks, np.array([7.25, 10.0, 0.0, 3.0]), 4)
+    np.testing.assert_allclose(got[1], want, atol=1e-9)
+
+
+class _BlockMean(torch.nn.Module):
+    """A 'network' whose stride-16 map is the mean of each 16 x 16 px cell of its input."""
+
+    feature_info = [{"num_chs": 3, "reduction": 16, "module": "pool"}]
+
+    def forward_intermediates(self, x, indices, intermediates_only, stop_early):
+        return [torch.nn.functional.avg_pool2d(x, 16)]
+
+
+class _Image:
+    """A slide image held in memory (white outside), read at its own resolution."""
+
+    def __init__(self, rgb: np.ndarray):
+        self.rgb = rgb
+
+    def read_region(self, x, y, w, h, out_size):
+        assert (w, h) == out_size and float(x).is_integer() and float(y).is_integer()
+        w, h = out_size
+        out = np.full((h, w, 3), 255, np.uint8)
+        x, y = int(x), int(y)
+        H, W = self.rgb.shape[:2]
+        ys, xs = slice(max(0, y), min(H, y + h)), slice(max(0, x), min(W, x + w))
+        if ys.start < ys.stop and xs.start < xs.stop:
+            out[ys.start - y : ys.stop - y, xs.start - x : xs.stop - x] = self.rgb[ys, xs]
+        return out
+
+
+def test_unit_features_are_the_maps_mean_over_each_footprint_end_to_end() -> None:
+    rng = np.random.default_rng(3)
+    cells = rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8)
+    rgb = np.repeat(np.repeat(cells, 16, 0), 16, 1)  # constant within each 16 px cell
+    model = _BlockMean()
+    spec = D.map_specs(model, [16])[0]
+    assert spec.offset == 8.0  # measured: cell k spans px [16k, 16k + 16)
+    enc = SimpleNamespace(
+        model=model,
+        mean=(0.0, 0.0, 0.0),
+        std=(1 / 255, 1 / 255, 1 / 255),
+        device=torch.device("cpu"),
+        precision="fp32",
+    )
+    # 8 um bins at 0.5 um/px: 16 px squares at an offset of 5 px to the cells; 56 um tiles
+    bins = np.array(
+        [[5 + 16 * i + 8, 21 + 16 * j + 8] for i in range(15) for j in range(15)], float
+    )
+    tiles = np.array([[100.0, 120.0], [250.0, 200.0]])
+    levels = {
+        "bin": Footprints(bins, np.full(len(bins), 8.0)),
+        "spot": Footprints(tiles, np.full(2, 56.0)),
+    }
+    out = {"bin": np.zeros((len(bins), 3)), "spot": np.zeros((2, 3))}
+    cfg = DenseConfig(mpp=0.5, tile_px=64, margin_px=32)
+    rows = []
+    stats = D.run_slide(enc, _Image(rgb), 0.5, levels, cfg, [spec], out, on_row=rows.append)
+    assert stats["tiles"] > 4 and rows == sorted(rows)
+    for lv, fp in levels.items():
+        for i, ((cx, cy), h) in enumerate(zip(fp.centres, fp.half, strict=True)):
+            y0, y1, x0, x1 = int(cy - h), int(cy + h), int(cx - h), int(cx + h)
+            want = rgb[y0:y1, x0:x1].reshape(-1, 3).mean(0)
+            np.testing.assert_allclose(out[lv][i], want, atol=1e-6, err_msg=f"{lv} {i}")
+    # resuming after row 2 recomputes only what was not written, with the same values
+    again = {lv: np.full_like(a, np.nan) for lv, a in out.items()}
+    done = levels["bin"].boxes(spec)[:, 1] <= 3 * cfg.tile_px // 16 - 1e-9
+    again["bin"][done] = out["bin"][done]
+    D.run_slide(enc, _Image(rgb), 0.5, levels, cfg, [spec], again, start_row=3)
+    np.testing.assert_array_equal(again["bin"], out["bin"])
+
+
+def test_cell_centres_are_measured_from_the_model() -> None:
+    import timm
+
+    tf = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()  # TF "same" padding
+    rn = timm.create_model("resnet18", num_classes=0).eval()  # symmetric padding
+    assert [s.offset for s in D.map_specs(tf, [16, 32])] == [15.5, 31.5]
+    assert [s.offset for s in D.map_specs(rn, [16])] == [0.5]
+    with pytest.raises(ConfigError, match="no stride-4 map.*16"):
+        D.map_specs(_BlockMean(), [4])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"tile_px": 500}, {"margin_px": 10}, {"strides": (12,)}, {"mpp": 0}, {"windows_um": (-1,)}],
+)
+def test_bad_dense_settings_are_refused(bad: dict) -> None:
+    with pytest.raises(ConfigError, match="dense"):
+        DenseConfig(**bad).check()
+
+
+def test_settings_make_the_key_and_the_dict_round_trips() -> None:
+    a = DenseConfig(windows_um=(300, 600))
+    assert DenseConfig.from_dict(json.loads(json.dumps(a.describe()))) == a
+    assert a.suffix() != DenseConfig().suffix() != DenseConfig(mpp=0.25).suffix()
+
+
+@pytest.fixture(scope="module")
+def prepared(synthetic_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dense") / "ds"
+    spec = SlideSpec(
+        name="syn",
+        path=str(synthetic_slide),
+        image=str(synthetic_slide / "he_fullres.tif"),
+        bin_size=8,
+    )
+    prepare([spec], out, PrepareConfig(n_genes=30), progress=False)
+    return out
+
+
+def test_dense_feature_set_is_stored_resumes_and_is_skipped(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = tmp_path / "ds"
+    shutil.copytree(prepared, ds)
+    cfg = DenseConfig(mpp=1.0, tile_px=128, margin_px=64, windows_um=(100.0,))
+    opts = {"levels": ("bin", "spot", "region"), "device": "cpu", "progress": False, "dense": cfg}
+    ref_ds = tmp_path / "ref"
+    shutil.copytree(prepared, ref_ds)
+    ref = extract_features(ref_ds, ENC, **opts)
+    assert ref["key"] == f"{ENC}-random-{cfg.suffix()}"
+    meta = json.loads((ref["path"] / "meta.json").read_text())
+    dense = meta["encoder"]["dense"]
+    width = dense["maps"][0]["channels"]
+    assert dense["mpp"] == 1.0 and dense["maps"][0]["stride"] == 16
+    assert dense["blocks"]["bin"] == [["s16", width], ["s16@100um", width]]
+    arrays = {lv: load_features(ref_ds, ref["key"], "syn", lv) for lv in ("bin", "spot", "region")}
+    assert arrays["bin"].shape[1] == 2 * width and arrays["spot"].shape[1] == width
+    assert all(np.isfinite(a.astype(np.float32)).all() for a in arrays.values())
+    assert float(np.std(arrays["bin"][:, :width].astype(np.float32), 0).mean()) > 0
+
+    real = D._forward_maps
+    calls = {"n": 0}
+
+    def crash(model, x, indices):
+        calls["n"] += x.shape[-1] == 256  # a tile (128 px and two margins of 64)
+        if calls["n"] == ref["jobs"][0]["dense"]["tiles"] // 2:
+            raise KeyboardInterrupt
+        return real(model, x, indices)
+
+    monkeypatch.setattr(D, "_forward_maps", crash)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(ds, ENC, **opts)
+    folder = ds / "features" / ref["key"] / "syn"
+    assert json.loads((folder / "dense.progress.json").read_text())["next_row"] >= 0
+    assert not (folder / "bin.npy").exists()
+    calls["n"] = -(10**6)
+    res = extract_features(ds, ENC, **opts)
+    assert {j["status"] for j in res["jobs"]} == {"resumed"}
+    for lv in arrays:
+        assert (folder / f"{lv}.npy").read_bytes() == (
+            ref["path"] / "syn" / f"{lv}.npy"
+        ).read_bytes()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{lv}.{e}" for lv in arrays for e in ("json", "npy")
+    )
+    again = extract_features(ds, ENC, **opts)
+    assert {j["status"] for j in again["jobs"]} == {"skipped"}
+
+
+def test_ridge_gives_each_block_of_its_input_the_same_total_variance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from magnet_st.baselines.ridge import RidgeBaseline
+
+    parts = [["s16", 4], ["s32", 12]]
+    meta = {"encoder": {"dense": {"blocks": {lv: parts for lv in ("bin", "spot", "region")}}}}
+    monkeypatch.setattr("magnet_st.features.feature_set_meta", lambda path, key: meta)
+    ridge, ds = RidgeBaseline("x"), SimpleNamespace(path="p")
+    w = ridge._block_weights(ds, "bin", [16, 16, 16])
+    per_block = np.add.reduceat(w**2, [0, 4, 16, 20, 32, 36])  # variance of each block
+    np.testing.assert_allclose(per_block, 8.0)  # 48 dimensions over 6 blocks
+    assert len(w) == 48
+    meta["encoder"]["dense"] = None  # a per-unit feature set: one block per source, equal
+    np.testing.assert_array_equal(ridge._block_weights(ds, "bin", [16, 16, 16]), 1.0)
