@@ -8,6 +8,8 @@ tile, and MagNet. Prints seconds per stage, bins per second and peak RSS.
 
     python benchmarks/predict_scale.py --sizes 1 2 --encoder mobilenetv3_small_050   # CPU
     python benchmarks/predict_scale.py --sizes 6.5 --encoder resnet50 --device cuda  # GPU
+    python benchmarks/predict_scale.py --sizes 0.5 1 2 --encoder efficientnet_lite0_imagenet \
+        --dense-mpp 0.25 --threads 2                       # dense features (one pass per tile)
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "stages": res.seconds, "n
 """
 
 
-def train_model(work: Path, encoder: str, input_px: int | None, device: str) -> Path:
+def train_model(
+    work: Path, encoder: str, input_px: int | None, device: str, dense_mpp: float | None = None
+) -> Path:
     from magnet_st.dataset import Dataset
     from magnet_st.features import extract_features
     from magnet_st.prepare import PrepareConfig, prepare
@@ -48,7 +52,8 @@ def train_model(work: Path, encoder: str, input_px: int | None, device: str) -> 
     from magnet_st.synthetic import write_synthetic_hd
     from magnet_st.train import TrainConfig, fit
 
-    model = work / f"model_{encoder}" / "model.pt"
+    mode = f"_dense{dense_mpp:g}" if dense_mpp else ""
+    model = work / f"model_{encoder}{mode}" / "model.pt"
     if model.exists():
         return model
     run = work / "train_slide"
@@ -58,6 +63,8 @@ def train_model(work: Path, encoder: str, input_px: int | None, device: str) -> 
     ds_path = work / "train_dataset"
     spec = SlideSpec(name="train", path=str(run), image=str(run / "he_fullres.tif"), bin_size=8)
     prepare([spec], ds_path, PrepareConfig(n_genes=250), progress=False)
+    from magnet_st.dense import DenseConfig
+
     feats = extract_features(
         ds_path,
         encoder,
@@ -65,6 +72,7 @@ def train_model(work: Path, encoder: str, input_px: int | None, device: str) -> 
         device=device,
         input_px=input_px,
         progress=False,
+        dense=DenseConfig(mpp=dense_mpp) if dense_mpp else None,
     )
     cfg = TrainConfig(features=feats["key"], width=128, epochs=1, max_batches=3)
     fit(Dataset(ds_path), ["train"], [], cfg, model.parent, progress=False)
@@ -81,12 +89,18 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="image-reading workers")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--work", default="benchmark_predict_scale", help="scratch folder")
+    ap.add_argument(
+        "--dense-mpp",
+        type=float,
+        default=None,
+        help="dense features at this working resolution (um/px); default: per-unit patches",
+    )
     args = ap.parse_args()
     from magnet_st.synthetic import write_synthetic_hd
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model = train_model(work, args.encoder, args.input_px, args.device)
+    model = train_model(work, args.encoder, args.input_px, args.device, args.dense_mpp)
     rows = []
     for size in args.sizes:
         run = work / f"slide_{size:g}mm"
@@ -95,7 +109,8 @@ def main() -> None:
             write_synthetic_hd(run, width_um=size * 1000, height_um=size * 1000, seed=3,
                                bin_sizes=(8,), write_mtx=False, write_raw=False)  # fmt: skip
             print(f"wrote the {size:g} mm slide in {time.perf_counter() - t0:.0f} s", flush=True)
-        out = work / f"predict_{size:g}mm_{args.encoder}"
+        mode = f"_dense{args.dense_mpp:g}" if args.dense_mpp else ""
+        out = work / f"predict_{size:g}mm_{args.encoder}{mode}"
         job = {
             "model": str(model), "out": str(out), "image": str(run / "he_fullres.tif"),
             "device": args.device, "batch_size": args.batch_size, "workers": args.workers,
@@ -121,7 +136,8 @@ def main() -> None:
             f"(workers {res['worker_peak_rss_mb']:.0f} MB)",
             flush=True,
         )
-    print(f"\nencoder {args.encoder}, device {args.device}, batch {args.batch_size}")
+    how = f"dense at {args.dense_mpp:g} um/px" if args.dense_mpp else "per-unit patches"
+    print(f"\nencoder {args.encoder} ({how}), device {args.device}, batch {args.batch_size}")
     print("| slide | bins | seconds | bins/s | peak RSS | worker peak RSS |")
     print("|---|---|---|---|---|---|")
     for size, n, r in rows:

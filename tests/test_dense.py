@@ -256,3 +256,29 @@ def test_ridge_gives_each_block_of_its_input_the_same_total_variance(
     assert len(w) == 48
     meta["encoder"]["dense"] = None  # a per-unit feature set: one block per source, equal
     np.testing.assert_array_equal(ridge._block_weights(ds, "bin", [16, 16, 16]), 1.0)
+
+
+def test_a_model_on_dense_features_predicts_from_the_image_with_the_same_features(
+    prepared: Path, synthetic_slide: Path, tmp_path: Path
+) -> None:
+    from magnet_st.dataset import Dataset
+    from magnet_st.predict import predict
+    from magnet_st.train import TrainConfig, fit
+
+    ds = tmp_path / "ds"
+    shutil.copytree(prepared, ds)
+    cfg = DenseConfig(mpp=1.0, tile_px=128, margin_px=64)
+    feats = extract_features(ds, ENC, levels=("bin", "spot", "region"), device="cpu",
+                             progress=False, dense=cfg)  # fmt: skip
+    tc = TrainConfig(features=feats["key"], width=16, epochs=1, patience=1, max_batches=2)
+    model = fit(Dataset(ds), ["syn"], [], tc, tmp_path / "model", progress=False).model_path
+    res = predict(model, tmp_path / "pred", spaceranger=synthetic_slide, device="cpu",
+                  num_workers=0, progress=False)  # fmt: skip
+    record = json.loads((res.out / "prediction.json").read_text())
+    assert record["encoder"] == feats["key"]  # the model's dense settings, rebuilt
+    (made,) = [d for d in (res.out / "work" / "features" / feats["key"]).iterdir() if d.is_dir()]
+    train_bins = load_features(ds, feats["key"], "syn", "bin").astype(np.float32)
+    pred_bins = np.load(made / "bin.npy").astype(np.float32)
+    # the same slide and bins: the same features, whichever run made them
+    assert pred_bins.shape == train_bins.shape
+    np.testing.assert_allclose(pred_bins, train_bins, atol=0.02, rtol=0.01)

@@ -258,3 +258,59 @@ def test_a_name_that_is_a_path_is_refused_before_anything_is_written(
             progress=False,
         )
     assert not (tmp_path / "a").exists() and not list(tmp_path.rglob("escape_pred*"))
+
+
+def test_roi_bounds_the_grid_max_bins_stops_and_the_slide_is_read_once(
+    trained: dict, image_only: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anndata
+
+    from magnet_st.image import SlideImage
+    from magnet_st.predict import predict
+
+    full = anndata.read_h5ad(image_only["res"].files["bin"])
+    mpp = full.uns["spatial"][full.uns["magnet"]["slide"]]["scalefactors"]["microns_per_pixel"]
+    um = full.obsm["spatial"] * mpp
+    roi = (float(um[:, 0].min()), float(um[:, 1].min()), float(np.median(um[:, 0])), 1e6)
+    reads = {"n": 0}
+    real = SlideImage.thumbnail
+
+    def counting(self, max_size):
+        reads["n"] += 1
+        return real(self, max_size)
+
+    monkeypatch.setattr(SlideImage, "thumbnail", counting)
+    opts = {"device": "cpu", "num_workers": 0, "progress": False}
+    res = predict(
+        trained["model"], tmp_path / "roi", image=trained["new"] / "he_fullres.tif",
+        grid_origin_um=(MARGIN_UM, MARGIN_UM), roi_um=roi, **opts,
+    )  # fmt: skip
+    assert reads["n"] == 1  # tissue mask, its overlay and every level's images: one read
+    part = anndata.read_h5ad(res.files["bin"])
+    inside = (um[:, 0] >= roi[0]) & (um[:, 0] < roi[2])
+    assert part.n_obs == int(inside.sum()) and 0 < part.n_obs < full.n_obs
+    assert set(part.obs_names) == set(full.obs_names[inside])
+    # a grid larger than --max-bins stops before anything is computed, saying how to go on
+    with pytest.raises(InputError, match=r"more than --max-bins 10 .*--roi X0 Y0 X1 Y1"):
+        predict(trained["model"], tmp_path / "big", image=trained["new"] / "he_fullres.tif",
+                max_bins=10, **opts)  # fmt: skip
+    assert not (tmp_path / "big" / "work").exists()
+
+
+def test_measured_counts_follow_the_model_panel_sparse(trained: dict, tmp_path: Path) -> None:
+    import anndata
+    import scipy.sparse as sp
+
+    from magnet_st.predict import predict
+    from magnet_st.read import visium_hd
+
+    sr = predict(trained["model"], tmp_path / "sr", spaceranger=trained["new"], device="cpu",
+                 num_workers=0, progress=False)  # fmt: skip
+    b = anndata.read_h5ad(sr.files["bin"])
+    run = visium_hd(trained["new"], 8)
+    col = {g: i for i, g in enumerate(run.gene_ids.astype(str))}
+    row = {u: i for i, u in enumerate(run.unit_ids.astype(str))}
+    rows = [row[u] for u in b.obs_names]
+    want = np.log1p(run.counts[rows][:, [col[g] for g in b.var["gene_ids"]]].toarray())
+    assert sp.issparse(b.layers["measured"])
+    np.testing.assert_allclose(b.layers["measured"].toarray(), want, rtol=1e-6)

@@ -353,7 +353,16 @@ def _write_meta(
 def _compatible(old: dict | None, enc_desc: dict) -> bool:
     if not old:
         return True
-    keys = ("name", "weights_checksum", "feature_dim", "input_size", "mean", "std", "interpolation")
+    keys = (
+        "name",
+        "weights_checksum",
+        "feature_dim",
+        "input_size",
+        "mean",
+        "std",
+        "interpolation",
+        "dense",  # dense settings and the maps' measured geometry
+    )
     return all(old.get("encoder", {}).get(k) == enc_desc.get(k) for k in keys)
 
 

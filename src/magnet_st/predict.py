@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,41 @@ LEVEL_FILES = {"bin": "bins", "spot": "spot_tiles", "region": "region_tiles"}
 MIN_MPP, MAX_MPP = 0.05, 4.0  # plausible full-resolution H&E scans, um per pixel
 HIRES_MAX_PX = 2000
 LOWRES_MAX_PX = 600
+CAPTURE_AREA_UM = 6500.0  # the edge of one Visium HD capture area
+
+
+def default_max_bins(unit_um: float) -> int:
+    """Bins of ``unit_um`` in one 6.5 x 6.5 mm capture area (660,969 of 8 um)."""
+    return int(math.ceil(CAPTURE_AREA_UM / unit_um) ** 2)
+
+
+class OneThumbnail:
+    """A slide image whose thumbnails all come from one read of the whole slide: the first
+    request reads at ``max(largest, asked)`` px, smaller ones are reduced from it (box
+    filter) with the same scale a direct read would have. Everything else is the image's."""
+
+    def __init__(self, image: Any, largest: int = HIRES_MAX_PX):
+        self._image, self._largest = image, int(largest)
+        self._rgb: np.ndarray | None = None
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._image, name)
+
+    def thumbnail(self, max_size: int) -> tuple[np.ndarray, float]:
+        from PIL import Image
+
+        if self._rgb is None or max_size > max(self._rgb.shape[:2]):
+            self._rgb, _ = self._image.thumbnail(max(self._largest, int(max_size)))
+            self.reads += 1
+        w, h = self._image.size
+        scale = min(1.0, max_size / max(w, h))
+        out_w = min(int(max_size), max(1, round(w * scale)))
+        out_h = min(int(max_size), max(1, round(h * scale)))
+        if (out_h, out_w) == self._rgb.shape[:2]:
+            return self._rgb, scale
+        small = Image.fromarray(self._rgb).resize((out_w, out_h), Image.Resampling.BOX)
+        return np.asarray(small), scale
 
 
 @dataclass
@@ -107,38 +143,58 @@ def _image_only_slide(
     origin_um: tuple[float, float],
     out: Path,
     tissue_options: dict[str, Any],
+    img: Any,
+    roi_um: tuple[float, float, float, float] | None = None,
+    max_bins: int | None = None,
 ):
-    from magnet_st.image import open_image
     from magnet_st.slide import Slide
     from magnet_st.tissue import detect_tissue, virtual_bins
 
-    img = open_image(image, microns_per_pixel=mpp)
     mask = detect_tissue(img, **tissue_options)
+    grid = virtual_bins(mask, unit_um, origin_um=origin_um, image_size_px=tuple(img.size))
+    centers = np.asarray(grid.centers_px, dtype=np.float64)
+    keep = np.ones(len(centers), bool)
+    if roi_um is not None:
+        x0, y0, x1, y1 = roi_um
+        um = centers * mpp
+        keep = (um[:, 0] >= x0) & (um[:, 0] < x1) & (um[:, 1] >= y0) & (um[:, 1] < y1)
+    n = int(keep.sum())
+    if n == 0:
+        where = " inside --roi" if roi_um is not None else ""
+        raise InputError(image, f"no bins under the detected tissue{where}")
+    limit = default_max_bins(unit_um) if max_bins is None else int(max_bins)
+    if n > limit:
+        w_mm = float(np.ptp(centers[keep, 0])) * mpp / 1000
+        h_mm = float(np.ptp(centers[keep, 1])) * mpp / 1000
+        raise InputError(
+            image,
+            f"{n:,} virtual {unit_um:g} um bins under the tissue ({w_mm:.1f} x {h_mm:.1f} mm), "
+            f"more than --max-bins {limit:,} (one 6.5 mm capture area); give --roi X0 Y0 X1 Y1 "
+            "(microns from the image's top-left corner) around the part to predict, or raise "
+            "--max-bins",
+        )
     thumb, _ = img.thumbnail(max(mask.mask.shape))
     mask.save_png(out / "tissue_mask.png", thumbnail=thumb)
-    grid = virtual_bins(mask, unit_um, origin_um=origin_um, image_size_px=tuple(img.size))
-    if len(grid.centers_px) == 0:
-        raise InputError(image, "no bins under the detected tissue")
     log.info(
         "%s: tissue on %.1f%% of the image; %d virtual %g um bins",
         image,
         100 * mask.fraction,
-        len(grid.centers_px),
+        n,
         unit_um,
     )
-    counts = sp.csr_matrix((len(grid.centers_px), len(genes)), dtype=np.int32)
+    counts = sp.csr_matrix((n, len(genes)), dtype=np.int32)
     slide = Slide(
         name=name,
         counts=counts,
         gene_ids=np.asarray(genes, dtype=object),
         gene_names=np.asarray(gene_names, dtype=object),
-        unit_ids=np.asarray(grid.barcodes, dtype=object),
-        centers_px=np.asarray(grid.centers_px, dtype=np.float64),
+        unit_ids=np.asarray(grid.barcodes, dtype=object)[keep],
+        centers_px=centers[keep],
         unit_size_um=float(unit_um),
         microns_per_pixel=mpp,
         technology="visium_hd",
         image_path=Path(image),
-        array_coords=np.asarray(grid.array_rc, dtype=np.int64),
+        array_coords=np.asarray(grid.array_rc, dtype=np.int64)[keep],
         sources={"positions": f"virtual grid over the tissue of {image}"},
     )
     return slide, None
@@ -173,13 +229,16 @@ def _spaceranger_slide(
             len(genes) - len(have),
             len(genes),
         )
-    measured = sp.lil_matrix((src.n_units, len(genes)), dtype=np.float32)
-    sub = src.counts[:, [col[genes[i]] for i in have]].astype(np.float32)
+    sub = sp.csr_matrix(src.counts[:, [col[genes[i]] for i in have]], dtype=np.float32)
     if per_10k:  # the model's scale: counts per 10,000 of each bin's total over all genes
         sub = per_10k_rows(sub, np.asarray(src.counts.sum(axis=1)).ravel())
-    sub.data = np.log1p(sub.data)
-    measured[:, have] = sub
-    measured = measured.tocsr()
+    sub = sub.tocoo()
+    # the panel's columns in the model's order, sparse throughout (660k bins x genes)
+    measured = sp.csr_matrix(
+        (np.log1p(sub.data), (sub.row, np.asarray(have, dtype=np.int64)[sub.col])),
+        shape=(src.n_units, len(genes)),
+        dtype=np.float32,
+    )
     present = np.zeros(len(genes), bool)
     present[have] = True
     slide = Slide(
@@ -306,6 +365,8 @@ def predict(
     spatialdata: bool = False,
     tissue_options: dict[str, Any] | None = None,
     progress: bool = True,
+    roi_um: tuple[float, float, float, float] | None = None,
+    max_bins: int | None = None,
 ) -> PredictResult:
     """Predict the expression of every bin of a slide from its H&E image.
 
@@ -326,6 +387,11 @@ def predict(
         zarr: write ``.zarr`` stores instead of ``.h5ad`` files.
         spatialdata: also write ``prediction.zarr``, a SpatialData store of all levels.
         tissue_options: keyword arguments of :func:`magnet_st.tissue.detect_tissue`.
+        roi_um: image-only: predict only the bins whose centres lie in this box,
+            ``(x0, y0, x1, y1)`` microns from the image's top-left corner.
+        max_bins: image-only: stop (with a message saying how to go on) when the virtual
+            grid has more bins than this; default: one 6.5 mm capture area
+            (:func:`default_max_bins`).
 
     Raises:
         InputError: missing or unreadable inputs, no tissue, implausible or missing
@@ -358,6 +424,12 @@ def predict(
         raise InputError(image, "image not found")
     if name is not None:  # a name, not a path: outputs are named after it
         check_name(name, "--name")
+    if roi_um is not None:
+        roi_um = tuple(float(v) for v in roi_um)  # type: ignore[assignment]
+        if len(roi_um) != 4 or not (roi_um[0] < roi_um[2] and roi_um[1] < roi_um[3]):
+            raise ConfigError(f"--roi must be X0 Y0 X1 Y1 with X0 < X1 and Y0 < Y1, got {roi_um}")
+    if max_bins is not None and int(max_bins) < 1:
+        raise ConfigError(f"--max-bins must be >= 1, got {max_bins}")
     out = Path(out)  # made once the inputs are checked: a refused run leaves no folder
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -374,6 +446,7 @@ def predict(
         assert image is not None
         mpp = _slide_mpp(image, mpp, dcfg["working_mpp"])
         slide_name = check_name(name or image.name.split(".")[0], "--name")
+        thumbs = OneThumbnail(open_image(image, microns_per_pixel=mpp))
         slide, measured = _image_only_slide(
             slide_name,
             image,
@@ -384,6 +457,9 @@ def predict(
             grid_origin_um,
             out,
             tissue_options or {},
+            thumbs,
+            roi_um,
+            max_bins,
         )
     work = prepare_unmeasured(
         slide,
@@ -437,7 +513,11 @@ def predict(
     seconds["prediction"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    img = open_image(slide.image_path, microns_per_pixel=slide.microns_per_pixel)
+    if spaceranger is not None:
+        thumbs = OneThumbnail(
+            open_image(slide.image_path, microns_per_pixel=slide.microns_per_pixel)
+        )
+    img = thumbs  # every thumbnail of the run comes from one read of the slide
     files, n, written = {}, {}, {}
     for lv, pred in preds.items():
         src = ds.level(slide.name, lv)
@@ -481,6 +561,8 @@ def predict(
         "files": {k: str(v) for k, v in files.items()},
         "seconds": seconds,
         "scale": bin_target.scale,
+        "roi_um": list(roi_um) if roi_um is not None else None,
+        "thumbnail_reads": thumbs.reads,
     }
     write_text(out / "prediction.json", json.dumps(record, indent=1))
     log.info("%s: %d bins predicted in %.0f s", out, n["bin"], seconds["total"])

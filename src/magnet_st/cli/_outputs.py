@@ -35,6 +35,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         spatialdata=args.spatialdata,
         tissue_options=tissue,
         progress=not args.quiet,
+        roi_um=tuple(args.roi) if args.roi else None,
+        max_bins=args.max_bins,
     )
     for lv, path in res.files.items():
         what = f"{res.n[lv]:,} units" if lv in res.n else "all levels"
@@ -78,6 +80,23 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "it records none)",
     )
     p.add_argument("--name", default=None, help="slide name; default: the image's file name")
+    p.add_argument(
+        "--roi",
+        nargs=4,
+        type=float,
+        default=None,
+        metavar=("X0", "Y0", "X1", "Y1"),
+        help="image-only: predict only the bins whose centres lie in this box, microns from "
+        "the image's top-left corner; default: all the tissue",
+    )
+    p.add_argument(
+        "--max-bins",
+        type=int,
+        default=None,
+        help="image-only: stop, saying how to go on, when the virtual grid has more bins "
+        "than this; default: one 6.5 x 6.5 mm capture area (660,969 bins of 8 um, 165,649 "
+        "of 16 um)",
+    )
     p.add_argument(
         "--grid-origin-um",
         nargs=2,
