@@ -7,7 +7,9 @@
 #     end-to-end bin encoder (--bin-encoder resnet50), each with its peak GPU memory;
 #  3. image-only prediction of a 6.5 mm slide (~660k 8 um bins) with resnet50: issue 6's
 #     goal is under 5 minutes (benchmarks/predict_scale.py; the slide is written first, ~90 s);
-#  4. nvidia-smi's view of the device.
+#  4. the same 6.5 mm slide with dense features (efficientnet_lite0_imagenet at 0.25 um/px, one
+#     encoder pass per image tile; issue 22's goal: under 1 minute on one H100);
+#  5. nvidia-smi's view of the device.
 #   bash benchmarks/gpu_check.sh [WORK_DIR]
 #   STEPS="3" bash benchmarks/gpu_check.sh     # only step 3 (a machine with 10-minute calls)
 set -euo pipefail
@@ -17,7 +19,7 @@ mkdir -p "$work"
 run() { bash scripts/env.sh "$@"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 
-steps="${STEPS:-1 2 3}"
+steps="${STEPS:-1 2 3 4}"
 if [[ " $steps " == *" 1 "* ]]; then
 echo "== 1. features throughput (resnet50, bf16, 1 mm slide)"
 timeout 240 bash scripts/env.sh python benchmarks/features_throughput.py --size-mm 1 \
@@ -55,5 +57,12 @@ if [[ " $steps " == *" 3 "* ]]; then
 echo "== 3. image-only prediction, 6.5 mm slide, resnet50"
 timeout 480 bash scripts/env.sh python benchmarks/predict_scale.py --sizes 6.5 --encoder resnet50 \
   --device cuda --batch-size 256 --work "$work/predict_scale" || echo "predict: failed ($?)"
+fi
+
+if [[ " $steps " == *" 4 "* ]]; then
+echo "== 4. image-only prediction, 6.5 mm slide, dense features at 0.25 um/px"
+timeout 300 bash scripts/env.sh python benchmarks/predict_scale.py --sizes 6.5 \
+  --encoder efficientnet_lite0_imagenet --dense-mpp 0.25 --device cuda \
+  --work "$work/predict_scale" || echo "predict dense: failed ($?)"
 fi
 nvidia-smi || true

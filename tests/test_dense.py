@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -169,13 +170,20 @@ def test_cell_centres_are_measured_from_the_model() -> None:
 )
 def test_bad_dense_settings_are_refused(bad: dict) -> None:
     with pytest.raises(ConfigError, match="dense"):
-        DenseConfig(**bad).check()
+        DenseConfig(**bad).resolve("hd").check()
 
 
 def test_settings_make_the_key_and_the_dict_round_trips() -> None:
-    a = DenseConfig(windows_um=(300, 600))
+    a = DenseConfig(windows_um=(300, 600)).resolve("hd")
     assert DenseConfig.from_dict(json.loads(json.dumps(a.describe()))) == a
-    assert a.suffix() != DenseConfig().suffix() != DenseConfig(mpp=0.25).suffix()
+    assert a.suffix() != DenseConfig().resolve("hd").suffix() != DenseConfig(mpp=0.5).suffix()
+    # the preset's defaults fill what is not given: 0.25 um/px at HD, 0.5 and windows for ST
+    assert DenseConfig().resolve("hd") == DenseConfig(mpp=0.25, windows_um=())
+    st = DenseConfig().resolve("legacy_st")
+    assert (st.mpp, st.windows_um) == (0.5, (300.0, 600.0))
+    assert DenseConfig(mpp=1.0, windows_um=()).resolve("legacy_st").windows_um == ()
+    with pytest.raises(ConfigError, match="not resolved"):
+        DenseConfig().check()
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +290,68 @@ def test_a_model_on_dense_features_predicts_from_the_image_with_the_same_feature
     # the same slide and bins: the same features, whichever run made them
     assert pred_bins.shape == train_bins.shape
     np.testing.assert_allclose(pred_bins, train_bins, atol=0.02, rtol=0.01)
+
+
+def test_a_spot_model_predicts_a_virtual_array_of_its_spots(
+    her2st_root: Path, tmp_path: Path
+) -> None:
+    """A model trained on legacy ST spots (her2st, dense features over 100 um discs)
+    predicts an unseen section from its image alone, on a virtual 200 um array."""
+    import anndata
+
+    from magnet_st import read
+    from magnet_st.dataset import Dataset
+    from magnet_st.predict import predict
+    from magnet_st.train import TrainConfig, fit
+
+    specs = read.specs_from_paths([her2st_root])[:2]
+    prepare(specs[:1], tmp_path / "ds", PrepareConfig(n_genes=30), progress=False)
+    cfg = DenseConfig(mpp=4.0, tile_px=128, margin_px=32, windows_um=(600,))
+    feats = extract_features(tmp_path / "ds", ENC, levels=("bin", "spot", "region"),
+                             device="cpu", progress=False, dense=cfg)  # fmt: skip
+    tc = TrainConfig(features=feats["key"], width=16, epochs=1, patience=1, max_batches=2)
+    ds = Dataset(tmp_path / "ds")
+    model = fit(ds, [specs[0].name], [], tc, tmp_path / "m", progress=False).model_path
+    other = specs[1].load()
+    res = predict(model, tmp_path / "pred", image=other.image_path, mpp=other.microns_per_pixel,
+                  device="cpu", num_workers=0, progress=False)  # fmt: skip
+    bins = anndata.read_h5ad(res.files["bin"])
+    um = bins.obsm["spatial"] * other.microns_per_pixel
+    assert bins.n_obs > 50 and bins.obs_names[0].startswith("spot_")
+    d = np.sqrt(((um[:, None] - um[None]) ** 2).sum(-1)) + np.eye(len(um)) * 1e9
+    assert np.median(d.min(1)) == pytest.approx(200.0)  # the ST array's pitch
+    assert np.isfinite(bins.X).all() and float(np.std(bins.X, 0).max()) > 0
+
+
+def test_dense_is_the_cli_default_and_its_options_are_checked(
+    prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from magnet_st.cli import main
+
+    ds = tmp_path / "ds"
+    shutil.copytree(prepared, ds)
+    argv = ["features", str(ds), "--encoder", ENC, "--device", "cpu", "--quiet"]
+    assert main([*argv, "--levels", "region", "--dense-mpp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"features/{ENC}-random-dense[0-9a-f]{{8}}: 1 slide/levels", out)
+    assert "image tiles" in out
+    for bad, said in (
+        (["--input-px", "112"], "--input-px sets the patch size of --mode patches"),
+        (["--mode", "patches", "--dense-mpp", "1"], "only apply with --mode dense"),
+        (["--dense-tile", "100"], "multiple of 32"),
+    ):
+        assert main([*argv, *bad]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err
+
+
+def test_a_vit_gives_its_patch_tokens_as_the_stride_16_map(prepared: Path, tmp_path: Path) -> None:
+    ds = tmp_path / "ds"
+    shutil.copytree(prepared, ds)
+    res = extract_features(ds, "vit_tiny_patch16_224", levels=("bin", "region"), device="cpu",
+                           progress=False, encoder_kwargs={"dynamic_img_size": True},
+                           dense=DenseConfig(mpp=2.0, tile_px=128, margin_px=32))  # fmt: skip
+    (spec,) = res["encoder"]["dense"]["maps"]
+    assert (spec["stride"], spec["channels"], spec["offset"]) == (16, 192, 8.0)
+    x = load_features(ds, res["key"], "syn", "bin").astype(np.float32)
+    assert x.shape[1] == 192 and np.isfinite(x).all() and x.std(0).mean() > 0

@@ -223,7 +223,7 @@ def test_rerun_with_nothing_to_do_touches_no_file(reference: dict, tmp_path: Pat
     shutil.copytree(reference["path"], ds)
     before = _mtimes(ds)
     argv = ["features", str(ds), "--encoder", ENC, "--device", "cpu", "--quiet"]
-    assert main([*argv, "--batch-size", "16", "--workers", "1"]) == 0
+    assert main([*argv, "--mode", "patches", "--batch-size", "16", "--workers", "1"]) == 0
     assert _mtimes(ds) == before
     result = extract_features(ds, ENC, levels=["spot"], **FAST)
     assert [j["status"] for j in result["jobs"]] == ["skipped"]
@@ -359,6 +359,7 @@ def test_multi_device_split_runs_disjoint_jobs(dataset: Path, reference: dict) -
 
 def test_cli(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["features", str(dataset), "--encoder", ENC, "--device", "cpu", "--quiet"]
+    argv += ["--mode", "patches"]
     assert main([*argv, "--levels", "region", "--batch-size", "8", "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "syn/region" in out and f"features/{KEY}: 1 slide/levels encoded" in out

@@ -281,3 +281,31 @@ def test_virtual_bins_cover_a_full_capture_area() -> None:
     assert v.barcodes[0] == "s_008um_00000_00000-1"
     assert v.barcodes[-1] == "s_008um_00811_00811-1"
     np.testing.assert_allclose(v.centers_px[-1], [(811.5 * 8.0) / MPP] * 2)
+
+
+def test_virtual_spots_lay_out_visium_and_st_arrays_over_tissue() -> None:
+    from magnet_st.tissue import virtual_spots
+
+    mpp = 0.5  # a 2 x 1.5 mm image; tissue on its left half only
+    mask = np.zeros((150, 200), bool)
+    mask[:, :100] = True
+    m = TissueMask(mask, 0.05, mpp, 0.1, (4000, 3000))
+    vis = virtual_spots(m, "visium")
+    um = vis.centers_px * mpp
+    assert (um[:, 0] < 1000).all() and len(vis.barcodes) == len(um) > 50
+    r, c = vis.array_rc.T
+    assert ((r % 2) == (c % 2)).all()  # Space Ranger's hexagonal numbering
+    # neighbours in a row 100 um apart, rows 86.6 um apart, odd rows shifted by 50 um
+    np.testing.assert_allclose(um[:, 0], c * 50.0)
+    np.testing.assert_allclose(um[:, 1], r * 100 * math.sqrt(3) / 2)
+    d = np.sqrt(((um[:, None] - um[None]) ** 2).sum(-1)) + np.eye(len(um)) * 1e9
+    np.testing.assert_allclose(d.min(1), 100.0)  # every spot's nearest neighbour
+    st = virtual_spots(m, "legacy_st", origin_um=(100.0, 100.0))
+    su = st.centers_px * mpp
+    np.testing.assert_allclose(
+        su, np.stack([100 + st.array_rc[:, 1] * 200.0, 100 + st.array_rc[:, 0] * 200.0], 1)
+    )
+    assert st.barcodes[0] == f"spot_{st.array_rc[0, 0]}_{st.array_rc[0, 1]}"
+    assert len(st.barcodes) == 5 * 7  # x 100..900 um on tissue (5 columns), y 100..1300 (7 rows)
+    with pytest.raises(ConfigError, match="no virtual spot array"):
+        virtual_spots(m, "visium_hd")

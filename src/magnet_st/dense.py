@@ -49,7 +49,8 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,27 +63,55 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_MPP", "DenseConfig", "MapSpec", "cell_offset", "map_specs", "pool_tile"]
 
-DEFAULT_MPP = 0.5
+#: per size preset (:mod:`magnet_st.prepare`): the working resolution and the windows
+#: around every unit that measured best (docs/results.md, "Dense features"): Visium HD bins
+#: gain from 0.25 um/px (the nuclei in an 8 um bin); 100 um ST spots were level at 0.5 and
+#: native 0.69 um/px and gained from 300 and 600 um windows. Visium spots (55 um) take the
+#: ST values, the nearest measured.
+PRESET_DEFAULTS: dict[str, tuple[float, tuple[float, ...]]] = {
+    "hd": (0.25, ()),
+    "visium": (0.5, (300.0, 600.0)),
+    "legacy_st": (0.5, (300.0, 600.0)),
+}
+DEFAULT_MPP = PRESET_DEFAULTS["hd"][0]
 SQUARE, DISC = "square", "disc"
 _SUB = 8  # sub-samples per cell edge for disc coverage
+LOOKAHEAD = 2  # tiles read ahead of the one being encoded
 
 
 @dataclass(frozen=True)
 class DenseConfig:
-    """How dense features are made; every field is part of the feature set's key."""
+    """How dense features are made; every field is part of the feature set's key.
 
-    mpp: float = DEFAULT_MPP
+    ``mpp`` and ``windows_um`` left ``None`` take the dataset's preset defaults
+    (:data:`PRESET_DEFAULTS`) when the extraction starts (:meth:`resolve`)."""
+
+    mpp: float | None = None
     tile_px: int = 512
     margin_px: int = 128
     strides: tuple[int, ...] = (16,)
-    windows_um: tuple[float, ...] = ()
+    windows_um: tuple[float, ...] | None = None
     block_um: float = 16.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
-        object.__setattr__(self, "windows_um", tuple(float(w) for w in self.windows_um))
+        if self.windows_um is not None:
+            object.__setattr__(self, "windows_um", tuple(float(w) for w in self.windows_um))
+        if self.mpp is not None:
+            object.__setattr__(self, "mpp", float(self.mpp))
+
+    def resolve(self, preset: str) -> DenseConfig:
+        """The settings with the preset's defaults filled in."""
+        mpp, windows = PRESET_DEFAULTS.get(preset, PRESET_DEFAULTS["hd"])
+        return replace(
+            self,
+            mpp=mpp if self.mpp is None else self.mpp,
+            windows_um=windows if self.windows_um is None else self.windows_um,
+        )
 
     def check(self) -> DenseConfig:
+        if self.mpp is None or self.windows_um is None:
+            raise ConfigError("dense settings not resolved: call resolve(preset) first")
         if not (math.isfinite(self.mpp) and 0.05 <= self.mpp <= 10):
             raise ConfigError(f"dense mpp must be 0.05-10 microns per pixel, got {self.mpp}")
         if not self.strides or any(s not in (4, 8, 16, 32) for s in self.strides):
@@ -387,74 +416,86 @@ def run_slide(
     bar = tqdm(total=hi + 1 - lo, desc=desc or "dense rows", unit="row", disable=not progress)
     bar.update(max(0, min(start_row, hi + 1) - lo))
     indices = [s.index for s in specs]
-    for r in rows:
-        # open the units whose footprints start in this row (and are not written yet)
-        for lv, p in plans.items():
-            new = np.nonzero((p.tiles[:, 0] == r) & live[lv])[0]
-            p.open_ids = np.concatenate([p.open_ids, new])
-            p.acc = np.concatenate([p.acc, np.zeros((len(new), p.acc.shape[1]))])
-            p.area = np.concatenate([p.area, np.zeros((len(new), len(specs)))])
-        spans = np.concatenate([p.tiles[p.open_ids][:, 2:4] for p in plans.values()])
-        cols_needed: list[int] = []
-        if len(spans):
-            c0 = int(spans[:, 0].min())
-            diff = np.zeros(int(spans[:, 1].max()) - c0 + 2, np.int64)
-            np.add.at(diff, spans[:, 0] - c0, 1)
-            np.add.at(diff, spans[:, 1] - c0 + 1, -1)
-            cols_needed = [c0 + int(i) for i in np.nonzero(np.cumsum(diff)[:-1] > 0)[0]]
-        for tx in cols_needed:
-            x0, y0 = tx * tp - mp, r * tp - mp  # working px of the tile's first pixel
-            rgb = image.read_region(
-                x0 * scale, y0 * scale, edge * scale, edge * scale, (edge, edge)
-            )
-            t1 = time.perf_counter()
-            x = _normalise(rgb, encoder.mean, encoder.std).to(encoder.device)
-            with torch.inference_mode():
-                if encoder.precision == "bf16" and encoder.device.type in ("cuda", "cpu"):
-                    with torch.autocast(encoder.device.type, dtype=torch.bfloat16):
-                        maps = _forward_maps(encoder.model, x, indices)
-                else:
-                    maps = _forward_maps(encoder.model, x, indices)
-                maps = [m[0].float().permute(1, 2, 0).cpu().numpy() for m in maps]
-            t_net += time.perf_counter() - t1
-            n_tiles += 1
-            for p in plans.values():
-                t = p.tiles[p.open_ids]
-                sel = np.nonzero((t[:, 2] <= tx) & (t[:, 3] >= tx))[0]
-                if not len(sel):
-                    continue
-                ids = p.open_ids[sel]
-                for m, (spec, fmap) in enumerate(zip(specs, maps, strict=True)):
-                    k, skip = tp // spec.stride, mp // spec.stride
-                    core = fmap[skip : skip + k, skip : skip + k]
-                    if core.shape[:2] != (k, k):
-                        raise ConfigError(
-                            f"the encoder's stride-{spec.stride} map of a {edge} px tile has "
-                            f"{fmap.shape[0]} x {fmap.shape[1]} cells, not {edge // spec.stride}"
-                        )
-                    origin = (r * k, tx * k)
-                    if p.fp.shape == DISC:
-                        b = p.boxes[m][ids]
-                        ctr = np.stack([(b[:, 0] + b[:, 1]) / 2, (b[:, 2] + b[:, 3]) / 2], 1)
-                        sums, areas = pool_discs(core, origin, ctr, (b[:, 1] - b[:, 0]) / 2)
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        for r in rows:
+            # open the units whose footprints start in this row (and are not written yet)
+            for lv, p in plans.items():
+                new = np.nonzero((p.tiles[:, 0] == r) & live[lv])[0]
+                p.open_ids = np.concatenate([p.open_ids, new])
+                p.acc = np.concatenate([p.acc, np.zeros((len(new), p.acc.shape[1]))])
+                p.area = np.concatenate([p.area, np.zeros((len(new), len(specs)))])
+            spans = np.concatenate([p.tiles[p.open_ids][:, 2:4] for p in plans.values()])
+            cols_needed: list[int] = []
+            if len(spans):
+                c0 = int(spans[:, 0].min())
+                diff = np.zeros(int(spans[:, 1].max()) - c0 + 2, np.int64)
+                np.add.at(diff, spans[:, 0] - c0, 1)
+                np.add.at(diff, spans[:, 1] - c0 + 1, -1)
+                cols_needed = [c0 + int(i) for i in np.nonzero(np.cumsum(diff)[:-1] > 0)[0]]
+
+            def read(tx: int, r: int = r) -> np.ndarray:
+                x0, y0 = tx * tp - mp, r * tp - mp  # working px of the tile's first pixel
+                return image.read_region(
+                    x0 * scale, y0 * scale, edge * scale, edge * scale, (edge, edge)
+                )
+
+            # the next tiles are read (decoded, resampled) in a thread while one is encoded
+            pending = [pool.submit(read, tx) for tx in cols_needed[:LOOKAHEAD]]
+            for j, tx in enumerate(cols_needed):
+                rgb = pending[j].result()
+                if j + LOOKAHEAD < len(cols_needed):
+                    pending.append(pool.submit(read, cols_needed[j + LOOKAHEAD]))
+                t1 = time.perf_counter()
+                x = _normalise(rgb, encoder.mean, encoder.std).to(encoder.device)
+                with torch.inference_mode():
+                    if encoder.precision == "bf16" and encoder.device.type in ("cuda", "cpu"):
+                        with torch.autocast(encoder.device.type, dtype=torch.bfloat16):
+                            maps = _forward_maps(encoder.model, x, indices)
                     else:
-                        sums, areas = pool_tile(core, origin, p.boxes[m][ids])
-                    p.acc[sel, cols[m] : cols[m + 1]] += sums
-                    p.area[sel, m] += areas
-        for p in plans.values():
-            done = p.tiles[p.open_ids, 1] <= r
-            if done.any():
-                ids = p.open_ids[done]
-                area = np.repeat(np.maximum(p.area[done], 1e-12), widths, axis=1)
-                mean = p.acc[done] / area
-                order = np.argsort(ids)
-                p.out[ids[order]] = mean[order]
-                keep = ~done
-                p.open_ids, p.acc, p.area = p.open_ids[keep], p.acc[keep], p.area[keep]
-        if on_row is not None and r >= start_row:
-            on_row(r)
-        if r >= start_row:
-            bar.update(1)
+                        maps = _forward_maps(encoder.model, x, indices)
+                    maps = [m[0].float().permute(1, 2, 0).cpu().numpy() for m in maps]
+                t_net += time.perf_counter() - t1
+                n_tiles += 1
+                for p in plans.values():
+                    t = p.tiles[p.open_ids]
+                    sel = np.nonzero((t[:, 2] <= tx) & (t[:, 3] >= tx))[0]
+                    if not len(sel):
+                        continue
+                    ids = p.open_ids[sel]
+                    for m, (spec, fmap) in enumerate(zip(specs, maps, strict=True)):
+                        k, skip = tp // spec.stride, mp // spec.stride
+                        core = fmap[skip : skip + k, skip : skip + k]
+                        if core.shape[:2] != (k, k):
+                            raise ConfigError(
+                                f"the encoder's stride-{spec.stride} map of a {edge} px tile has "
+                                f"{fmap.shape[0]} x {fmap.shape[1]} cells, not {edge // spec.stride}"
+                            )
+                        origin = (r * k, tx * k)
+                        if p.fp.shape == DISC:
+                            b = p.boxes[m][ids]
+                            ctr = np.stack([(b[:, 0] + b[:, 1]) / 2, (b[:, 2] + b[:, 3]) / 2], 1)
+                            sums, areas = pool_discs(core, origin, ctr, (b[:, 1] - b[:, 0]) / 2)
+                        else:
+                            sums, areas = pool_tile(core, origin, p.boxes[m][ids])
+                        p.acc[sel, cols[m] : cols[m + 1]] += sums
+                        p.area[sel, m] += areas
+            for p in plans.values():
+                done = p.tiles[p.open_ids, 1] <= r
+                if done.any():
+                    ids = p.open_ids[done]
+                    area = np.repeat(np.maximum(p.area[done], 1e-12), widths, axis=1)
+                    mean = p.acc[done] / area
+                    order = np.argsort(ids)
+                    p.out[ids[order]] = mean[order]
+                    keep = ~done
+                    p.open_ids, p.acc, p.area = p.open_ids[keep], p.acc[keep], p.area[keep]
+            if on_row is not None and r >= start_row:
+                on_row(r)
+            if r >= start_row:
+                bar.update(1)
+    finally:
+        pool.shutdown(cancel_futures=True)
     bar.close()
     secs = time.perf_counter() - t0
     return {

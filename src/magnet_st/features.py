@@ -778,6 +778,11 @@ def extract_features(
     if unknown:
         raise ConfigError(f"slides {unknown} are not in the dataset; it has {ds.slides}")
 
+    if dense is not None and input_px is not None:
+        raise ConfigError(
+            "input_px sets the patch size of per-unit features; dense features read the "
+            "slide at their own resolution (dense mpp): give one or the other"
+        )
     dev = resolve_device(device)
     device_names = _device_list(dev, int(devices))
     workers = _default_workers(dev.type) if num_workers is None else int(num_workers)
@@ -799,7 +804,7 @@ def extract_features(
     if dense is not None:
         from magnet_st import dense as dense_mod
 
-        dense = dense.check()
+        dense = dense.resolve(str(ds.config.get("preset", "hd"))).check()
         specs = dense_mod.map_specs(encoder.model, dense.strides)
         base = sum(s.channels for s in specs)
         parts = dense_mod.block_names(specs, dense.windows_um)
@@ -833,6 +838,9 @@ def extract_features(
     for slide in chosen:
         for level in levels:
             job, centers = _plan_job(ds, slide, level, encoder.input_size)
+            if dense is not None:  # the settings and the maps' measured geometry made them
+                h = hashlib.sha256((job.fingerprint + json.dumps(enc_desc["dense"])).encode())
+                job.fingerprint = "sha256:" + h.hexdigest()[:32]
             all_jobs.append(job)
             if not overwrite and _is_complete(
                 root, job, level_dims.get(level, encoder.feature_dim)

@@ -146,12 +146,17 @@ def _image_only_slide(
     img: Any,
     roi_um: tuple[float, float, float, float] | None = None,
     max_bins: int | None = None,
+    technology: str = "visium_hd",
 ):
     from magnet_st.slide import Slide
-    from magnet_st.tissue import detect_tissue, virtual_bins
+    from magnet_st.tissue import detect_tissue, virtual_bins, virtual_spots
 
     mask = detect_tissue(img, **tissue_options)
-    grid = virtual_bins(mask, unit_um, origin_um=origin_um, image_size_px=tuple(img.size))
+    size = tuple(img.size)
+    if technology == "visium_hd":
+        grid = virtual_bins(mask, unit_um, origin_um=origin_um, image_size_px=size)
+    else:  # a spot model: a virtual array of its own spots
+        grid = virtual_spots(mask, technology, origin_um=origin_um, image_size_px=size)
     centers = np.asarray(grid.centers_px, dtype=np.float64)
     keep = np.ones(len(centers), bool)
     if roi_um is not None:
@@ -161,14 +166,16 @@ def _image_only_slide(
     n = int(keep.sum())
     if n == 0:
         where = " inside --roi" if roi_um is not None else ""
-        raise InputError(image, f"no bins under the detected tissue{where}")
+        what = "bins" if technology == "visium_hd" else "spots"
+        raise InputError(image, f"no {what} under the detected tissue{where}")
     limit = default_max_bins(unit_um) if max_bins is None else int(max_bins)
     if n > limit:
         w_mm = float(np.ptp(centers[keep, 0])) * mpp / 1000
         h_mm = float(np.ptp(centers[keep, 1])) * mpp / 1000
         raise InputError(
             image,
-            f"{n:,} virtual {unit_um:g} um bins under the tissue ({w_mm:.1f} x {h_mm:.1f} mm), "
+            f"{n:,} virtual {unit_um:g} um {'bins' if technology == 'visium_hd' else 'spots'} "
+            f"under the tissue ({w_mm:.1f} x {h_mm:.1f} mm), "
             f"more than --max-bins {limit:,} (one 6.5 mm capture area); give --roi X0 Y0 X1 Y1 "
             "(microns from the image's top-left corner) around the part to predict, or raise "
             "--max-bins",
@@ -192,7 +199,7 @@ def _image_only_slide(
         centers_px=centers[keep],
         unit_size_um=float(unit_um),
         microns_per_pixel=mpp,
-        technology="visium_hd",
+        technology=technology,
         image_path=Path(image),
         array_coords=np.asarray(grid.array_rc, dtype=np.int64)[keep],
         sources={"positions": f"virtual grid over the tissue of {image}"},
@@ -414,11 +421,14 @@ def predict(
     units = payload.get("units") or {"unit_size_um": 8.0, "technology": "visium_hd"}
     unit_um = float(units["unit_size_um"])
     dcfg = payload["dataset_config"]
-    if units.get("technology") != "visium_hd":
+    technology = str(units.get("technology", "visium_hd"))
+    if technology != "visium_hd" and spaceranger is not None:
         raise ConfigError(
-            f"{model_path}: trained on {units.get('technology')} units; prediction on new "
-            "slides needs a model trained on Visium HD bins"
+            f"{model_path}: trained on {technology} spots; --spaceranger reads Visium HD runs "
+            "(predict a spot model with --image alone: a virtual array of its spots)"
         )
+    if technology not in ("visium_hd", "visium", "legacy_st"):
+        raise ConfigError(f"{model_path}: no virtual grid for {technology} units")
     image = Path(image) if image is not None else None
     if image is not None and not image.exists():
         raise InputError(image, "image not found")
@@ -460,6 +470,7 @@ def predict(
             thumbs,
             roi_um,
             max_bins,
+            technology,
         )
     work = prepare_unmeasured(
         slide,

@@ -563,3 +563,58 @@ def virtual_bins(
         microns_per_pixel=mpp,
         grid_shape=grid_shape,
     )
+
+
+#: spot arrays a virtual grid can be laid out as: centre-to-centre pitch (um) and layout
+SPOT_ARRAYS = {"visium": (100.0, "hexagonal"), "legacy_st": (200.0, "square")}
+
+
+def virtual_spots(
+    mask: TissueMask,
+    technology: str,
+    *,
+    origin_um: tuple[float, float] = (0.0, 0.0),
+    image_size_px: tuple[int, int] | None = None,
+) -> VirtualBins:
+    """The spots of a virtual Visium (hexagonal, 100 um pitch) or legacy ST (square, 200 um
+    pitch) array whose centre is inside the image and on tissue, row-major.
+
+    Spot ``(row, col)`` is centred at ``origin_um + (col * dx, row * dy)`` microns with, for
+    Visium, ``dx = 50`` and ``dy = 100 * sqrt(3) / 2`` and only columns of the row's parity
+    (Space Ranger's array numbering: neighbours in a row are two columns apart), for ST
+    ``dx = dy = 200``. Barcodes ``spot_<row>_<col>``. ``bin_um`` of the result is the
+    column step.
+    """
+    if technology not in SPOT_ARRAYS:
+        raise ConfigError(f"no virtual spot array for {technology!r}; known: {list(SPOT_ARRAYS)}")
+    pitch, layout = SPOT_ARRAYS[technology]
+    dx, dy = (pitch / 2, pitch * math.sqrt(3) / 2) if layout == "hexagonal" else (pitch, pitch)
+    ox, oy = (float(v) for v in origin_um)
+    width, height = mask.image_size_px if image_size_px is None else image_size_px
+    mpp = mask.microns_per_pixel
+    rows = np.arange(0, int(height * mpp / dy) + 1)
+    cols = np.arange(0, int(width * mpp / dx) + 1)
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    rr, cc = rr.ravel(), cc.ravel()
+    if layout == "hexagonal":
+        keep = (rr % 2) == (cc % 2)
+        rr, cc = rr[keep], cc[keep]
+    x = (ox + cc * dx) / mpp
+    y = (oy + rr * dy) / mpp
+    mh, mw = mask.mask.shape
+    mc = np.floor(x * mask.scale).astype(np.int64)
+    mr = np.floor(y * mask.scale).astype(np.int64)
+    inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+    inside &= (mc >= 0) & (mc < mw) & (mr >= 0) & (mr < mh)
+    on = np.zeros(len(x), bool)
+    on[inside] = mask.mask[mr[inside], mc[inside]]
+    rc = np.stack([rr[on], cc[on]], 1).astype(np.int64)
+    return VirtualBins(
+        centers_px=np.stack([x[on], y[on]], 1).astype(np.float64),
+        array_rc=rc,
+        barcodes=np.asarray([f"spot_{r}_{c}" for r, c in rc], dtype=object),
+        bin_um=dx,
+        origin_um=(ox, oy),
+        microns_per_pixel=mpp,
+        grid_shape=(len(rows), len(cols)),
+    )

@@ -63,14 +63,21 @@ def cmd_features(args: argparse.Namespace) -> int:
     )
     done = [j for j in result["jobs"] if j["status"] != "skipped"]
     skipped = len(result["jobs"]) - len(done)
+    dims = {
+        lv: sum(w for _, w in parts)
+        for lv, parts in ((result["encoder"].get("dense") or {}).get("blocks") or {}).items()
+    }
     for j in done:
-        print(
-            f"  {j['slide']}/{j['level']}: {j['rows']:,} x {result['encoder']['feature_dim']} "
-            f"({j['processed_rows']:,} encoded, {j['tiles_per_s']:.1f} tiles/s)"
-        )
+        dim = dims.get(j["level"], result["encoder"]["feature_dim"])
+        if "dense" in j:  # one pass over the slide's image tiles made every level
+            d = j["dense"]
+            how = f"{d['tiles']:,} image tiles, {d['megapixels']:.0f} Mpx in {d['seconds']:.1f} s"
+        else:
+            how = f"{j['processed_rows']:,} encoded, {j['tiles_per_s']:.1f} tiles/s"
+        print(f"  {j['slide']}/{j['level']}: {j['rows']:,} x {dim} ({how})")
     tiles = sum(j["processed_rows"] for j in done)
     print(
-        f"{result['path']}: {len(done)} slide/levels encoded ({tiles:,} tiles), {skipped} "
+        f"{result['path']}: {len(done)} slide/levels encoded ({tiles:,} units), {skipped} "
         f"already complete, in {time.perf_counter() - t0:.1f} s"
     )
     return 0
@@ -91,23 +98,30 @@ def _dense_config(args: argparse.Namespace) -> DenseConfig | None:
         )
         if v is not None
     ]
+    if args.input_px is not None and args.mode == "dense":
+        raise ConfigError(
+            "--input-px sets the patch size of --mode patches; dense features "
+            "read the slide at --dense-mpp"
+        )
     if args.mode != "dense":
         if given:
             raise ConfigError(f"{', '.join(given)} only apply with --mode dense")
         return None
     d = DenseConfig()
-    return DenseConfig(
-        mpp=d.mpp if args.dense_mpp is None else args.dense_mpp,
+    cfg = DenseConfig(
+        mpp=args.dense_mpp,
         tile_px=d.tile_px if args.dense_tile is None else args.dense_tile,
         margin_px=d.margin_px if args.dense_margin is None else args.dense_margin,
         strides=d.strides if args.dense_strides is None else tuple(args.dense_strides),
-        windows_um=d.windows_um if args.dense_windows is None else tuple(args.dense_windows),
-    ).check()
+        windows_um=None if args.dense_windows is None else tuple(args.dense_windows),
+    )
+    cfg.resolve("hd").check()  # bad values fail here, before the dataset is read
+    return cfg
 
 
 def add_dense_options(p: argparse.ArgumentParser) -> None:
     """The options of dense features (``magnet features``)."""
-    from magnet_st.dense import DenseConfig
+    from magnet_st.dense import PRESET_DEFAULTS, DenseConfig
 
     d = DenseConfig()
     g = p.add_argument_group(
@@ -120,16 +134,19 @@ def add_dense_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--mode",
         choices=["patches", "dense"],
-        default="patches",
-        help="patches: one encoder pass per unit's patch; dense: one pass per image tile, "
-        "pooled over each unit's footprint (much faster at Visium HD)",
+        default="dense",
+        help="dense: one encoder pass per image tile, pooled over each unit's footprint "
+        "(measured more accurate for ridge, MagNet and its ablation on synthetic HD and "
+        "her2st, and ~35x faster at HD; docs/results.md); patches: one pass per unit's "
+        "patch, as the MagNet paper",
     )
     g.add_argument(
         "--dense-mpp",
         type=float,
         default=None,
         metavar="UM",
-        help=f"working resolution, microns per pixel; default: {d.mpp:g}",
+        help="working resolution, microns per pixel; default: by the dataset's preset, "
+        + ", ".join(f"{p} {m:g}" for p, (m, _) in PRESET_DEFAULTS.items()),
     )
     g.add_argument(
         "--dense-tile",
@@ -160,8 +177,13 @@ def add_dense_options(p: argparse.ArgumentParser) -> None:
         nargs="*",
         default=None,
         metavar="UM",
-        help="also pool squares of these sizes (um) around every bin, appended to its "
-        "features, e.g. 300 600; default: none",
+        help="also pool squares of these sizes (um) around every unit of the target level, "
+        "appended to its features (none: give the option alone); default: by the dataset's "
+        "preset, "
+        + ", ".join(
+            f"{p} {' '.join(f'{w:g}' for w in ws) or 'none'}"
+            for p, (_, ws) in PRESET_DEFAULTS.items()
+        ),
     )
 
 
@@ -224,9 +246,9 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
         "--input-px",
         type=int,
         default=None,
-        help="feed tiles to the encoder at this edge in px instead of its default input size "
-        "(CNNs; e.g. 112 encodes 112 px bin patches unscaled, ~4x cheaper than 224); part of "
-        "the feature-set key; default: the encoder's",
+        help="--mode patches: feed tiles to the encoder at this edge in px instead of its "
+        "default input size (CNNs; e.g. 112 encodes 112 px bin patches unscaled, ~4x cheaper "
+        "than 224); part of the feature-set key; default: the encoder's",
     )
     p.add_argument(
         "--levels",

@@ -204,6 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         encoder=args.encoder,
         epochs=args.epochs,
         progress=not args.quiet,
+        mode=args.mode,
     )
     print()
     print(report.read_text())
@@ -239,5 +240,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "its weights are local)",
     )
     p.add_argument("--epochs", type=int, default=8, help="training epochs per fold and model")
+    p.add_argument(
+        "--mode",
+        choices=["dense", "patches"],
+        default="dense",
+        help="features: dense (one encoder pass per image tile, pooled over each unit's "
+        "footprint; measured best) or patches (one pass per unit's 112 px patch)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
