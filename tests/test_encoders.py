@@ -206,10 +206,40 @@ def test_missing_and_mismatched_weights(tmp_path: Path) -> None:
 def test_pretrained_download_offline_says_to_pass_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the cache only: timm's own error, explained
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(MagnetError, match="--weights PATH") as info:
         create_encoder("resnet18", pretrained=True)
     assert not isinstance(info.value, InputError)
+
+
+def test_an_unreachable_hub_fails_at_once_naming_the_offline_ways(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    import timm
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls = {"connect": 0, "create": 0}
+
+    def no_network(*args, **kwargs):
+        calls["connect"] += 1
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def create(*args, **kwargs):
+        calls["create"] += 1
+        raise AssertionError("timm would retry the download for a minute")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(timm, "create_model", create)
+    for name, pretrained in (("resnet18", True), ("hf-hub:MahmoodLab/uni", False)):
+        with pytest.raises(MagnetError, match="huggingface.co cannot be reached") as info:
+            create_encoder(name, pretrained=pretrained)
+        msg = str(info.value)
+        assert "--weights FILE" in msg and "efficientnet_lite0_imagenet" in msg
+        assert "HF_HUB_OFFLINE=1" in msg
+    assert calls == {"connect": 2, "create": 0}  # one check each, no download attempted
 
 
 def test_encoder_kwargs() -> None:

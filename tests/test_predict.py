@@ -286,6 +286,13 @@ def test_roi_bounds_the_grid_max_bins_stops_and_the_slide_is_read_once(
         grid_origin_um=(MARGIN_UM, MARGIN_UM), roi_um=roi, **opts,
     )  # fmt: skip
     assert reads["n"] == 1  # tissue mask, its overlay and every level's images: one read
+    slide = full.uns["magnet"]["slide"]
+    tiles = anndata.read_h5ad(res.files["spot"]).uns["spatial"][slide]
+    assert "images" not in tiles and tiles["metadata"]["images_in"] == "bins.h5ad"
+    assert set(anndata.read_h5ad(res.files["bin"]).uns["spatial"][slide]["images"]) == {
+        "hires",
+        "lowres",
+    }  # the images once, in the bins' file
     part = anndata.read_h5ad(res.files["bin"])
     inside = (um[:, 0] >= roi[0]) & (um[:, 0] < roi[2])
     assert part.n_obs == int(inside.sum()) and 0 < part.n_obs < full.n_obs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import anndata
@@ -325,6 +326,16 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
     f.write_text("tile = 3\n")
     with pytest.raises(InputError, match=r"p.toml: unknown settings \['tile'\]"):
         PrepareConfig.from_file(f)
+    for text, said in (
+        ('n_genes = "ten"', "n_genes = 'ten' should be int, not str"),
+        ("working_mpp = true", "working_mpp = True should be float | None, not bool"),
+        ('genes = ["A", 3]', "genes = ['A', 3] should be list[str] | None"),
+    ):
+        f.write_text(text + "\n")
+        with pytest.raises(InputError, match=re.escape(said)):
+            PrepareConfig.from_file(f)
+    f.write_text("working_mpp = 1\ngenes = []\n")  # an int where a float goes is fine
+    assert PrepareConfig.from_file(f).working_mpp == 1
 
 
 def test_tile_snapping_rule() -> None:

@@ -543,3 +543,26 @@ def test_error_unsupported_transformation(tmp_path: Path, kind: str) -> None:
 def test_error_no_shared_coordinate_system(tmp_path: Path) -> None:
     store, _ = small_store(tmp_path / "s.zarr", image_t=[identity("cyx", "other")])
     assert "share no coordinate system" in _error(store).problem
+
+
+def test_a_store_with_several_tables_takes_table(
+    tmp_path: Path, synthetic_slide: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, xy = small_store(tmp_path / "s.zarr")
+    tables = store / "tables"
+    (tables / "square_008um").rename(tables / "bins")
+    shutil.copytree(tables / "bins", tables / "cells")
+    assert main(["info", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert "2 tables; choose one" in err
+    assert main(["info", str(store), "--table", "bins", "--mpp", "0.5"]) == 0
+    assert "30" in capsys.readouterr().out  # the 6 x 5 bins
+    slide = read.SlideSpec(name="s", path=str(store), table="cells").load()
+    np.testing.assert_allclose(slide.centers_px, xy)
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text(f"name,path,table\ns,{store},bins\n")
+    (spec,) = read.specs_from_sheet(sheet)
+    assert spec.table == "bins" and spec.to_dict()["table"] == "bins"
+    assert "table" not in read.SlideSpec(name="t", path="x").to_dict()  # unset: not recorded
+    assert main(["info", str(synthetic_slide), "--table", "bins"]) == 2  # Space Ranger
+    assert "--table" in capsys.readouterr().err

@@ -8,6 +8,7 @@ which the next run removes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -70,3 +71,56 @@ def write_text(dest: str | Path, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(dest) as tmp:
         tmp.write_text(text)
+
+
+def new_memmap(path: str | Path, dtype: object, shape: tuple[int, ...]) -> object:
+    """A new ``.npy`` memory map whose blocks are reserved on disk first
+    (``posix_fallocate``), so that a full disk is one clear error here and never a bus
+    error (SIGBUS) later, when a page of a sparse file cannot be written."""
+    from numpy.lib.format import open_memmap
+
+    path = Path(path)
+    arr = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    size = path.stat().st_size
+    try:
+        if hasattr(os, "posix_fallocate") and size:
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as exc:
+        del arr
+        path.unlink(missing_ok=True)
+        raise no_space(path, size) if exc.errno == errno.ENOSPC else exc from None
+    return arr
+
+
+def no_space(path: str | Path, needed: int) -> Exception:
+    """The error for a write that does not fit: the device, what it needs and what is free."""
+    from magnet_st.errors import InputError
+
+    path = Path(path)
+    where = path.parent if not path.is_dir() else path
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = 0
+    return InputError(
+        path,
+        f"no space left on the device of {where} (needs ~{needed / 1e9:.2g} GB, "
+        f"{free / 1e9:.2g} GB free): free space or choose another folder",
+    )
+
+
+def check_free_space(folder: str | Path, needed: int, margin: float = 1.5) -> None:
+    """Refuse (one line) to write about ``needed`` bytes into ``folder`` when its device has
+    less than ``margin`` times that free: some writers (h5py) die by a signal on a full disk
+    instead of raising an error."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return
+    if free < needed * margin:
+        raise no_space(folder / "x", int(needed * margin))

@@ -40,6 +40,7 @@ from magnet_st.atomic import atomic_path, write_text
 from magnet_st.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
 from magnet_st.levels import LEVELS
+from magnet_st.lock import locked
 from magnet_st.metrics import BetweenGroupShare, StreamingEvaluation, chosen_epochs, summarize
 from magnet_st.modelfile import (
     aggregate_bins,
@@ -171,6 +172,7 @@ def top_variable(ds: Dataset, slides: list[str], genes: list[str], n: int = 50) 
     return np.argsort(-var, kind="stable")[:n]
 
 
+@locked("out", "magnet cv")
 def cross_validate(
     dataset: str | Path,
     out: str | Path,
@@ -579,9 +581,9 @@ def _trained(ds, train, val, genes, targets, cfg, folder: Path, progress) -> tup
 
 
 def torch_payload(path: Path) -> dict:
-    import torch
+    from magnet_st import torchfile
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torchfile.load(path, "model file")
 
 
 def _reader(ds, cfg: TrainConfig, slides):

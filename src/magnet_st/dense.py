@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from magnet_st.atomic import write_text
+from magnet_st.atomic import new_memmap, write_text
 from magnet_st.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -597,7 +597,7 @@ def extract_slide(
         shape = (job.n, dims[lv])
         part = paths[lv]["partial"]
         ok = resume and part.is_file() and np.load(part, mmap_mode="r").shape == shape
-        arrays[lv] = open_memmap(part, mode="r+" if ok else "w+", dtype=np.float16, shape=shape)
+        arrays[lv] = open_memmap(part, mode="r+") if ok else new_memmap(part, np.float16, shape)
         outs[lv] = _Rows(arrays[lv], base, slide, lv)
     block_file = d / "dense.blocks.partial.npy"
     grid = None
@@ -609,8 +609,10 @@ def extract_slide(
         levels["_blocks"] = Footprints(ctr, np.full(len(ctr), bpx / 2), SQUARE)
         ok = resume and block_file.is_file()
         ok = ok and np.load(block_file, mmap_mode="r").shape == (len(ctr), base)
-        arrays["_blocks"] = open_memmap(
-            block_file, mode="r+" if ok else "w+", dtype=np.float32, shape=(len(ctr), base)
+        arrays["_blocks"] = (
+            open_memmap(block_file, mode="r+")
+            if ok
+            else new_memmap(block_file, np.float32, (len(ctr), base))
         )
         outs["_blocks"] = _Rows(arrays["_blocks"], base, slide, "blocks", check=False)
     start = prog.get("next_row") if resume else None

@@ -85,6 +85,7 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,13 +398,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as exc:
             raise InputError(p, f"cannot read safetensors weights: {exc}") from exc
     else:
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            short = " ".join(str(exc).split())[:300]
-            raise InputError(
-                p, f"cannot read weights (expected a torch.save'd state dict): {short}"
-            ) from exc
+        from magnet_st import torchfile
+
+        obj = torchfile.load(p, "weights (expected a torch.save'd state dict)")
     for _ in range(3):  # unwrap {"state_dict": {...}} style checkpoints
         if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = next((obj[k] for k in _CHECKPOINT_KEYS if isinstance(obj.get(k), dict)), None)
@@ -548,6 +545,8 @@ def _create_timm(
     args: dict[str, Any] = dict(kwargs)
     if num_classes is not None:
         args["num_classes"] = num_classes
+    if (pretrained or name.startswith(("hf-hub:", "hf_hub:"))) and not _offline_mode():
+        _check_hub_reachable(name, pretrained)  # one quick check, not a minute of retries
     try:
         if seed is None:
             return timm.create_model(name, pretrained=pretrained, **args)
@@ -562,6 +561,32 @@ def _create_timm(
         if (pretrained or is_hub) and _looks_like_download_error(exc):
             raise _hub_error(name, exc, pretrained) from exc
         raise MagnetError(f"cannot create encoder {name!r}: {exc}") from exc
+
+
+HUB_HOST = "huggingface.co"
+
+
+def _offline_mode() -> bool:
+    """Whether the user asked for the local Hugging Face cache only (``HF_HUB_OFFLINE``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _check_hub_reachable(name: str, pretrained: bool, timeout: float = 3.0) -> None:
+    """Fail at once, with the offline alternatives, when the hub cannot be reached (timm
+    would retry for about a minute, with a warning per retry, before failing)."""
+    import socket
+
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+    except OSError as exc:
+        what = "pretrained weights" if pretrained else "the model"
+        raise MagnetError(
+            f"encoder {name!r}: {HUB_HOST} cannot be reached ({exc.__class__.__name__}: "
+            f"{exc}), so timm cannot download {what}. Offline: --weights FILE (a saved "
+            "state dict of the same architecture), --encoder efficientnet_lite0_imagenet "
+            "(ImageNet weights installed with the package), or HF_HUB_OFFLINE=1 to use the "
+            "local Hugging Face cache if it was downloaded before"
+        ) from None
 
 
 def _looks_like_download_error(exc: BaseException) -> bool:

@@ -46,3 +46,35 @@ def check_name(name: str, what: str = "slide name", where: str | Path | None = N
         message = f"{what} {text!r} {problem}: a name is not a path"
         raise InputError(where, message) if where is not None else ConfigError(message)
     return text
+
+
+_OURS = ("MagnetError", "InputError", "ConfigError")
+
+
+def from_worker(exc: BaseException) -> MagnetError | None:
+    """The error a DataLoader worker process raised, when it was one of ours.
+
+    torch re-raises a worker's exception in the main process as a ``RuntimeError`` (ours
+    take two arguments, so it cannot rebuild them) whose message is the worker's whole
+    traceback; this returns a :class:`MagnetError` with the worker's own one-line message,
+    or ``None`` for anything else."""
+    import re
+
+    text = str(exc)
+    head = re.match(r"Caught (\w+) in DataLoader worker process \d+", text)
+    if head is None or head.group(1) not in _OURS + tuple(c.__name__ for c in _subclasses()):
+        return None
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    message = re.sub(r"^[\w.]+Error: ", "", last.strip())
+    err = MagnetError(message)
+    err.__cause__ = exc
+    return err
+
+
+def _subclasses() -> list[type]:
+    out, todo = [], [MagnetError]
+    while todo:
+        c = todo.pop()
+        out.append(c)
+        todo += c.__subclasses__()
+    return out

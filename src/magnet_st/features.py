@@ -63,9 +63,10 @@ from typing import Any
 import numpy as np
 
 from magnet_st import patches
-from magnet_st.atomic import write_text
+from magnet_st.atomic import new_memmap, write_text
 from magnet_st.errors import ConfigError, InputError, MagnetError
 from magnet_st.levels import LEVELS
+from magnet_st.lock import locked
 from magnet_st.provenance import package_versions
 
 log = logging.getLogger(__name__)
@@ -456,7 +457,7 @@ def _run_job(
     if out is None:
         p["progress"].unlink(missing_ok=True)
         p["partial"].unlink(missing_ok=True)
-        out = np.lib.format.open_memmap(p["partial"], mode="w+", dtype=DTYPE, shape=(job.n, dim))
+        out = new_memmap(p["partial"], DTYPE, (job.n, dim))
         done = 0
     resumed = done
     if resumed:
@@ -704,6 +705,7 @@ def _device_list(device: Any, devices: int) -> list[str]:
     return [f"cuda:{i}" for i in range(min(devices, have))]
 
 
+@locked("dataset_path", "magnet features")
 def extract_features(
     dataset_path: str | Path,
     encoder_name: str = "resnet50",

@@ -118,13 +118,15 @@ def check_schema(path: Path, payload: dict) -> None:
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """The model (eval mode) and the rest of the model file."""
+    from magnet_st import torchfile
+
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "model file not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for foreign files
-        raise InputError(path, f"not a magnet-st model file ({exc})") from exc
+        payload = torchfile.load(path, "it")
+    except InputError as exc:
+        raise InputError(path, f"not a magnet-st model file ({exc.problem})") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise InputError(path, "not a magnet-st model file")
     check_schema(path, payload)

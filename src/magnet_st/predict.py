@@ -19,7 +19,9 @@ spot tile and region tile. Outputs in ``OUT/``:
   says which); ``obsm["spatial"]`` in full-resolution pixels; ``uns["spatial"][<slide>]`` with a
   downsampled image and scalefactors, so ``scanpy.pl.spatial(adata, color=gene)`` draws it
   unchanged; ``layers["measured"]`` (the counts on the same scale) with ``--spaceranger``.
-* ``spot_tiles.h5ad`` and ``region_tiles.h5ad``: the same for the coarser levels.
+* ``spot_tiles.h5ad`` and ``region_tiles.h5ad``: the same for the coarser levels; their
+  ``uns["spatial"]`` holds the scale factors, the images are kept once, in ``bins.h5ad``
+  (``metadata["images_in"]``).
 * ``prediction.zarr`` (with ``spatialdata=True``): all three levels as one SpatialData store
   (``spatialdata.read_zarr``): tables, square shapes and the downsampled images; see
   :mod:`magnet_st.export`.
@@ -44,6 +46,7 @@ import scipy.sparse as sp
 
 from magnet_st.atomic import atomic_path, write_text
 from magnet_st.errors import ConfigError, InputError, MagnetError, check_name
+from magnet_st.lock import locked
 from magnet_st.targets import TargetTransform, per_10k_rows
 
 log = logging.getLogger(__name__)
@@ -355,6 +358,7 @@ def _encoder_args(payload: dict, weights: str | Path | None, model_path: Path) -
     }
 
 
+@locked("out", "magnet predict")
 def predict(
     model_path: str | Path,
     out: str | Path,
@@ -536,6 +540,11 @@ def predict(
         ad.uns["magnet"]["scale"] = bin_target.scale
         size = unit_um if lv == "bin" else ds.patch_um(lv)
         ad.uns["spatial"] = spatial_uns(img, slide.name, size, slide.microns_per_pixel)
+        if lv != "bin":  # the images once, in the bins' file (and the SpatialData store)
+            lib = ad.uns["spatial"][slide.name]
+            del lib["images"]
+            suffix = ".zarr" if zarr else ".h5ad"
+            lib["metadata"]["images_in"] = f"{LEVEL_FILES['bin']}{suffix}"
         if lv == "bin" and measured is not None:
             ad.layers["measured"] = measured[0]
             ad.var["measured"] = measured[1]

@@ -54,10 +54,11 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from magnet_st.atomic import atomic_path, clean_stale, write_text
+from magnet_st.atomic import atomic_path, check_free_space, clean_stale, write_text
 from magnet_st.errors import ConfigError, InputError
 from magnet_st.graph import knn_adjacency
 from magnet_st.levels import LEVELS
+from magnet_st.lock import locked
 from magnet_st.panel import gene_columns, select_panel, usable_genes
 from magnet_st.provenance import package_versions
 from magnet_st.read.specs import SlideSpec
@@ -112,6 +113,25 @@ def preset_for(technology: str, unit_size_um: float | None = None) -> str:
     return "visium" if unit_size_um <= 75 else "legacy_st"
 
 
+def _of_type(value: Any, annotation: str) -> bool:
+    """Whether a config file's value fits a field annotated ``annotation`` (``int``,
+    ``float | None``, ``list[str] | None``, ...)."""
+    for kind in (a.strip() for a in annotation.split("|")):
+        if kind == "None" and value is None:
+            return True
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if kind == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+            return True
+        if kind == "str" and isinstance(value, str):
+            return True
+        if kind == "bool" and isinstance(value, bool):
+            return True
+        if kind.startswith("list[") and isinstance(value, list):
+            return all(_of_type(v, kind[5:-1]) for v in value)
+    return False
+
+
 @dataclass
 class PrepareConfig:
     """Settings of ``magnet prepare``. ``None`` sizes come from the preset.
@@ -148,6 +168,13 @@ class PrepareConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(path, f"unknown settings {unknown}; known: {sorted(known)}")
+        for f in fields(cls):  # a value of the wrong type: one line naming it, here
+            if f.name in data and not _of_type(data[f.name], str(f.type)):
+                raise InputError(
+                    path,
+                    f"setting {f.name} = {data[f.name]!r} should be {f.type}, not "
+                    f"{type(data[f.name]).__name__}",
+                )
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
 
@@ -589,6 +616,18 @@ def _config_key(cfg: PrepareConfig) -> dict:
     }
 
 
+def _written_bytes(levels: dict[str, Any]) -> int:
+    """About what writing ``levels`` as .h5ad takes: the count matrices (value + index per
+    stored count), obs and obsm."""
+    total = 0
+    for ad in levels.values():
+        x = ad.X
+        nnz = int(x.nnz) if hasattr(x, "nnz") else int(np.prod(x.shape))
+        total += nnz * 12 + ad.n_obs * (64 + 8 * max(1, len(ad.obs.columns)))
+    return total
+
+
+@locked("out", "magnet prepare")
 def prepare(
     specs: list[SlideSpec],
     out: str | Path,
@@ -718,6 +757,7 @@ def prepare(
                 "n": {name: int(ad.n_obs) for name, ad in levels.items()},
             }
             (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new one is written
+            check_free_space(out, _written_bytes(levels))  # h5py on a full disk may segfault
             with atomic_path(out / rel) as tmp:
                 tmp.mkdir()
                 for name, ad in levels.items():

@@ -24,7 +24,8 @@ import torch
 from magnet_st.atomic import write_text
 from magnet_st.batching import BlockDataset, SlideArrays
 from magnet_st.dataset import Dataset
-from magnet_st.errors import ConfigError
+from magnet_st.errors import ConfigError, InputError
+from magnet_st.lock import locked
 from magnet_st.losses import CONSISTENCY_FORMS, PCC_AXES, LossWeights, magnet_loss
 from magnet_st.metrics import GenePearson
 from magnet_st.model import MagNetConfig, create_model
@@ -502,6 +503,7 @@ class _History(L.Callback):
         self.rows = json.loads(state_dict["rows"])
 
 
+@locked("out", "magnet train")
 def fit(
     ds: Dataset,
     train_slides: list[str],
@@ -525,6 +527,13 @@ def fit(
     if not log.isEnabledFor(logging.INFO):  # Lightning's own INFO chatter only with -v
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    if resume is not None:  # one of our checkpoints, said before anything is written
+        from magnet_st import torchfile
+
+        state = torchfile.load(resume, "checkpoint to resume from")
+        if not isinstance(state, dict) or not {"state_dict", "epoch"} <= set(state):
+            raise InputError(resume, "not a training checkpoint (checkpoints/last.ckpt of a run)")
+        del state
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if resume is None:  # a fresh run: checkpoints of an earlier (killed) one are not its own

@@ -571,8 +571,10 @@ class NeuralBaseline:
 
     @classmethod
     def load(cls, path: str | Path) -> NeuralBaseline:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if payload.get("format") != FORMAT:
+        from magnet_st import torchfile
+
+        payload = torchfile.load(path, "baseline checkpoint")
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise InputError(path, "not a magnet-st baseline checkpoint")
         kind = NEURAL_BASELINES.get(payload["name"])
         if kind is None or (cls is not NeuralBaseline and kind is not cls):

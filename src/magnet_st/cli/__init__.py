@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import traceback
 import warnings
@@ -28,7 +29,7 @@ from magnet_st.cli._training import _OPTION_DEFAULTS as _OPTION_DEFAULTS
 from magnet_st.cli._training import _PAPER_PRESETS as _PAPER_PRESETS
 from magnet_st.cli._training import _add_benchmark, _add_cv, _add_train
 from magnet_st.cli._training import _train_config as _train_config
-from magnet_st.errors import MagnetError
+from magnet_st.errors import MagnetError, from_worker
 
 __all__ = ["build_parser", "cli_reference", "main"]
 
@@ -132,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if hasattr(signal, "SIGXFSZ"):  # past 'ulimit -f' a write fails (EFBIG), not the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return int(args.func(args) or 0)
     except MagnetError as exc:
@@ -140,17 +143,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"magnet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        said = _write_error(exc)
+        if said is None:
+            return _unexpected(args, exc)
+        print(f"magnet {args.command}: error: {said}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug or an unforeseen failure: one line, no traceback
-        if args.verbose:
-            traceback.print_exc()
-            print(f"magnet {args.command}: unexpected error: {_one_line(exc)}", file=sys.stderr)
-        else:
-            print(
-                f"magnet {args.command}: unexpected error: {_one_line(exc)} "
-                "(run with -v for the traceback)",
-                file=sys.stderr,
-            )
-        return 1
+        ours = from_worker(exc)  # one of our errors, raised in a DataLoader worker
+        if ours is not None:
+            print(f"magnet {args.command}: error: {ours}", file=sys.stderr)
+            return 2
+        return _unexpected(args, exc)
+
+
+def _unexpected(args: argparse.Namespace, exc: BaseException) -> int:
+    if args.verbose:
+        traceback.print_exc()
+        print(f"magnet {args.command}: unexpected error: {_one_line(exc)}", file=sys.stderr)
+    else:
+        print(
+            f"magnet {args.command}: unexpected error: {_one_line(exc)} "
+            "(run with -v for the traceback)",
+            file=sys.stderr,
+        )
+    return 1
+
+
+def _write_error(exc: OSError) -> str | None:
+    """One line for a write that the disk, the file system or the shell's limits refused
+    (full, read-only, a file where a folder goes, ulimit -f), else None."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno == errno.ENOSPC or "No space left on device" in str(exc):
+        return f"no space left on device{where}: free space or choose another folder"
+    if exc.errno == errno.EFBIG or "File too large" in str(exc):
+        return f"file too large for this shell's file size limit (ulimit -f){where}"
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and exc.filename:
+        return f"{exc.filename}: a file is in the way of a folder this command writes"
+    if exc.errno in (errno.EROFS, errno.EACCES):
+        return f"cannot write{where}: {exc.strerror} (a read-only or protected folder?)"
+    return None
 
 
 if __name__ == "__main__":

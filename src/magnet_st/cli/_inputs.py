@@ -59,6 +59,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             spot_pitch_um=args.spot_pitch,
             unit_size_um=args.unit_size,
             sections=args.section,
+            table=args.table,
         )
         for slide in slides:
             summaries.append(slide.summary())
@@ -149,6 +150,14 @@ def _add_unit_options(p: argparse.ArgumentParser, rows: str = "") -> None:
         "(.h5ad), the square_XXXum table's bin or 55 (Visium circles) (SpatialData), 100 "
         "(legacy ST)" + rows,
     )
+    p.add_argument(
+        "--table",
+        default=None,
+        metavar="NAME",
+        help="SpatialData: the table of units, when the store holds several (e.g. a cell "
+        "table beside the bins); default: the square_XXXum table of --bin-size, or the only "
+        "table" + rows,
+    )
 
 
 # -- prepare ---------------------------------------------------------------------------------
@@ -167,6 +176,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                 mpp=s.mpp or args.mpp,
                 spot_pitch_um=s.spot_pitch_um or args.spot_pitch,
                 unit_size_um=s.unit_size_um or args.unit_size,
+                table=s.table or args.table,
             )
             for s in read.specs_from_sheet(args.samples)
         ]
@@ -178,6 +188,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             bin_size=args.bin_size,
             spot_pitch_um=args.spot_pitch,
             unit_size_um=args.unit_size,
+            table=args.table,
         )
     specs = read.specs.check_unique(specs)
     if not specs:

@@ -80,6 +80,7 @@ def auto(
     unit_size_um: float | None = None,
     sections: list[str] | None = None,
     with_image: bool = True,
+    table: str | None = None,
 ) -> list[Slide]:
     """Read every slide at ``path`` whatever its format.
 
@@ -88,12 +89,14 @@ def auto(
     (default: all). ``spot_pitch_um`` (legacy ST: microns between neighbouring array
     positions) and ``unit_size_um`` (.h5ad, SpatialData and legacy ST: bin edge or spot
     diameter) override what the reader derives; Space Ranger inputs state both, so they
-    are refused there. For a SpatialData store, ``image`` names one of its image elements.
+    are refused there. For a SpatialData store, ``image`` names one of its image elements
+    and ``table`` the table of units (default: the ``square_XXXum`` table of
+    ``bin_size_um``, or the only one).
     """
     path = Path(path)
     fmt = detect_format(path)
-    given = {"--spot-pitch": spot_pitch_um, "--unit-size": unit_size_um}
-    allowed = {"h5ad": ("--unit-size",), "spatialdata": ("--unit-size",)}
+    given = {"--spot-pitch": spot_pitch_um, "--unit-size": unit_size_um, "--table": table}
+    allowed = {"h5ad": ("--unit-size",), "spatialdata": ("--unit-size", "--table")}
     allowed |= {"legacy_st": tuple(given), "her2st": tuple(given)}
     wrong = [k for k, v in given.items() if v is not None and k not in allowed.get(fmt, ())]
     if wrong:
@@ -101,7 +104,7 @@ def auto(
             path,
             f"{' and '.join(wrong)} given for a {fmt} input, which states its own unit size "
             "and scale (--spot-pitch is for legacy ST; --unit-size for legacy ST, .h5ad and "
-            "SpatialData)",
+            "SpatialData; --table for SpatialData)",
         )
     legacy = {"spot_pitch_um": spot_pitch_um, "unit_size_um": unit_size_um}
     if fmt == "visium_hd":
@@ -117,7 +120,7 @@ def auto(
         return [
             spatialdata_zarr(
                 path,
-                bin_size_um,
+                table if table is not None else bin_size_um,
                 image,
                 microns_per_pixel=microns_per_pixel,
                 unit_size_um=unit_size_um,

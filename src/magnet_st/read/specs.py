@@ -18,7 +18,8 @@ class SlideSpec:
     ``spot_pitch_um`` (legacy ST: microns between neighbouring array positions) and
     ``unit_size_um`` (AnnData, SpatialData and legacy ST: bin edge or spot diameter)
     override what the reader would derive. For a SpatialData store, ``bin_size`` picks its
-    ``square_XXXum`` table and ``image`` names one of its image elements."""
+    ``square_XXXum`` table (``table``: any table by name) and ``image`` names one of its
+    image elements."""
 
     name: str
     path: str
@@ -28,13 +29,14 @@ class SlideSpec:
     section: str | None = None
     spot_pitch_um: float | None = None
     unit_size_um: float | None = None
+    table: str | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name, "slide name", self.path)  # names become folder names
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in _OPTIONAL:  # unset: as recorded before these existed (no needless rebuild)
+        for key in _RECORDED_IF_SET:  # unset: as recorded before these existed (no rebuild)
             if d[key] is None:
                 del d[key]
         return d
@@ -51,12 +53,14 @@ class SlideSpec:
             unit_size_um=self.unit_size_um,
             sections=[self.section] if self.section else None,
             with_image=with_image,
+            table=self.table,
         )
         slide.name = self.name
         return slide
 
 
 _OPTIONAL = ("spot_pitch_um", "unit_size_um")
+_RECORDED_IF_SET = (*_OPTIONAL, "table")
 
 
 def specs_from_paths(
@@ -67,6 +71,7 @@ def specs_from_paths(
     bin_size: int | None = None,
     spot_pitch_um: float | None = None,
     unit_size_um: float | None = None,
+    table: str | None = None,
 ) -> list[SlideSpec]:
     """One spec per slide found at ``paths`` (a her2st folder gives one per section)."""
     from magnet_st.read import detect_format, her2st_sections
@@ -106,6 +111,7 @@ def specs_from_paths(
                 bin_size=bin_size,
                 spot_pitch_um=spot_pitch_um,
                 unit_size_um=unit_size_um,
+                table=table,
             )
         )
     return check_unique(specs)
@@ -120,6 +126,7 @@ SHEET_COLUMNS = (
     "section",
     "spot_pitch_um",
     "unit_size_um",
+    "table",
 )
 
 
@@ -131,7 +138,7 @@ def table_sep(path: Path) -> str:
 
 def specs_from_sheet(sheet: str | Path) -> list[SlideSpec]:
     """Read a sample sheet (CSV, or TSV by extension) with columns ``name, path`` and optionally
-    ``image, mpp, bin_size, section, spot_pitch_um, unit_size_um``. Relative paths are
+    ``image, mpp, bin_size, section, spot_pitch_um, unit_size_um, table``. Relative paths are
     relative to the sheet's folder."""
     sheet = Path(sheet)
     if not sheet.is_file():
@@ -175,6 +182,7 @@ def specs_from_sheet(sheet: str | Path) -> list[SlideSpec]:
                 mpp=mpp,
                 bin_size=bin_size,
                 section=row.get("section") or None,
+                table=row.get("table") or None,
                 **sizes,
             )
         )
