@@ -82,3 +82,17 @@ def test_a_write_that_cannot_fit_is_refused_before_it_starts(
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 5000, 5000))
     with pytest.raises(InputError, match=r"no space left .*needs ~1\.5e-05 GB, 5e-06 GB free"):
         check_free_space(tmp_path / "out", 10_000)
+
+
+def test_refusals_before_work_leave_no_folder(tmp_path: Path) -> None:
+    from magnet_st.errors import ConfigError
+    from magnet_st.prepare import prepare
+    from magnet_st.read.specs import SlideSpec
+    from magnet_st.train import TrainConfig, fit
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match="afile: is a file, where the output folder"):
+        prepare([SlideSpec(name="s", path="nowhere")], tmp_path / "afile" / "ds")
+    with pytest.raises(ConfigError, match="given twice"):  # roles checked before out is made
+        fit(None, ["s"], ["s"], TrainConfig(features="x"), tmp_path / "t")  # type: ignore[arg-type]
+    assert not (tmp_path / "t").exists()

@@ -213,6 +213,12 @@ def test_errors(trained: dict, tmp_path: Path) -> None:
         predict(trained["model"], tmp_path / "o4", image=png, mpp=2.0, progress=False)
     with pytest.raises(InputError, match="image not found"):
         predict(trained["model"], tmp_path / "o5", image=tmp_path / "nope.tif", progress=False)
+    src = trained["new"] / "he_fullres.tif"  # a truncated image: one line, no output folder
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size // 3])
+    with pytest.raises(InputError, match="cut.tif: cannot decode"):
+        predict(trained["model"], tmp_path / "o8", image=cut, mpp=0.2738, progress=False)
+    assert not (tmp_path / "o8").exists()
     # a Space Ranger run (not a synthetic one) without --image
     import shutil
 

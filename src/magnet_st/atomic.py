@@ -124,3 +124,17 @@ def check_free_space(folder: str | Path, needed: int, margin: float = 1.5) -> No
         return
     if free < needed * margin:
         raise no_space(folder / "x", int(needed * margin))
+
+
+def check_out_folder(out: str | Path) -> Path:
+    """``out`` as a folder this command may create or fill: an :class:`InputError` at once
+    when it, or a folder above it, is a file."""
+    from magnet_st.errors import InputError
+
+    out = Path(out)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise InputError(p, f"is a file, where the output folder {out} should go")
+            break
+    return out

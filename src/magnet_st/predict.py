@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from magnet_st.atomic import atomic_path, write_text
+from magnet_st.atomic import atomic_path, check_out_folder, write_text
 from magnet_st.errors import ConfigError, InputError, MagnetError, check_name
 from magnet_st.lock import locked
 from magnet_st.targets import TargetTransform, per_10k_rows
@@ -184,6 +184,7 @@ def _image_only_slide(
             "--max-bins",
         )
     thumb, _ = img.thumbnail(max(mask.mask.shape))
+    out.mkdir(parents=True, exist_ok=True)
     mask.save_png(out / "tissue_mask.png", thumbnail=thumb)
     log.info(
         "%s: tissue on %.1f%% of the image; %d virtual %g um bins",
@@ -444,8 +445,9 @@ def predict(
             raise ConfigError(f"--roi must be X0 Y0 X1 Y1 with X0 < X1 and Y0 < Y1, got {roi_um}")
     if max_bins is not None and int(max_bins) < 1:
         raise ConfigError(f"--max-bins must be >= 1, got {max_bins}")
-    out = Path(out)  # made once the inputs are checked: a refused run leaves no folder
-    out.mkdir(parents=True, exist_ok=True)
+    # made when the first file is written: a refused run, or an image that cannot be
+    # read, leaves no folder
+    out = check_out_folder(out)
     seconds: dict[str, float] = {}
     bin_target = TargetTransform.from_dict(payload["targets"]["bin"])
     per_10k = bin_target.per_10k

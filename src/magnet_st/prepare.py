@@ -54,7 +54,13 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from magnet_st.atomic import atomic_path, check_free_space, clean_stale, write_text
+from magnet_st.atomic import (
+    atomic_path,
+    check_free_space,
+    check_out_folder,
+    clean_stale,
+    write_text,
+)
 from magnet_st.errors import ConfigError, InputError
 from magnet_st.graph import knn_adjacency
 from magnet_st.levels import LEVELS
@@ -651,6 +657,7 @@ def prepare(
     inputs writes nothing. The manifest is removed while work is in progress and written
     last, so an interrupted run never leaves a dataset that looks complete.
     """
+    check_out_folder(out)
     out = Path(out)
     old = _read_manifest(out)
     if add:

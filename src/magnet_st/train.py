@@ -527,6 +527,13 @@ def fit(
     if not log.isEnabledFor(logging.INFO):  # Lightning's own INFO chatter only with -v
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    both = sorted(set(train_slides) & set(val_slides))
+    if both or len(set(train_slides)) < len(train_slides):
+        twice = both or sorted({s for s in train_slides if list(train_slides).count(s) > 1})
+        raise ConfigError(
+            f"slides {twice} are given twice (training and validation, or twice for "
+            "training): each slide has one role"
+        )
     if resume is not None:  # one of our checkpoints, said before anything is written
         from magnet_st import torchfile
 
@@ -555,13 +562,6 @@ def fit(
         )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     bin_feats = cfg.bin_encoder == "frozen"
-    both = sorted(set(train_slides) & set(val_slides))
-    if both or len(set(train_slides)) < len(train_slides):
-        twice = both or sorted({s for s in train_slides if list(train_slides).count(s) > 1})
-        raise ConfigError(
-            f"slides {twice} are given twice (training and validation, or twice for "
-            "training): each slide has one role"
-        )
     if bin_feats and cfg.bin_weights is not None:
         raise ConfigError("bin_weights (--bin-weights) needs an end-to-end bin encoder")
     check_bin_start(cfg)

@@ -112,6 +112,8 @@ _QUIET_MODULES = (
 
 
 def _silence_third_party_warnings() -> None:
+    # tifffile logs a warning per damaged page; the reader's own error says what is wrong
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
     if sys.warnoptions:  # the user chose with -W or PYTHONWARNINGS: leave it to them
         return
     for category in (FutureWarning, DeprecationWarning):
