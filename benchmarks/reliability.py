@@ -210,7 +210,10 @@ def run(work: Path) -> list[dict]:
         lines = [
             line
             for line in res.stderr.splitlines()
-            if line.strip() and "\r" not in line and not line.startswith(("usage:", " "))
+            if line.strip()
+            and "\r" not in line
+            and "%|" not in line
+            and not line.startswith(("usage:", " "))
         ]
         last = lines[-1] if lines else ""
         left = [p for p in case.must_not_exist if (work / p).exists()]

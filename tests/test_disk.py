@@ -96,3 +96,18 @@ def test_refusals_before_work_leave_no_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="given twice"):  # roles checked before out is made
         fit(None, ["s"], ["s"], TrainConfig(features="x"), tmp_path / "t")  # type: ignore[arg-type]
     assert not (tmp_path / "t").exists()
+
+
+def test_a_file_beyond_the_shells_size_limit_is_refused_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import resource
+
+    from magnet_st.atomic import check_free_space
+
+    monkeypatch.setattr(resource, "getrlimit", lambda r: (65536, resource.RLIM_INFINITY))
+    check_free_space(tmp_path, 10_000, largest_file=10_000)  # fits under 64 KB
+    with pytest.raises(
+        InputError, match=r"file of ~0\.3 MB .* file size limit \(0\.0655 MB; ulimit -f\)"
+    ):
+        check_free_space(tmp_path, 200_000, largest_file=200_000)

@@ -110,11 +110,25 @@ def no_space(path: str | Path, needed: int) -> Exception:
     )
 
 
-def check_free_space(folder: str | Path, needed: int, margin: float = 1.5) -> None:
+def check_free_space(
+    folder: str | Path, needed: int, margin: float = 1.5, largest_file: int | None = None
+) -> None:
     """Refuse (one line) to write about ``needed`` bytes into ``folder`` when its device has
-    less than ``margin`` times that free: some writers (h5py) die by a signal on a full disk
-    instead of raising an error."""
+    less than ``margin`` times that free, or when ``largest_file`` bytes (times ``margin``)
+    exceed the shell's file size limit (``ulimit -f``): some writers (h5py) die by a signal,
+    or flood the terminal, when a write fails half-way."""
+    import resource
+
     folder = Path(folder)
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if largest_file and soft != resource.RLIM_INFINITY and largest_file * margin > soft:
+        from magnet_st.errors import InputError
+
+        raise InputError(
+            folder,
+            f"a file of ~{largest_file * margin / 1e6:.3g} MB is to be written, beyond this "
+            f"shell's file size limit ({soft / 1e6:.3g} MB; ulimit -f): raise the limit",
+        )
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

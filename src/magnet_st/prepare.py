@@ -622,15 +622,15 @@ def _config_key(cfg: PrepareConfig) -> dict:
     }
 
 
-def _written_bytes(levels: dict[str, Any]) -> int:
-    """About what writing ``levels`` as .h5ad takes: the count matrices (value + index per
-    stored count), obs and obsm."""
-    total = 0
+def _written_bytes(levels: dict[str, Any]) -> list[int]:
+    """About what writing each of ``levels`` as .h5ad takes: the count matrix (value +
+    index per stored count), obs and obsm, plus the file's own overhead."""
+    sizes = []
     for ad in levels.values():
         x = ad.X
         nnz = int(x.nnz) if hasattr(x, "nnz") else int(np.prod(x.shape))
-        total += nnz * 12 + ad.n_obs * (64 + 8 * max(1, len(ad.obs.columns)))
-    return total
+        sizes.append(nnz * 12 + ad.n_obs * (64 + 8 * max(1, len(ad.obs.columns))) + 65536)
+    return sizes
 
 
 @locked("out", "magnet prepare")
@@ -764,7 +764,8 @@ def prepare(
                 "n": {name: int(ad.n_obs) for name, ad in levels.items()},
             }
             (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new one is written
-            check_free_space(out, _written_bytes(levels))  # h5py on a full disk may segfault
+            sizes = _written_bytes(levels)  # h5py may segfault when a write fails half-way
+            check_free_space(out, sum(sizes), largest_file=max(sizes))
             with atomic_path(out / rel) as tmp:
                 tmp.mkdir()
                 for name, ad in levels.items():

@@ -11,7 +11,9 @@ assembles the parser and runs a command with the error handling every command sh
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -127,8 +129,17 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
+def _quiet_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """h5py objects of a file that could not be written report their failed cleanup as
+    'Exception ignored' tracebacks; the command's own line says what went wrong."""
+    if "file write failed" in str(unraisable.exc_value):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _silence_third_party_warnings()
+    sys.unraisablehook = _quiet_unraisable
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
@@ -150,6 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if said is None:
             return _unexpected(args, exc)
         print(f"magnet {args.command}: error: {said}", file=sys.stderr)
+        if exc.errno in (errno.ENOSPC, errno.EFBIG) and argv is None:
+            # HDF5 objects whose file could not be written crash the interpreter's teardown
+            # (SIGSEGV after the message): leave at once, the message said it all
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(2)
         return 2
     except Exception as exc:  # a bug or an unforeseen failure: one line, no traceback
         ours = from_worker(exc)  # one of our errors, raised in a DataLoader worker
