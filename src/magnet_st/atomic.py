@@ -93,12 +93,14 @@ def new_memmap(path: str | Path, dtype: object, shape: tuple[int, ...]) -> objec
     return arr
 
 
-def no_space(path: str | Path, needed: int) -> Exception:
-    """The error for a write that does not fit: the device, what it needs and what is free."""
+def no_space(path: str | Path, needed: int, where: Path | None = None) -> Exception:
+    """The error for a write that does not fit: the device, what it needs and what is free
+    (``where``: the folder whose device it is; default: ``path``'s folder)."""
     from magnet_st.errors import InputError
 
     path = Path(path)
-    where = path.parent if not path.is_dir() else path
+    if where is None:
+        where = path if path.is_dir() else path.parent
     try:
         free = shutil.disk_usage(where).free
     except OSError:
@@ -137,7 +139,7 @@ def check_free_space(
     except OSError:
         return
     if free < needed * margin:
-        raise no_space(folder / "x", int(needed * margin))
+        raise no_space(folder, int(needed * margin), where=probe)
 
 
 def check_out_folder(out: str | Path) -> Path:
