@@ -327,3 +327,22 @@ def test_measured_counts_follow_the_model_panel_sparse(trained: dict, tmp_path: 
     want = np.log1p(run.counts[rows][:, [col[g] for g in b.var["gene_ids"]]].toarray())
     assert sp.issparse(b.layers["measured"])
     np.testing.assert_allclose(b.layers["measured"].toarray(), want, rtol=1e-6)
+
+
+def test_prediction_loads_no_training_stack(trained: dict, tmp_path: Path) -> None:
+    """`magnet predict` in a fresh process: a whole image-only prediction, and no Lightning."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from magnet_st.predict import predict\n"
+        f"predict({str(trained['model'])!r}, {str(tmp_path / 'p')!r}, "
+        f"image={str(trained['new'] / 'he_fullres.tif')!r}, device='cpu', num_workers=0, "
+        "progress=False)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning'}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "p" / "bins.h5ad").is_file()

@@ -39,6 +39,7 @@ import pandas as pd
 from magnet_st.atomic import atomic_path, write_text
 from magnet_st.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
+from magnet_st.inputs import slide_arrays
 from magnet_st.levels import LEVELS
 from magnet_st.lock import locked
 from magnet_st.metrics import BetweenGroupShare, StreamingEvaluation, chosen_epochs, summarize
@@ -56,7 +57,6 @@ from magnet_st.train import (
     TrainConfig,
     fit,
     is_main_process,
-    slide_arrays,
     target_mean,
 )
 
@@ -590,7 +590,7 @@ def _reader(ds, cfg: TrainConfig, slides):
     """The patch reader of an end-to-end bin encoder (``None`` for cached features)."""
     if cfg.bin_encoder == "frozen":
         return None
-    from magnet_st.train import PatchReader
+    from magnet_st.inputs import PatchReader
 
     images = {s: ds.image(s) for s in slides}
     return PatchReader(images, ds.patch_um("bin"), ds.patch_px("bin"))

@@ -413,9 +413,9 @@ def predict(
     from magnet_st.encoders import resolve_device
     from magnet_st.features import extract_features
     from magnet_st.image import open_image
+    from magnet_st.inputs import PatchReader, slide_arrays
     from magnet_st.modelfile import coarse_sources, load_model, predict_slide
     from magnet_st.prepare import prepare_unmeasured
-    from magnet_st.train import PatchReader, slide_arrays
 
     t_all = time.perf_counter()
     model_path = Path(model_path)
