@@ -364,15 +364,6 @@ def plan_level(name: str, fp: Footprints, specs: list[MapSpec], tile_px: int) ->
     return _Level(name, fp, boxes, tiles)
 
 
-def _normalise(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Any:
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()[None]
-    m = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
-    sd = torch.tensor(std).view(1, 3, 1, 1) * 255.0
-    return (x - m) / sd
-
-
 def run_slide(
     encoder: Any,
     image: Any,
@@ -393,6 +384,8 @@ def run_slide(
     after row ``r`` is written. Returns timing figures."""
     import torch
     from tqdm.auto import tqdm
+
+    from magnet_st.encoders import Preprocess
 
     tp, mp = cfg.tile_px, cfg.margin_px
     widths = [s.channels for s in specs]
@@ -416,6 +409,8 @@ def run_slide(
     bar = tqdm(total=hi + 1 - lo, desc=desc or "dense rows", unit="row", disable=not progress)
     bar.update(max(0, min(start_row, hi + 1) - lo))
     indices = [s.index for s in specs]
+    # the encoder's normalisation; tiles come at this size, so nothing is resampled
+    normalise = Preprocess((edge, edge), encoder.mean, encoder.std, "bilinear")
     pool = ThreadPoolExecutor(max_workers=1)
     try:
         for r in rows:
@@ -447,7 +442,7 @@ def run_slide(
                 if j + LOOKAHEAD < len(cols_needed):
                     pending.append(pool.submit(read, cols_needed[j + LOOKAHEAD]))
                 t1 = time.perf_counter()
-                x = _normalise(rgb, encoder.mean, encoder.std).to(encoder.device)
+                x = normalise(torch.from_numpy(np.ascontiguousarray(rgb))[None], encoder.device)
                 with torch.inference_mode():
                     if encoder.precision == "bf16" and encoder.device.type in ("cuda", "cpu"):
                         with torch.autocast(encoder.device.type, dtype=torch.bfloat16):

@@ -48,9 +48,6 @@ def check_name(name: str, what: str = "slide name", where: str | Path | None = N
     return text
 
 
-_OURS = ("MagnetError", "InputError", "ConfigError")
-
-
 def from_worker(exc: BaseException) -> MagnetError | None:
     """The error a DataLoader worker process raised, when it was one of ours.
 
@@ -62,7 +59,7 @@ def from_worker(exc: BaseException) -> MagnetError | None:
 
     text = str(exc)
     head = re.match(r"Caught (\w+) in DataLoader worker process \d+", text)
-    if head is None or head.group(1) not in _OURS + tuple(c.__name__ for c in _subclasses()):
+    if head is None or head.group(1) not in {c.__name__ for c in _subclasses()}:
         return None
     last = [line for line in text.splitlines() if line.strip()][-1]
     message = re.sub(r"^[\w.]+Error: ", "", last.strip())

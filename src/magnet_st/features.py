@@ -362,8 +362,7 @@ def _compatible(old: dict | None, enc_desc: dict) -> bool:
         "mean",
         "std",
         "interpolation",
-        "dense",  # dense settings and the maps' measured geometry
-    )
+    )  # dense settings and map geometry: in the key and in every job's fingerprint
     return all(old.get("encoder", {}).get(k) == enc_desc.get(k) for k in keys)
 
 

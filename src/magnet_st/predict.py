@@ -534,14 +534,14 @@ def predict(
         thumbs = OneThumbnail(
             open_image(slide.image_path, microns_per_pixel=slide.microns_per_pixel)
         )
-    img = thumbs  # every thumbnail of the run comes from one read of the slide
     files, n, written = {}, {}, {}
     for lv, pred in preds.items():
         src = ds.level(slide.name, lv)
         ad = _prediction_anndata(src, pred, genes, gene_names, lv, slide.name, model_path, res)
         ad.uns["magnet"]["scale"] = bin_target.scale
         size = unit_um if lv == "bin" else ds.patch_um(lv)
-        ad.uns["spatial"] = spatial_uns(img, slide.name, size, slide.microns_per_pixel)
+        # every thumbnail of the run comes from one read of the slide
+        ad.uns["spatial"] = spatial_uns(thumbs, slide.name, size, slide.microns_per_pixel)
         if lv != "bin":  # the images once, in the bins' file (and the SpatialData store)
             lib = ad.uns["spatial"][slide.name]
             del lib["images"]

@@ -192,8 +192,6 @@ def _unexpected(args: argparse.Namespace, exc: BaseException) -> int:
 def _write_error(exc: OSError) -> str | None:
     """One line for a write that the disk, the file system or the shell's limits refused
     (full, read-only, a file where a folder goes, ulimit -f), else None."""
-    import errno
-
     where = f" ({exc.filename})" if exc.filename else ""
     if exc.errno == errno.ENOSPC or "No space left on device" in str(exc):
         return f"no space left on device{where}: free space or choose another folder"

@@ -107,14 +107,14 @@ def _dense_config(args: argparse.Namespace) -> DenseConfig | None:
         if given:
             raise ConfigError(f"{', '.join(given)} only apply with --mode dense")
         return None
-    d = DenseConfig()
-    cfg = DenseConfig(
-        mpp=args.dense_mpp,
-        tile_px=d.tile_px if args.dense_tile is None else args.dense_tile,
-        margin_px=d.margin_px if args.dense_margin is None else args.dense_margin,
-        strides=d.strides if args.dense_strides is None else tuple(args.dense_strides),
-        windows_um=None if args.dense_windows is None else tuple(args.dense_windows),
-    )
+    given = {
+        "mpp": args.dense_mpp,
+        "tile_px": args.dense_tile,
+        "margin_px": args.dense_margin,
+        "strides": args.dense_strides,
+        "windows_um": args.dense_windows,
+    }
+    cfg = DenseConfig(**{k: v for k, v in given.items() if v is not None})
     cfg.resolve("hd").check()  # bad values fail here, before the dataset is read
     return cfg
 
