@@ -77,6 +77,35 @@ def synthetic_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def hd_runs():
+    """A factory of small synthetic HD runs: ``hd_runs(root, n, size_um, seed)`` writes
+    ``n`` runs (8 and 16 um bins, seeds ``seed``, ``seed + 1`` ...) under ``root`` and
+    returns their :class:`~magnet_st.read.specs.SlideSpec` (named s0, s1 ...)."""
+    from magnet_st.read.specs import SlideSpec
+    from magnet_st.synthetic import write_synthetic_hd
+
+    def make(root: Path, n: int, size_um: int = 320, seed: int = 20) -> list:
+        specs = []
+        for i in range(n):
+            run = root / f"s{i}"
+            write_synthetic_hd(
+                run,
+                width_um=size_um,
+                height_um=size_um,
+                seed=seed + i,
+                bin_sizes=(8, 16),
+                progress=False,
+                write_mtx=False,
+                write_raw=False,
+            )
+            image = str(run / "he_fullres.tif")
+            specs.append(SlideSpec(name=f"s{i}", path=str(run), image=image, bin_size=8))
+        return specs
+
+    return make
+
+
 @pytest.fixture
 def synthetic_copy(synthetic_slide: Path, tmp_path: Path) -> Path:
     """A private, writable copy of :func:`synthetic_slide` for tests that corrupt it."""

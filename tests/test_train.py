@@ -16,11 +16,11 @@ from magnet_st.batching import BlockDataset
 from magnet_st.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
 from magnet_st.features import extract_features
+from magnet_st.inputs import slide_arrays
 from magnet_st.losses import LossWeights, magnet_loss
 from magnet_st.model import create_model
 from magnet_st.modelfile import load_model, predict_slide
 from magnet_st.prepare import PrepareConfig, prepare
-from magnet_st.read.specs import SlideSpec
 from magnet_st.train import (
     MagNetModule,
     PatchReader,
@@ -28,7 +28,6 @@ from magnet_st.train import (
     build_model_config,
     fit,
     init_bin_encoder,
-    slide_arrays,
 )
 
 ENC = "mobilenetv3_small_050"
@@ -41,36 +40,18 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def ds_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _synthetic_dataset(tmp_path_factory.mktemp("train"), 2)
+def ds_path(tmp_path_factory: pytest.TempPathFactory, hd_runs) -> Path:
+    return _synthetic_dataset(tmp_path_factory.mktemp("train"), hd_runs, 2)
 
 
 @pytest.fixture(scope="module")
-def ds3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ds3_path(tmp_path_factory: pytest.TempPathFactory, hd_runs) -> Path:
     """Three slides: a fold trains on one, validates on one, tests on one."""
-    return _synthetic_dataset(tmp_path_factory.mktemp("train3"), 3, size_um=256)
+    return _synthetic_dataset(tmp_path_factory.mktemp("train3"), hd_runs, 3, size_um=256)
 
 
-def _synthetic_dataset(root: Path, n: int, size_um: int = 320) -> Path:
-    from magnet_st.synthetic import write_synthetic_hd
-
-    specs = []
-    for i in range(n):
-        run = root / f"s{i}"
-        write_synthetic_hd(
-            run,
-            width_um=size_um,
-            height_um=size_um,
-            seed=20 + i,
-            bin_sizes=(8, 16),
-            progress=False,
-            write_mtx=False,
-            write_raw=False,
-        )
-        specs.append(
-            SlideSpec(name=f"s{i}", path=str(run), image=str(run / "he_fullres.tif"), bin_size=8)
-        )
-    prepare(specs, root / "ds", PrepareConfig(n_genes=30), progress=False)
+def _synthetic_dataset(root: Path, hd_runs, n: int, size_um: int = 320) -> Path:
+    prepare(hd_runs(root, n, size_um), root / "ds", PrepareConfig(n_genes=30), progress=False)
     extract_features(
         root / "ds",
         ENC,

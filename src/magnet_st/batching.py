@@ -157,8 +157,8 @@ def make_batch(
 
 class BlockDataset(torch.utils.data.Dataset):
     """One item per block of region tiles over one or more slides (for a DataLoader with
-    ``batch_size=None``). ``patch_reader(slide, bins, train, key=(epoch, batch))`` supplies bin patches when the
-    bin encoder is trained end to end."""
+    ``batch_size=None``). ``patch_reader(slide, bins, train, key=(epoch, batch))`` supplies bin patches (or a
+    dense branch's crops and weights, a dict) when the bin encoder is trained end to end."""
 
     def __init__(
         self,
@@ -204,6 +204,8 @@ class BlockDataset(torch.utils.data.Dataset):
         slide = self.slides[s]
         batch = make_batch(slide, bins, **self.kw)
         if self.patch_reader is not None:
-            batch["bin_x"] = self.patch_reader(slide, bins, self.train, key=(epoch, i))
+            got = self.patch_reader(slide, bins, self.train, key=(epoch, i))
+            # patches (a tensor), or a dense branch's crops and weights (a dict)
+            batch.update(got if isinstance(got, dict) else {"bin_x": got})
         batch["slide"] = torch.tensor(s)
         return batch

@@ -39,7 +39,7 @@ import pandas as pd
 from magnet_st.atomic import atomic_path, write_text
 from magnet_st.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
-from magnet_st.inputs import slide_arrays
+from magnet_st.inputs import model_inputs, model_reader
 from magnet_st.levels import LEVELS
 from magnet_st.lock import locked
 from magnet_st.metrics import BetweenGroupShare, StreamingEvaluation, chosen_epochs, summarize
@@ -573,7 +573,8 @@ def _trained(ds, train, val, genes, targets, cfg, folder: Path, progress) -> tup
         if val and is_main_process() and "coarse_from" not in torch_payload(model):
             from magnet_st.train import record_coarse_choice
 
-            record_coarse_choice(ds, model, list(val), _reader(ds, cfg, val))
+            mc = torch_payload(model)["model_config"]
+            record_coarse_choice(ds, model, list(val), model_reader(ds, list(val), mc))
         return model, seconds
     res = _train_fold(ds, train, val, genes, targets, cfg, folder, progress)
     write_text(done, f"{res.seconds:.3f}")
@@ -584,16 +585,6 @@ def torch_payload(path: Path) -> dict:
     from magnet_st import torchfile
 
     return torchfile.load(path, "model file")
-
-
-def _reader(ds, cfg: TrainConfig, slides):
-    """The patch reader of an end-to-end bin encoder (``None`` for cached features)."""
-    if cfg.bin_encoder == "frozen":
-        return None
-    from magnet_st.inputs import PatchReader
-
-    images = {s: ds.image(s) for s in slides}
-    return PatchReader(images, ds.patch_um("bin"), ds.patch_px("bin"))
 
 
 def _fit_member(
@@ -657,15 +648,9 @@ def _model(
         model, payload = load_model(model_path)
         first = first or payload
         for slide in fold["test"]:
-            arrays = slide_arrays(
-                ds,
-                slide,
-                cfg.features,
-                genes=genes,
-                bin_features=cfg.bin_encoder == "frozen",
-                with_counts=False,
-            )
-            reader = _reader(ds, cfg, [slide])
+            mc = payload["model_config"]
+            arrays = model_inputs(ds, slide, cfg.features, mc, genes=genes, with_counts=False)
+            reader = model_reader(ds, [slide], mc)
             pred = predict_slide(model, arrays, payload, patch_reader=reader, raw=True)
             acc = sums.setdefault(slide, {})
             for lv, p in pred.items():

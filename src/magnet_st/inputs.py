@@ -2,8 +2,9 @@
 
 :func:`slide_arrays` gathers a slide's geometry, cached features (read on demand) and
 counts into a :class:`~magnet_st.batching.SlideArrays`; :class:`PatchReader` cuts bin
-patches for an end-to-end bin encoder. Training, cross-validation and prediction all call
-them; nothing here loads Lightning, so prediction runs without the training stack.
+patches for an end-to-end bin encoder, :func:`bin_reader` picks the reader a model needs
+(patches, dense crops, or none). Training, cross-validation and prediction all call them;
+nothing here loads Lightning, so prediction runs without the training stack.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import torch
 from magnet_st.batching import SlideArrays
 from magnet_st.dataset import Dataset
 
-__all__ = ["PatchReader", "slide_arrays"]
+__all__ = [
+    "Columns",
+    "PatchReader",
+    "bin_reader",
+    "model_inputs",
+    "model_reader",
+    "slide_arrays",
+]
 
 
 def slide_arrays(
@@ -27,9 +35,18 @@ def slide_arrays(
     genes: list[str] | None = None,
     bin_features: bool = True,
     with_counts: bool = True,
+    bin_columns_from: int = 0,
 ) -> SlideArrays:
-    """Everything batching needs of one slide of a prepared dataset."""
+    """Everything batching needs of one slide of a prepared dataset. ``bin_columns_from``:
+    only the bin features' columns from there on (a dense end-to-end bin branch takes the
+    frozen windows that follow the unit's own maps)."""
     from magnet_st.features import load_features
+
+    bin_x = None
+    if bin_features:
+        bin_x = load_features(ds.path, features, slide, "bin", on_disk=True)
+        if bin_columns_from:
+            bin_x = Columns(bin_x, bin_columns_from)
 
     return SlideArrays(
         name=slide,
@@ -46,9 +63,7 @@ def slide_arrays(
         spot_n_units=ds.obs_column(slide, "spot", "n_units"),
         region_n_units=ds.obs_column(slide, "region", "n_units"),
         # on disk: batches read their rows, the slide's features are never held
-        bin_x=load_features(ds.path, features, slide, "bin", on_disk=True)
-        if bin_features
-        else None,
+        bin_x=bin_x,
         spot_x=load_features(ds.path, features, slide, "spot", on_disk=True),
         region_x=load_features(ds.path, features, slide, "region", on_disk=True),
         # on disk: each batch reads its own rows
@@ -57,6 +72,62 @@ def slide_arrays(
         counts_region=ds.panel_counts(slide, "region", genes) if with_counts else None,
         bin_px=ds.positions_px(slide, "bin"),
     )
+
+
+def model_inputs(
+    ds: Dataset,
+    slide: str,
+    features: str,
+    model_config: dict,
+    *,
+    genes: list[str] | None = None,
+    with_counts: bool = True,
+) -> SlideArrays:
+    """:func:`slide_arrays` with the cached bin features a model takes (its
+    ``model_config``): all of them for frozen bin features, none for bin patches, the
+    frozen windows of a dense end-to-end branch."""
+    dense = model_config.get("bin_dense")
+    if dense is not None and dense.get("extra"):
+        kw = {"bin_features": True, "bin_columns_from": int(dense["columns_from"])}
+    else:
+        kw = {"bin_features": model_config["bin_encoder"] == "frozen"}
+    return slide_arrays(ds, slide, features, genes=genes, with_counts=with_counts, **kw)
+
+
+def model_reader(ds: Dataset, slides: list[str], model_config: dict, seed: int = 0) -> Any:
+    """:func:`bin_reader` for a model's ``model_config``."""
+    return bin_reader(ds, slides, model_config["bin_encoder"], model_config.get("bin_dense"), seed)
+
+
+class Columns:
+    """The columns ``start:`` of a row-indexed array (``Columns(a, k)[rows]`` is
+    ``a[rows][:, k:]``), read row by row as the array itself is."""
+
+    def __init__(self, rows: Any, start: int):
+        self.rows, self.start = rows, int(start)
+        self.shape = (int(rows.shape[0]), int(rows.shape[1]) - self.start)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        return np.asarray(self.rows[idx])[:, self.start :]
+
+
+def bin_reader(
+    ds: Dataset, slides: list[str], bin_encoder: str, bin_dense: dict | None, seed: int = 0
+) -> Any:
+    """What supplies a model's bin inputs beside the cached features: ``None`` for frozen
+    features, a :class:`magnet_st.densebin.DenseTileReader` for a dense end-to-end branch,
+    else a :class:`PatchReader`."""
+    if bin_encoder == "frozen":
+        return None
+    if bin_dense is not None:
+        from magnet_st.densebin import DenseTileReader
+
+        return DenseTileReader.from_dataset(ds, slides, bin_dense, seed)
+    images = {s: ds.image(s) for s in slides}
+    return PatchReader(images, ds.patch_um("bin"), ds.patch_px("bin"), seed)
 
 
 class PatchReader:

@@ -60,6 +60,8 @@ class MagNetConfig:
     # what the end-to-end bin CNN started from: "random-init" or its weights' checksum
     # (encoders' weights_checksum); recorded only, the trained state dict holds the weights
     bin_weights_checksum: str = "random-init"
+    # a dense end-to-end bin branch (magnet_st.densebin.dense_settings); None: patches
+    bin_dense: dict | None = None
     width: int = 256
     heads: int = 4
     context_tokens: int = 5
@@ -76,6 +78,8 @@ class MagNetConfig:
             self.context_gate = self.variant != "paper"
         if self.readout is None:
             self.readout = "mean" if self.variant == "paper" else "bin"
+        if self.bin_dense is not None and self.bin_encoder == "frozen":
+            raise ConfigError("a dense bin branch needs an end-to-end bin encoder, not 'frozen'")
         if self.bin_encoder == "frozen" and self.bin_feature_dim <= 0:
             raise ConfigError("bin_encoder 'frozen' needs bin_feature_dim (cached bin features)")
         if self.uses_context and (self.spot_feature_dim <= 0 or self.region_feature_dim <= 0):
@@ -104,11 +108,17 @@ class BinEncoder(nn.Module):
     its timm ``pretrained_cfg``; float patches are taken as normalised already. Its
     output width comes from a forward pass (timm's ``num_features`` is not the pooled
     output of models with a pre-logits head, e.g. MobileNetV3).
+
+    With ``cfg.bin_dense`` the CNN runs over crops instead (:mod:`magnet_st.densebin`):
+    each unit's feature is the mean of one of its maps over the unit's footprint, followed
+    by the ``extra`` frozen columns of ``bin_x`` (the windows of a dense feature set);
+    its batch-norm layers keep their statistics (a batch is one or a few crops).
     """
 
     def __init__(self, cfg: MagNetConfig):
         super().__init__()
         self.frozen_input = cfg.bin_encoder == "frozen"
+        self.dense = None
         if self.frozen_input:
             self.backbone = None
             in_dim = cfg.bin_feature_dim
@@ -122,8 +132,13 @@ class BinEncoder(nn.Module):
             std = torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0
             self.register_buffer("mean", mean, persistent=False)
             self.register_buffer("std", std, persistent=False)
-            in_dim = _output_dim(self.backbone, cfg.bin_encoder, cfg.bin_patch_px)
+            self.dense = cfg.bin_dense
+            if self.dense is not None:
+                in_dim = int(self.dense["channels"]) + int(self.dense.get("extra", 0))
+            else:
+                in_dim = _output_dim(self.backbone, cfg.bin_encoder, cfg.bin_patch_px)
         self.proj = nn.Sequential(nn.Linear(in_dim, cfg.width), nn.LayerNorm(cfg.width))
+        self.train(self.training)  # a dense branch's batch norm frozen from the start
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 patches -> the backbone's normalised float input; floats unchanged."""
@@ -131,10 +146,37 @@ class BinEncoder(nn.Module):
             return x
         return (x.to(self.mean.dtype) - self.mean) / self.std  # the module's float dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def train(self, mode: bool = True) -> BinEncoder:
+        super().train(mode)
+        if self.dense is not None:  # frozen batch statistics: see the class docstring
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """The bin features of a batch (its ``bin_x``, or a dense branch's crops and
+        weights); a tensor is taken as ``bin_x``."""
+        if self.dense is not None:
+            return self.proj(self._dense(batch))
+        x = batch if isinstance(batch, torch.Tensor) else batch["bin_x"]
         if self.backbone is not None:
             x = self.backbone(self.normalise(x))
         return self.proj(x.float())
+
+    def _dense(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        from magnet_st.densebin import pool_maps
+
+        x = self.normalise(batch["bin_tiles"])
+        index = int(self.dense["index"])
+        maps = self.backbone.forward_intermediates(
+            x, indices=[index], intermediates_only=True, stop_early=True
+        )[0]
+        n = len(batch["bin_index"])
+        feats = pool_maps(maps.float(), batch["bin_w_idx"], batch["bin_w_val"], n)
+        if int(self.dense.get("extra", 0)):
+            feats = torch.cat([feats, batch["bin_x"].float()], 1)
+        return feats
 
 
 def _output_dim(backbone: nn.Module, name: str, px: int) -> int:
@@ -277,7 +319,7 @@ class MagNet(nn.Module):
         self.bin_head = _head(w, cfg.n_genes)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        b = self.bin_encoder(batch["bin_x"])
+        b = self.bin_encoder(batch)
         if not self.cfg.uses_context:
             layers = self.bin_gat(b, batch["bin_edges"])
             return {"bin": self.bin_head(self.bin_tf(layers))}

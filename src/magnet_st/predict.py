@@ -413,7 +413,7 @@ def predict(
     from magnet_st.encoders import resolve_device
     from magnet_st.features import extract_features
     from magnet_st.image import open_image
-    from magnet_st.inputs import PatchReader, slide_arrays
+    from magnet_st.inputs import model_inputs, model_reader
     from magnet_st.modelfile import coarse_sources, load_model, predict_slide
     from magnet_st.prepare import prepare_unmeasured
 
@@ -490,7 +490,9 @@ def predict(
     seconds["bins and tiles"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    frozen = payload["train_config"]["bin_encoder"] == "frozen"
+    mc = payload["model_config"]
+    # cached bin features: frozen ones, or a dense end-to-end branch's frozen windows
+    frozen = mc["bin_encoder"] == "frozen" or bool((mc.get("bin_dense") or {}).get("extra"))
     enc = _encoder_args(payload, weights, model_path)
     levels = (["bin"] if frozen else []) + ["spot", "region"]
     res = extract_features(
@@ -517,12 +519,8 @@ def predict(
 
     t = time.perf_counter()
     ds = Dataset(work)
-    arrays = slide_arrays(ds, slide.name, res["key"], bin_features=frozen, with_counts=False)
-    reader = None
-    if not frozen:
-        reader = PatchReader(
-            {slide.name: ds.image(slide.name)}, ds.patch_um("bin"), ds.patch_px("bin")
-        )
+    arrays = model_inputs(ds, slide.name, res["key"], mc, with_counts=False)
+    reader = model_reader(ds, [slide.name], mc)
     dev = resolve_device(device)
     preds = predict_slide(
         model, arrays, payload, patch_reader=reader, device=dev, progress=progress

@@ -25,7 +25,7 @@ from magnet_st.atomic import write_text
 from magnet_st.batching import BlockDataset, SlideArrays
 from magnet_st.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
-from magnet_st.inputs import PatchReader, slide_arrays
+from magnet_st.inputs import PatchReader, model_inputs, model_reader
 from magnet_st.lock import locked
 from magnet_st.losses import CONSISTENCY_FORMS, PCC_AXES, LossWeights, magnet_loss
 from magnet_st.metrics import GenePearson
@@ -58,6 +58,11 @@ VARIANT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: what an end-to-end bin encoder sees: one patch per bin, or crops whose dense maps are
+#: pooled on each bin's footprint (:mod:`magnet_st.densebin`)
+BIN_INPUTS = ("patches", "dense")
+
+
 @dataclass
 class TrainConfig:
     """Training settings (``magnet train --help`` documents each)."""
@@ -66,6 +71,8 @@ class TrainConfig:
     variant: str = "magnet"
     bin_encoder: str = "frozen"
     bin_weights: str | None = None  # a state-dict file the bin encoder starts from
+    bin_input: str = "patches"  # an end-to-end bin encoder's input: "patches" or "dense"
+    bin_lr_scale: float = 1.0  # the end-to-end bin encoder's learning rate / the others'
     width: int = 256
     context_tokens: int = 5
     k: int = 8
@@ -98,6 +105,10 @@ class TrainConfig:
             raise ConfigError(f"pcc_axis must be one of {PCC_AXES}")
         if self.epochs < 1 or self.block < 1:
             raise ConfigError("epochs and block must be at least 1")
+        if self.bin_input not in BIN_INPUTS:
+            raise ConfigError(f"bin_input must be one of {BIN_INPUTS}, got {self.bin_input!r}")
+        if not (math.isfinite(self.bin_lr_scale) and self.bin_lr_scale > 0):
+            raise ConfigError(f"bin_lr_scale must be positive, got {self.bin_lr_scale}")
         if self.batch_bins is not None and self.batch_bins < 1:
             raise ConfigError("batch_bins must be at least 1")
         unknown = set(self.loss_weights) - set(asdict(LossWeights()))
@@ -321,12 +332,20 @@ class MagNetModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         lr = self.cfg.base_lr
+        backbone = self.model.bin_encoder.backbone
+        inner = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+        groups = [
+            {"params": [p for p in self.parameters() if id(p) not in inner], "lr": lr},
+            {
+                "params": [p for p in self.parameters() if id(p) in inner],
+                "lr": lr * self.cfg.bin_lr_scale,
+            },
+        ]
+        groups = [g for g in groups if g["params"]]
         if self.cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(
-                self.parameters(), lr=lr, momentum=0.9, weight_decay=self.cfg.weight_decay
-            )
+            opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=self.cfg.weight_decay)
         else:
-            opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
+            opt = torch.optim.AdamW(groups, lr=lr, weight_decay=self.cfg.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if self.cfg.optimizer == "sgd":  # the paper's polynomial decay, power 0.9, per step
             lam = lambda it: max(0.0, 1 - it / total) ** 0.9  # noqa: E731
@@ -355,7 +374,34 @@ def is_main_process() -> bool:
 # -- fit, save, load, predict ----------------------------------------------------------------
 
 
-def build_model_config(ds: Dataset, cfg: TrainConfig, n_genes: int, slide: str) -> MagNetConfig:
+def dense_bin_settings(ds: Dataset, cfg: TrainConfig) -> dict | None:
+    """A dense end-to-end bin branch's settings (:func:`magnet_st.densebin.dense_settings`):
+    the working resolution, margin and stride of the feature set when it is dense (its
+    windows, frozen, follow each unit's own maps), else the dataset's preset defaults."""
+    if cfg.bin_encoder == "frozen" or cfg.bin_input != "dense":
+        return None
+    from magnet_st.dense import DenseConfig
+    from magnet_st.densebin import dense_settings
+    from magnet_st.encoders import create_backbone
+    from magnet_st.features import feature_set_meta
+
+    dense = feature_set_meta(ds.path, cfg.features).get("encoder", {}).get("dense")
+    backbone, _ = create_backbone(cfg.bin_encoder, load_weights=False)
+    if dense:
+        stride = int(dense["strides"][0])
+        own = sum(int(w) for _, w in dense["blocks"]["bin"][: len(dense["strides"])])
+        extra = sum(int(w) for _, w in dense["blocks"]["bin"]) - own
+        return {
+            **dense_settings(backbone, dense["mpp"], dense["margin_px"], stride, extra),
+            "columns_from": own,
+        }
+    preset = DenseConfig().resolve(str(ds.config.get("preset", "hd")))
+    return {**dense_settings(backbone, preset.mpp, preset.margin_px), "columns_from": 0}
+
+
+def build_model_config(
+    ds: Dataset, cfg: TrainConfig, n_genes: int, slide: str, bin_dense: dict | None = None
+) -> MagNetConfig:
     from magnet_st.features import load_features
 
     dims = {}
@@ -363,6 +409,7 @@ def build_model_config(ds: Dataset, cfg: TrainConfig, n_genes: int, slide: str) 
     for lv in levels:
         dims[lv] = int(load_features(ds.path, cfg.features, slide, lv, on_disk=True).shape[1])
     return MagNetConfig(
+        bin_dense=bin_dense,
         n_genes=n_genes,
         spot_feature_dim=dims["spot"],
         region_feature_dim=dims["region"],
@@ -469,17 +516,12 @@ def fit(
     if bin_feats and cfg.bin_weights is not None:
         raise ConfigError("bin_weights (--bin-weights) needs an end-to-end bin encoder")
     check_bin_start(cfg)
-    train = [
-        slide_arrays(ds, s, cfg.features, genes=genes, bin_features=bin_feats) for s in train_slides
-    ]
-    val = [
-        slide_arrays(ds, s, cfg.features, genes=genes, bin_features=bin_feats) for s in val_slides
-    ]
-    reader = None
-    if not bin_feats:
-        images = {s: ds.image(s) for s in train_slides + val_slides}
-        reader = PatchReader(images, ds.patch_um("bin"), ds.patch_px("bin"), cfg.seed)
-    mcfg = build_model_config(ds, cfg, len(genes), train_slides[0])
+    dense = dense_bin_settings(ds, cfg)
+    given = {"bin_encoder": cfg.bin_encoder, "bin_dense": dense}
+    train = [model_inputs(ds, s, cfg.features, given, genes=genes) for s in train_slides]
+    val = [model_inputs(ds, s, cfg.features, given, genes=genes) for s in val_slides]
+    reader = model_reader(ds, train_slides + val_slides, given, cfg.seed)
+    mcfg = build_model_config(ds, cfg, len(genes), train_slides[0], dense)
     module = MagNetModule(
         mcfg.to_dict(), cfg.to_dict(), {k: v.to_dict() for k, v in targets.items()}
     )
@@ -579,12 +621,12 @@ def record_coarse_choice(
         genes = payload["genes"]
         per_slide = []
         for slide in val_slides:
-            arrays = slide_arrays(
+            arrays = model_inputs(
                 ds,
                 slide,
                 payload["features"]["key"],
+                payload["model_config"],
                 genes=genes,
-                bin_features=payload["train_config"]["bin_encoder"] == "frozen",
                 with_counts=False,
             )
             raw = predict_slide(model, arrays, payload, patch_reader=patch_reader, raw=True)

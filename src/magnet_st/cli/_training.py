@@ -89,6 +89,23 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "efficientnet_lite0_imagenet does not need (its ImageNet weights ship with it)",
     )
     g.add_argument(
+        "--bin-input",
+        choices=["patches", "dense"],
+        default="patches",
+        help="what an end-to-end --bin-encoder sees: 'patches' (one patch per bin, as the "
+        "paper) or 'dense' (one pass over a crop per batch, its stride-16 map averaged over "
+        "each bin's footprint, at the working resolution and margin of a dense --features "
+        "set, whose windows it keeps frozen; else the preset's dense defaults). Default: "
+        "patches",
+    )
+    g.add_argument(
+        "--bin-lr-scale",
+        type=_positive_float,
+        default=1.0,
+        help="learning rate of an end-to-end --bin-encoder as a multiple of the others' "
+        "(e.g. 0.1 to fine-tune pretrained weights gently). Default: 1.0",
+    )
+    g.add_argument(
         "--width", type=_positive_int, default=None, help="model width; " + _preset_help("width")
     )
     g.add_argument(
@@ -215,6 +232,8 @@ def _train_config(args: argparse.Namespace):
         "features": args.features,
         "bin_encoder": args.bin_encoder,
         "bin_weights": args.bin_weights,
+        "bin_input": args.bin_input,
+        "bin_lr_scale": args.bin_lr_scale,
         "width": args.width,
         "context_tokens": args.context_tokens,
         "k": args.k,
