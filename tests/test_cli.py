@@ -287,12 +287,12 @@ def test_third_party_deprecation_warnings_are_silenced(monkeypatch: pytest.Monke
 def test_explicit_options_win_over_the_paper_variant_presets() -> None:
     from dataclasses import fields
 
-    from magnet_st.cli import _OPTION_DEFAULTS, _PAPER_PRESETS, _train_config, build_parser
-    from magnet_st.train import VARIANT_PRESETS, TrainConfig
+    from magnet_st.cli import _train_config, build_parser
+    from magnet_st.registry import TRAIN_DEFAULTS
+    from magnet_st.train import TrainConfig
 
     defaults = {f.name: f.default for f in fields(TrainConfig)}
-    assert {k: defaults[k] for k in _OPTION_DEFAULTS} == _OPTION_DEFAULTS  # '--help' is true
-    assert VARIANT_PRESETS["paper"] == _PAPER_PRESETS
+    assert {k: defaults[k] for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS  # '--help' is true
     parse = lambda *a: _train_config(build_parser().parse_args(["train", "ds", "out", *a]))  # noqa: E731
     cfg = parse("--variant", "paper", "--epochs", "30", "--width", "256")
     assert (cfg.epochs, cfg.width) == (30, 256)  # given explicitly, even at the default values

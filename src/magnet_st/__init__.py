@@ -5,6 +5,9 @@ The pipeline runs one way: read -> prepare -> features -> train -> predict -> re
 >>> import magnet_st as ms
 >>> slide = ms.read.visium_hd("outs/", bin_size_um=8, image="slide.btf")
 >>> slide.summary()
+
+In scanpy's shape: ``ms.pp`` (prepare, features), ``ms.tl`` (train, cv, benchmark,
+predict), ``ms.pl`` (figures), ``ms.read`` (readers); see docs/api.md.
 """
 
 from __future__ import annotations
@@ -15,18 +18,32 @@ from typing import TYPE_CHECKING, Any
 from magnet_st.errors import InputError, MagnetError
 
 if TYPE_CHECKING:
-    from magnet_st import read
+    from magnet_st import pl, pp, read, tl
     from magnet_st.image import SlideImage, open_image
     from magnet_st.slide import Slide
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["InputError", "MagnetError", "Slide", "SlideImage", "open_image", "read", "__version__"]
+__all__ = [
+    "InputError",
+    "MagnetError",
+    "Slide",
+    "SlideImage",
+    "__version__",
+    "open_image",
+    "pl",
+    "pp",
+    "read",
+    "tl",
+]
 
 # Imported on first use, so that 'import magnet_st' (and 'magnet --help') stays light:
 # the readers pull in pandas and scipy.
 _LAZY = {
     "read": ("magnet_st.read", None),
+    "pp": ("magnet_st.pp", None),
+    "tl": ("magnet_st.tl", None),
+    "pl": ("magnet_st.pl", None),
     "Slide": ("magnet_st.slide", "Slide"),
     "SlideImage": ("magnet_st.image", "SlideImage"),
     "open_image": ("magnet_st.image", "open_image"),

@@ -47,18 +47,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from magnet_st.registry import LOSS_WEIGHTS
+
 CONSISTENCY_FORMS = ("aggregate", "paper", "none")
 PCC_AXES = ("unit", "gene")
 
 
 @dataclass
 class LossWeights:
-    mse: float = 0.75
-    pcc: float = 0.10
-    context_pcc: float = 0.05
-    consistency: float = 0.05
-    context_mse: float = 0.75  # ours, not the paper's (0 with --variant paper)
-    poisson: float = 0.05
+    """The weight of each loss term; defaults: :data:`magnet_st.registry.LOSS_WEIGHTS`."""
+
+    mse: float = LOSS_WEIGHTS["mse"]
+    pcc: float = LOSS_WEIGHTS["pcc"]
+    context_pcc: float = LOSS_WEIGHTS["context_pcc"]
+    consistency: float = LOSS_WEIGHTS["consistency"]
+    context_mse: float = LOSS_WEIGHTS["context_mse"]  # ours, not the paper's
+    poisson: float = LOSS_WEIGHTS["poisson"]
 
 
 def pcc_rows(pred: torch.Tensor, true: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -39,10 +39,11 @@ import torch
 import torch.nn as nn
 from torch_geometric.nn import GATv2Conv
 
+from magnet_st import registry
 from magnet_st.errors import ConfigError
 from magnet_st.levels import LEVELS
 
-VARIANTS = ("magnet", "paper", "no_context")
+VARIANTS = tuple(registry.VARIANTS)
 READOUTS = ("bin", "mean")
 
 
@@ -72,8 +73,9 @@ class MagNetConfig:
     rate_heads: bool = False  # expected-count heads for the "aggregate" consistency
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"unknown variant {self.variant!r}; choose one of {VARIANTS}")
+        if self.variant not in registry.VARIANTS:
+            known = tuple(registry.VARIANTS)
+            raise ConfigError(f"unknown variant {self.variant!r}; choose one of {known}")
         if self.context_gate is None:
             self.context_gate = self.variant != "paper"
         if self.readout is None:

@@ -21,6 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from magnet_st import registry
 from magnet_st.atomic import write_text
 from magnet_st.batching import BlockDataset, SlideArrays
 from magnet_st.dataset import Dataset
@@ -43,19 +44,7 @@ class TrainingDiverged(ConfigError):
 # Settings that only concern the machine: changing them does not invalidate a resume.
 MACHINE_KEYS = ("num_workers", "accelerator", "devices", "num_nodes", "deterministic")
 
-# The paper's choices, used by --variant paper for every option the user does not set.
-VARIANT_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {
-        "optimizer": "sgd",
-        "epochs": 51,
-        "consistency": "paper",
-        "width": 1024,
-        "context_tokens": 1,
-        "bin_encoder": "resnet50",
-        "pcc_axis": "unit",
-        "loss_weights": {"context_mse": 0.0},  # the paper trains the coarse heads by PCC only
-    }
-}
+_D = registry.TRAIN_DEFAULTS
 
 
 #: what an end-to-end bin encoder sees: one patch per bin, or crops whose dense maps are
@@ -69,22 +58,22 @@ class TrainConfig:
 
     features: str = "resnet50"
     variant: str = "magnet"
-    bin_encoder: str = "frozen"
+    bin_encoder: str = _D["bin_encoder"]
     bin_weights: str | None = None  # a state-dict file the bin encoder starts from
     bin_input: str = "patches"  # an end-to-end bin encoder's input: "patches" or "dense"
     bin_lr_scale: float = 1.0  # the end-to-end bin encoder's learning rate / the others'
-    width: int = 256
-    context_tokens: int = 5
+    width: int = _D["width"]
+    context_tokens: int = _D["context_tokens"]
     k: int = 8
     block: int = 2
     batch_bins: int | None = 256  # bins per step (None: blocks of block x block regions)
-    optimizer: str = "adamw"
+    optimizer: str = _D["optimizer"]
     lr: float | None = None
     weight_decay: float = 1e-4
-    epochs: int = 30
+    epochs: int = _D["epochs"]
     patience: int = 10
-    consistency: str = "paper"
-    pcc_axis: str = "gene"  # measured: +0.038 bin PCC-gene over "unit" (docs/results.md)
+    consistency: str = _D["consistency"]
+    pcc_axis: str = _D["pcc_axis"]
     loss_weights: dict[str, float] = field(default_factory=lambda: asdict(LossWeights()))
     dropout: float = 0.1
     seed: int = 0
@@ -122,10 +111,11 @@ class TrainConfig:
 
     @classmethod
     def for_variant(cls, variant: str = "magnet", **given: Any) -> TrainConfig:
-        """The variant's presets (:data:`VARIANT_PRESETS`), then the options ``given``:
+        """The variant's presets (:data:`magnet_st.registry.VARIANTS`), then the options ``given``:
         an option the user sets always wins over the variant's choice. Loss weights merge
         one by one: the defaults, the variant's, then the ones given."""
-        preset = dict(VARIANT_PRESETS.get(variant, {}))
+        known = registry.VARIANTS.get(variant)
+        preset = dict(known.presets) if known is not None else {}
         weights = {
             **asdict(LossWeights()),
             **preset.pop("loss_weights", {}),

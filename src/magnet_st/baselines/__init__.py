@@ -19,15 +19,17 @@ per level.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
 from magnet_st.baselines.ridge import RidgeBaseline
 from magnet_st.errors import ConfigError, InputError
+from magnet_st.registry import BASELINES
 
 __all__ = ["BASELINE_NAMES", "RidgeBaseline", "create_baseline", "load_baseline"]
 
-BASELINE_NAMES = ("ridge", "stnet", "histogene", "his2st", "bleep", "egn")
+BASELINE_NAMES = tuple(BASELINES)  # the registry's (magnet_st.registry)
 
 
 def create_baseline(name: str, features: str, **settings: Any):
@@ -36,11 +38,8 @@ def create_baseline(name: str, features: str, **settings: Any):
     ...; neural: :class:`.neural.BaselineConfig`)."""
     if name not in BASELINE_NAMES:
         raise ConfigError(f"unknown baseline {name!r}; available: {list(BASELINE_NAMES)}")
-    if name == "ridge":
-        return RidgeBaseline(features, **settings)
-    from magnet_st.baselines.neural import NEURAL_BASELINES
-
-    return NEURAL_BASELINES[name](features, **settings)
+    module, attr = BASELINES[name].target.split(":")
+    return getattr(importlib.import_module(module), attr)(features, **settings)
 
 
 def load_baseline(path: str | Path):

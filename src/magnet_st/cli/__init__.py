@@ -28,7 +28,6 @@ from magnet_st.cli._outputs import _add_demo, _add_plot, _add_predict
 from magnet_st.cli._training import _BASELINES as _BASELINES
 from magnet_st.cli._training import _LOSS_DEFAULTS as _LOSS_DEFAULTS
 from magnet_st.cli._training import _OPTION_DEFAULTS as _OPTION_DEFAULTS
-from magnet_st.cli._training import _PAPER_PRESETS as _PAPER_PRESETS
 from magnet_st.cli._training import _add_benchmark, _add_cv, _add_train
 from magnet_st.cli._training import _train_config as _train_config
 from magnet_st.errors import MagnetError, from_worker

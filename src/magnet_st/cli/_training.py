@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from magnet_st import registry
 from magnet_st.cli._common import (
     _devices,
     _Formatter,
@@ -17,40 +18,20 @@ from magnet_st.cli._common import (
 from magnet_st.errors import ConfigError, MagnetError
 
 # -- train and cv ----------------------------------------------------------------------------
-# losses.LossWeights' defaults, spelled out so that '--help' needs no torch (a test checks)
-_LOSS_DEFAULTS = {
-    "mse": 0.75,
-    "pcc": 0.1,
-    "context_pcc": 0.05,
-    "consistency": 0.05,
-    "context_mse": 0.75,
-    "poisson": 0.05,
-}
-# TrainConfig's defaults and train.VARIANT_PRESETS["paper"], spelled out for '--help'
-# (no torch import; a test checks they agree). Options left unset take the variant's value.
-_OPTION_DEFAULTS = {
-    "optimizer": "adamw",
-    "epochs": 30,
-    "consistency": "paper",
-    "width": 256,
-    "context_tokens": 5,
-    "bin_encoder": "frozen",
-    "pcc_axis": "gene",
-}
-_PAPER_PRESETS = {
-    "optimizer": "sgd",
-    "epochs": 51,
-    "consistency": "paper",
-    "width": 1024,
-    "context_tokens": 1,
-    "bin_encoder": "resnet50",
-    "pcc_axis": "unit",
-    "loss_weights": {"context_mse": 0.0},
-}
+# names, defaults and presets come from the torch-free registry: '--help' needs no torch
+_LOSS_DEFAULTS = registry.LOSS_WEIGHTS
+_OPTION_DEFAULTS = registry.TRAIN_DEFAULTS
+_VARIANT_HELP = "; ".join(f"{v.name}: {v.description}" for v in registry.VARIANTS.values())
 
 
 def _preset_help(key: str) -> str:
-    return f"default: {_OPTION_DEFAULTS[key]} (--variant paper: {_PAPER_PRESETS[key]})"
+    """The option's default, and each variant's preset where it differs."""
+    differ = [
+        f"--variant {n}: {registry.preset(n, key)}"
+        for n in registry.VARIANTS
+        if registry.preset(n, key) != _OPTION_DEFAULTS[key]
+    ]
+    return f"default: {_OPTION_DEFAULTS[key]}" + (f" ({'; '.join(differ)})" if differ else "")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -63,11 +44,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--variant",
-        choices=["magnet", "paper", "no_context"],
+        choices=list(registry.VARIANTS),
         default="magnet",
-        help="magnet: the corrected model; paper: the paper's choices (1 context token, "
-        "width 1024, SGD with polynomial decay, code-style consistency); no_context: the "
-        "bin branch alone (ablation)",
+        help=_VARIANT_HELP,
     )
     g.add_argument(
         "--bin-encoder",
@@ -290,15 +269,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         what = "is not a file" if Path(args.resume).exists() else "not found"
         raise InputError(args.resume, f"checkpoint to resume from (--resume) {what}")
     from magnet_st.dataset import Dataset
+    from magnet_st.tl import split_slides
     from magnet_st.train import fit
 
     ds = Dataset(args.dataset)
     cfg = _train_config(args)
-    train = args.train_slides or [s for s in ds.train_slides if s not in (args.val_slides or [])]
-    val = args.val_slides
-    if val is None:
-        val = [train[-1]] if len(train) >= 3 else []
-        train = [s for s in train if s not in val]
+    train, val = split_slides(ds.train_slides, args.train_slides, args.val_slides)
     unknown = sorted(set(train + val) - set(ds.slides))
     if unknown:
         raise MagnetError(f"{args.dataset}: no slides {unknown}; slides: {ds.slides}")
@@ -355,11 +331,10 @@ def cmd_cv(args: argparse.Namespace) -> int:
     groups = read_gene_groups(args.gene_groups) if args.gene_groups else None
     variants = args.variants if args.variants is not None else [cfg.variant]
     if getattr(args, "models", None) is not None:  # magnet benchmark
-        from magnet_st.model import VARIANTS
-
-        unknown = [m for m in args.models if m not in (*VARIANTS, *_BASELINES, "mean_profile")]
+        VARIANTS = tuple(registry.VARIANTS)
+        known = [registry.MEAN_PROFILE, *_BASELINES, *VARIANTS]
+        unknown = [m for m in args.models if m not in known]
         if unknown:
-            known = ["mean_profile", *_BASELINES, *VARIANTS]
             raise MagnetError(f"unknown models {unknown}; available: {known}")
         variants = [m for m in args.models if m in VARIANTS]
         args.baselines = [m for m in args.models if m in _BASELINES]
@@ -419,7 +394,7 @@ def _add_cv(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--variants",
         nargs="*",
-        choices=["magnet", "paper", "no_context"],
+        choices=list(registry.VARIANTS),
         default=None,
         help="MagNet variants to compare (each trained per fold); default: --variant; "
         "given with no names: baselines only",
@@ -484,12 +459,11 @@ def _add_ensemble_option(p: argparse.ArgumentParser) -> None:
 
 
 # baselines.BASELINE_NAMES, spelled out so that '--help' needs no torch (a test checks)
-_BASELINES = ("ridge", "stnet", "histogene", "his2st", "bleep", "egn")
+_BASELINES = tuple(registry.BASELINES)
 _BASELINE_HELP = (
-    "ridge (the unit's own + its spot and region tiles' features, near-constant dimensions "
-    "dropped, PCA 256, penalty chosen on the validation slide, as every model's choices: HEST protocol), "
-    "stnet (ST-Net), histogene (HisToGene), his2st (Hist2ST), bleep (BLEEP), egn (EGN); all "
-    "on the frozen features, one model per level (see the magnet_st.baselines docstrings)"
+    ", ".join(f"{b.name} ({b.description})" for b in registry.BASELINES.values())
+    + "; all on the frozen features, one model per level (see the magnet_st.baselines "
+    "docstrings)"
 )
 
 
