@@ -26,7 +26,7 @@ import scipy.sparse as sp
 def thinned_truth(ds, slide: str, genes: list[str], keep: float, seed: int) -> dict:
     """``{"measured": {level: y}, "thinned": {level: y}}`` on the dataset's target scale
     (log1p, or log1p of counts per 10,000), bins thinned and tiles summed from them."""
-    from magnet_st.targets import per_10k_rows
+    from magnet_st.data.targets import per_10k_rows
 
     per_10k = ds.target_kind == "log1p_cp10k"
     rng = np.random.default_rng(seed)
@@ -67,8 +67,8 @@ def main() -> None:
 
     import anndata
 
-    from magnet_st.dataset import Dataset
-    from magnet_st.metrics import evaluate
+    from magnet_st.data.dataset import Dataset
+    from magnet_st.model.metrics import evaluate
 
     ds = Dataset(args.dataset)
     cv = Path(args.cv)

@@ -1,4 +1,4 @@
-"""Throughput of magnet_st.features: end-to-end tiles/s versus the encoder's bare forward pass.
+"""Throughput of magnet_st.features.store: end-to-end tiles/s versus the encoder's bare forward pass.
 
 Writes a synthetic Visium HD slide (``magnet synth``) and prepares it once, then for each
 encoder times:
@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from magnet_st import features as F
-from magnet_st.dataset import Dataset
-from magnet_st.encoders import create_encoder, resolve_device
-from magnet_st.prepare import PrepareConfig, prepare
+from magnet_st.data.dataset import Dataset
+from magnet_st.features import store as F
+from magnet_st.features.encoders import create_encoder, resolve_device
+from magnet_st.prepare.build import PrepareConfig, prepare
 from magnet_st.read.specs import SlideSpec
 from magnet_st.synthetic import write_synthetic_hd
 

@@ -28,7 +28,7 @@ import torch
 args = json.loads(sys.argv[1])
 if args["threads"]:
     torch.set_num_threads(args["threads"])
-from magnet_st.predict import predict
+from magnet_st.predict.image import predict
 t0 = time.perf_counter()
 res = predict(args["model"], args["out"], image=args["image"], device=args["device"],
               batch_size=args["batch_size"], num_workers=args["workers"], progress=False)
@@ -45,12 +45,12 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "stages": res.seconds, "n
 def train_model(
     work: Path, encoder: str, input_px: int | None, device: str, dense_mpp: float | None = None
 ) -> Path:
-    from magnet_st.dataset import Dataset
-    from magnet_st.features import extract_features
-    from magnet_st.prepare import PrepareConfig, prepare
+    from magnet_st.data.dataset import Dataset
+    from magnet_st.features.store import extract_features
+    from magnet_st.prepare.build import PrepareConfig, prepare
     from magnet_st.read.specs import SlideSpec
     from magnet_st.synthetic import write_synthetic_hd
-    from magnet_st.train import TrainConfig, fit
+    from magnet_st.train.trainer import TrainConfig, fit
 
     mode = f"_dense{dense_mpp:g}" if dense_mpp else ""
     model = work / f"model_{encoder}{mode}" / "model.pt"
@@ -63,7 +63,7 @@ def train_model(
     ds_path = work / "train_dataset"
     spec = SlideSpec(name="train", path=str(run), image=str(run / "he_fullres.tif"), bin_size=8)
     prepare([spec], ds_path, PrepareConfig(n_genes=250), progress=False)
-    from magnet_st.dense import DenseConfig
+    from magnet_st.features.dense import DenseConfig
 
     feats = extract_features(
         ds_path,

@@ -1,4 +1,4 @@
-"""Throughput of magnet_st.image region reads: 224 px patches per second on one core.
+"""Throughput of magnet_st.io.image region reads: 224 px patches per second on one core.
 
 Writes a tiled, JPEG-compressed, pyramidal BigTIFF (SubIFD levels, written tile by tile so
 memory stays low) and a her2st-sized JPEG, then times single-threaded ``read_patch`` /
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from magnet_st.image import SlideImage, open_image
+from magnet_st.io.image import SlideImage, open_image
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

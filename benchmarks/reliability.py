@@ -51,7 +51,7 @@ def magnet(
 
 HOLDER = """
 import sys, time
-from magnet_st.lock import hold
+from magnet_st.util.lock import hold
 with hold(sys.argv[1], "magnet features"):
     print("held", flush=True)
     time.sleep(120)

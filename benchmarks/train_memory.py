@@ -28,8 +28,8 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
 torch.set_num_threads(int(sys.argv[4]))
-from magnet_st.dataset import Dataset
-from magnet_st.train import TrainConfig, fit
+from magnet_st.data.dataset import Dataset
+from magnet_st.train.trainer import TrainConfig, fit
 ds = Dataset(sys.argv[1])
 cfg = TrainConfig(features=sys.argv[2], width=128, epochs=1, max_batches=int(sys.argv[3]))
 t0 = time.perf_counter()
@@ -46,9 +46,9 @@ print(json.dumps({"seconds": dt, "peak_rss_mb": rss, "steps": res.steps_per_epoc
 def setup(work: Path, size_mm: float, dim: int) -> tuple[Path, str, int]:
     import numpy as np
 
-    from magnet_st.dataset import Dataset
-    from magnet_st.features import import_features
-    from magnet_st.prepare import PrepareConfig, prepare
+    from magnet_st.data.dataset import Dataset
+    from magnet_st.features.store import import_features
+    from magnet_st.prepare.build import PrepareConfig, prepare
     from magnet_st.read.specs import SlideSpec
     from magnet_st.synthetic import write_synthetic_hd
 

@@ -3,7 +3,7 @@
     python benchmarks/virtual_bins.py [--repeats 5]
 
 Builds a tissue mask that is tissue everywhere (4,096 px on its longer side) over a
-6.5 mm x 6.5 mm image at 0.2738 um/px and times ``magnet_st.tissue.virtual_bins`` (812 x
+6.5 mm x 6.5 mm image at 0.2738 um/px and times ``magnet_st.io.tissue.virtual_bins`` (812 x
 812 = 659,344 bins). It prints figures; it asserts nothing and is not a test (the grid's
 correctness is tests/test_tissue.py's).
 """
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from magnet_st.tissue import TissueMask, virtual_bins
+from magnet_st.io.tissue import TissueMask, virtual_bins
 
 MPP = 0.2738
 

@@ -51,7 +51,7 @@ def test_train_defaults_to_the_only_feature_set_and_names_several(tmp_path: Path
     for key in ("a-1", "b-2"):
         (ds / "features" / key).mkdir(parents=True)
         (ds / "features" / key / "meta.json").write_text('{"format": "magnet-st-features"}')
-    from magnet_st.features import FORMAT
+    from magnet_st.features.store import FORMAT
 
     for key in ("a-1", "b-2"):
         (ds / "features" / key / "meta.json").write_text(f'{{"format": "{FORMAT}"}}')

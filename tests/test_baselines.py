@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from magnet_st.baselines.ridge import ALPHAS, RidgeBaseline, x_blocks
+from magnet_st.evaluate.baselines.ridge import ALPHAS, RidgeBaseline, x_blocks
 
 
 @dataclass
@@ -166,7 +166,7 @@ def test_ridge_fits_on_training_slides_chooses_on_validation_then_refits() -> No
     assert refit.report()["levels"]["bin"]["refit_on_validation_slides"] is True
     # each coarse level from its own ridge or from the summed bins, chosen on c, kept by
     # the refit; predict follows the choice, raw=True gives the level's own ridge
-    from magnet_st.modelfile import aggregate_bins
+    from magnet_st.predict.modelfile import aggregate_bins
 
     chosen = model.coarse_from
     assert set(chosen) == {"spot", "region"} and refit.coarse_from == chosen

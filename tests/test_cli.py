@@ -124,7 +124,7 @@ def test_loss_weight_option_sets_weights_and_rejects_bad_ones() -> None:
 
     from magnet_st.cli import _LOSS_DEFAULTS, _train_config
     from magnet_st.errors import ConfigError
-    from magnet_st.losses import LossWeights
+    from magnet_st.model.losses import LossWeights
 
     assert asdict(LossWeights()) == _LOSS_DEFAULTS  # '--help' shows the true defaults
     parser = build_parser()
@@ -278,7 +278,7 @@ def test_third_party_deprecation_warnings_are_silenced(monkeypatch: pytest.Monke
         # torch_geometric's import-time torch.jit.script call warns in torch's name
         jit = "`torch.jit.script` is deprecated. Please switch to `torch.compile`."
         warnings.warn_explicit(jit, FutureWarning, "x.py", 1, module="torch.jit._script")
-        warnings.warn_explicit("ours", FutureWarning, "x.py", 1, module="magnet_st.cv")
+        warnings.warn_explicit("ours", FutureWarning, "x.py", 1, module="magnet_st.evaluate.cv")
         warnings.warn_explicit("user", UserWarning, "x.py", 1, module="lightning.pytorch")
         warnings.warn_explicit("other", FutureWarning, "x.py", 1, module="timmy")
     assert sorted(str(w.message) for w in caught) == ["other", "ours", "user"]
@@ -289,7 +289,7 @@ def test_explicit_options_win_over_the_paper_variant_presets() -> None:
 
     from magnet_st.cli import _train_config, build_parser
     from magnet_st.registry import TRAIN_DEFAULTS
-    from magnet_st.train import TrainConfig
+    from magnet_st.train.trainer import TrainConfig
 
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     assert {k: defaults[k] for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS  # '--help' is true

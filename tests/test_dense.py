@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from magnet_st import dense as D
-from magnet_st.dense import DenseConfig, Footprints
 from magnet_st.errors import ConfigError
-from magnet_st.features import extract_features, load_features
-from magnet_st.prepare import PrepareConfig, prepare
+from magnet_st.features import dense as D
+from magnet_st.features.dense import DenseConfig, Footprints
+from magnet_st.features.store import extract_features, load_features
+from magnet_st.prepare.build import PrepareConfig, prepare
 from magnet_st.read.specs import SlideSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -251,11 +251,11 @@ def test_dense_feature_set_is_stored_resumes_and_is_skipped(
 def test_ridge_gives_each_block_of_its_input_the_same_total_variance(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from magnet_st.baselines.ridge import RidgeBaseline
+    from magnet_st.evaluate.baselines.ridge import RidgeBaseline
 
     parts = [["s16", 4], ["s32", 12]]
     meta = {"encoder": {"dense": {"blocks": {lv: parts for lv in ("bin", "spot", "region")}}}}
-    monkeypatch.setattr("magnet_st.features.feature_set_meta", lambda path, key: meta)
+    monkeypatch.setattr("magnet_st.features.store.feature_set_meta", lambda path, key: meta)
     ridge, ds = RidgeBaseline("x"), SimpleNamespace(path="p")
     w = ridge._block_weights(ds, "bin", [16, 16, 16])
     per_block = np.add.reduceat(w**2, [0, 4, 16, 20, 32, 36])  # variance of each block
@@ -268,9 +268,9 @@ def test_ridge_gives_each_block_of_its_input_the_same_total_variance(
 def test_a_model_on_dense_features_predicts_from_the_image_with_the_same_features(
     prepared: Path, synthetic_slide: Path, tmp_path: Path
 ) -> None:
-    from magnet_st.dataset import Dataset
-    from magnet_st.predict import predict
-    from magnet_st.train import TrainConfig, fit
+    from magnet_st.data.dataset import Dataset
+    from magnet_st.predict.image import predict
+    from magnet_st.train.trainer import TrainConfig, fit
 
     ds = tmp_path / "ds"
     shutil.copytree(prepared, ds)
@@ -299,9 +299,9 @@ def test_a_spot_model_predicts_a_virtual_array_of_its_spots(
     import anndata
 
     from magnet_st import read
-    from magnet_st.dataset import Dataset
-    from magnet_st.predict import predict
-    from magnet_st.train import TrainConfig, fit
+    from magnet_st.data.dataset import Dataset
+    from magnet_st.predict.image import predict
+    from magnet_st.train.trainer import TrainConfig, fit
 
     specs = read.specs_from_paths([her2st_root])[:2]
     prepare(specs[:1], tmp_path / "ds", PrepareConfig(n_genes=30), progress=False)

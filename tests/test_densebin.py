@@ -9,14 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from magnet_st.batching import SlideArrays
-from magnet_st.dataset import Dataset
-from magnet_st.dense import DISC, SQUARE, DenseConfig, Footprints, MapSpec, pool_discs, pool_tile
-from magnet_st.densebin import DenseTileReader, footprint_weights, pool_maps
-from magnet_st.features import extract_features
-from magnet_st.inputs import model_inputs, model_reader
-from magnet_st.modelfile import load_model, predict_slide
-from magnet_st.train import TrainConfig, fit
+from magnet_st.data.dataset import Dataset
+from magnet_st.features.dense import (
+    DISC,
+    SQUARE,
+    DenseConfig,
+    Footprints,
+    MapSpec,
+    pool_discs,
+    pool_tile,
+)
+from magnet_st.features.store import extract_features
+from magnet_st.model.batching import SlideArrays
+from magnet_st.model.densebin import DenseTileReader, footprint_weights, pool_maps
+from magnet_st.model.inputs import model_inputs, model_reader
+from magnet_st.predict.modelfile import load_model, predict_slide
+from magnet_st.train.trainer import TrainConfig, fit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -125,7 +133,7 @@ def test_crops_flip_and_turn_with_their_footprints(shape: str, spread: float) ->
 @pytest.fixture(scope="module")
 def dense_ds(tmp_path_factory: pytest.TempPathFactory, hd_runs) -> tuple[Path, str]:
     """Two synthetic HD slides with a dense feature set (0.5 um/px, a 64 um window)."""
-    from magnet_st.prepare import PrepareConfig, prepare
+    from magnet_st.prepare.build import PrepareConfig, prepare
 
     root = tmp_path_factory.mktemp("densebin")
     specs = hd_runs(root, 2, size_um=256, seed=40)
@@ -176,11 +184,11 @@ def test_dense_branch_starts_from_the_frozen_dense_features(dense_ds) -> None:
     """In eval mode the untrained branch's unit features are the feature set's own columns
     (same weights, resolution, margin and cell grid; the crops' context differs only
     beyond the margin)."""
-    from magnet_st.encoders import create_backbone, create_encoder
-    from magnet_st.features import load_features
-    from magnet_st.inputs import slide_arrays
-    from magnet_st.model import BinEncoder, MagNetConfig
-    from magnet_st.train import dense_bin_settings
+    from magnet_st.features.encoders import create_backbone, create_encoder
+    from magnet_st.features.store import load_features
+    from magnet_st.model.inputs import slide_arrays
+    from magnet_st.model.magnet import BinEncoder, MagNetConfig
+    from magnet_st.train.trainer import dense_bin_settings
 
     path, key = dense_ds
     ds = Dataset(path)

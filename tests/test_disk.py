@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magnet_st.atomic import new_memmap
 from magnet_st.cli import main
 from magnet_st.errors import InputError
+from magnet_st.util.atomic import new_memmap
 
 
 def test_memmaps_reserve_their_blocks_and_a_full_disk_is_one_line(
@@ -75,7 +75,7 @@ def test_a_write_that_cannot_fit_is_refused_before_it_starts(
     import shutil
     from collections import namedtuple
 
-    from magnet_st.atomic import check_free_space
+    from magnet_st.util.atomic import check_free_space
 
     check_free_space(tmp_path / "new" / "folder", 1000)  # fits: nothing happens
     usage = namedtuple("usage", "total used free")
@@ -86,9 +86,9 @@ def test_a_write_that_cannot_fit_is_refused_before_it_starts(
 
 def test_refusals_before_work_leave_no_folder(tmp_path: Path) -> None:
     from magnet_st.errors import ConfigError
-    from magnet_st.prepare import prepare
+    from magnet_st.prepare.build import prepare
     from magnet_st.read.specs import SlideSpec
-    from magnet_st.train import TrainConfig, fit
+    from magnet_st.train.trainer import TrainConfig, fit
 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(InputError, match="afile: is a file, where the output folder"):
@@ -103,7 +103,7 @@ def test_a_file_beyond_the_shells_size_limit_is_refused_before_writing(
 ) -> None:
     import resource
 
-    from magnet_st.atomic import check_free_space
+    from magnet_st.util.atomic import check_free_space
 
     monkeypatch.setattr(resource, "getrlimit", lambda r: (65536, resource.RLIM_INFINITY))
     check_free_space(tmp_path, 10_000, largest_file=10_000)  # fits under 64 KB

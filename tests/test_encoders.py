@@ -11,7 +11,8 @@ import timm
 import torch
 from PIL import Image
 
-from magnet_st.encoders import (
+from magnet_st.errors import ConfigError, InputError, MagnetError
+from magnet_st.features.encoders import (
     OFFLINE_IMAGENET,
     Preprocess,
     create_backbone,
@@ -19,7 +20,6 @@ from magnet_st.encoders import (
     encoder_key,
     resolve_device,
 )
-from magnet_st.errors import ConfigError, InputError, MagnetError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -295,8 +295,8 @@ def test_encoder_kwargs_import_only_layer_classes() -> None:
     class of timm.layers / torch.nn, never a function such as torch.hub.load."""
     import torch
 
-    from magnet_st.encoders import _resolve_kwargs
     from magnet_st.errors import ConfigError
+    from magnet_st.features.encoders import _resolve_kwargs
 
     got = _resolve_kwargs({"act_layer": "torch.nn.SiLU", "mlp_layer": "timm.layers.SwiGLUPacked"})
     assert got["act_layer"] is torch.nn.SiLU

@@ -1,8 +1,8 @@
-"""magnet_st.export.write_spatialdata: a prediction as a SpatialData store.
+"""magnet_st.io.export.write_spatialdata: a prediction as a SpatialData store.
 
 The stores are checked with the repository's reader of such stores
 (magnet_st.read.spatialdata, which mirrors spatialdata's layout), with anndata, zarr and
-pyarrow, and with magnet_st.image.open_image; and, where the ``spatialdata`` extra is
+pyarrow, and with magnet_st.io.image.open_image; and, where the ``spatialdata`` extra is
 installed (not in CI's environment), with the spatialdata package itself (test (e)).
 """
 
@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from magnet_st import export
-from magnet_st.export import write_spatialdata
-from magnet_st.image import open_image
+from magnet_st.io import export
+from magnet_st.io.export import write_spatialdata
+from magnet_st.io.image import open_image
 from magnet_st.read import spatialdata as rs
 
 MPP = 0.5

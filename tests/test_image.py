@@ -1,4 +1,4 @@
-"""Tests of magnet_st.image: region reads from TIFF, OpenSlide and PIL images."""
+"""Tests of magnet_st.io.image: region reads from TIFF, OpenSlide and PIL images."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-import magnet_st.image as image_mod
+import magnet_st.io.image as image_mod
 from magnet_st.errors import InputError
-from magnet_st.image import SlideImage, open_image
+from magnet_st.io.image import SlideImage, open_image
 
 H, W = 600, 800  # level-0 size of most test images (not a multiple of the tile size)
 

@@ -11,11 +11,11 @@ import pytest
 
 from magnet_st.cli import main
 from magnet_st.errors import InputError
-from magnet_st.lock import hold, lock_path
+from magnet_st.util.lock import hold, lock_path
 
 HOLDER = """
 import sys, time
-from magnet_st.lock import hold
+from magnet_st.util.lock import hold
 with hold(sys.argv[1], "magnet features"):
     print("held", flush=True)
     time.sleep(60)

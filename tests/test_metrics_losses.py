@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import pearsonr
 
-from magnet_st.losses import (
+from magnet_st.model.losses import (
     LossWeights,
     aggregate_bins,
     magnet_loss,
@@ -16,7 +16,7 @@ from magnet_st.losses import (
     pcc_rows,
     rate_consistency,
 )
-from magnet_st.metrics import evaluate, pcc_per_gene, pcc_per_unit, summarize
+from magnet_st.model.metrics import evaluate, pcc_per_gene, pcc_per_unit, summarize
 
 
 def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -205,7 +205,7 @@ def test_pcc_axes_match_scipy() -> None:
 
 
 def test_streaming_evaluation_matches_evaluate_in_chunks_and_across_ranks() -> None:
-    from magnet_st.metrics import GenePearson, StreamingEvaluation
+    from magnet_st.model.metrics import GenePearson, StreamingEvaluation
 
     rng = np.random.default_rng(9)
     y = np.log1p(rng.poisson(rng.gamma(1.0, 2.0, 12), (500, 12))).astype(np.float32)
@@ -230,7 +230,7 @@ def test_streaming_evaluation_matches_evaluate_in_chunks_and_across_ranks() -> N
 
 
 def test_between_group_share_shows_collapse_to_tile_averages() -> None:
-    from magnet_st.metrics import BetweenGroupShare
+    from magnet_st.model.metrics import BetweenGroupShare
 
     rng = np.random.default_rng(2)
     groups = np.repeat(np.arange(40), 25)
@@ -251,7 +251,7 @@ def test_between_group_share_shows_collapse_to_tile_averages() -> None:
 
 
 def test_between_group_share_of_a_constant_prediction_is_undefined() -> None:
-    from magnet_st.metrics import BetweenGroupShare
+    from magnet_st.model.metrics import BetweenGroupShare
 
     share = BetweenGroupShare(3, 4)
     const = np.tile(np.log1p(np.array([0.3, 1.7, 2.2, 0.01])), (30, 1)).astype(np.float32)
@@ -260,7 +260,7 @@ def test_between_group_share_of_a_constant_prediction_is_undefined() -> None:
 
 
 def test_chosen_epochs_counts_up_to_the_first_best_validation_epoch() -> None:
-    from magnet_st.metrics import chosen_epochs
+    from magnet_st.model.metrics import chosen_epochs
 
     hist = [{"epoch": e, "val/pcc_gene": v} for e, v in enumerate([0.1, 0.3, 0.3, 0.2])]
     assert chosen_epochs(hist) == 2  # epochs 0 and 1: the checkpoint early stopping kept

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from magnet_st.batching import BlockDataset, SlideArrays, blocks, make_batch
 from magnet_st.errors import ConfigError
-from magnet_st.model import MagNetConfig, create_model
+from magnet_st.model.batching import BlockDataset, SlideArrays, blocks, make_batch
+from magnet_st.model.magnet import MagNetConfig, create_model
 
 
 def _slide(
@@ -180,7 +180,7 @@ def test_bad_model_configs() -> None:
 def test_attention_depends_on_the_query_only_with_several_context_tokens() -> None:
     """On ContextAttention alone: one context token makes the softmax weight 1, so the
     attended context ignores the query (the published defect); five tokens do not."""
-    from magnet_st.model import ContextAttention
+    from magnet_st.model.magnet import ContextAttention
 
     torch.manual_seed(0)
     attn = ContextAttention(32, 4, 0.0).eval()
@@ -194,7 +194,7 @@ def test_attention_depends_on_the_query_only_with_several_context_tokens() -> No
 
 
 def test_three_gat_layers_carry_a_change_three_hops_along_a_chain() -> None:
-    from magnet_st.model import GATStack
+    from magnet_st.model.magnet import GATStack
 
     torch.manual_seed(0)
     gat = GATStack(16, 4, 3, 0.0).eval()
@@ -292,7 +292,7 @@ def test_end_to_end_bin_encoder_with_a_pre_logits_head() -> None:
 
 
 def test_bin_batches_are_compact_whole_tiles_of_about_the_target_size() -> None:
-    from magnet_st.batching import bin_batches
+    from magnet_st.model.batching import bin_batches
 
     s = _slide(n_side=40)  # 1,600 bins in 4 x 4-bin spot tiles (16 bins each), 10 x 10 tiles
     for target, side in ((64, 2), (256, 4), (100_000, 80)):
@@ -311,8 +311,8 @@ def test_bin_batches_are_compact_whole_tiles_of_about_the_target_size() -> None:
 
 
 def test_rate_heads_start_at_the_mean_count_even_for_large_counts() -> None:
-    from magnet_st.targets import TargetTransform
-    from magnet_st.train import init_head_bias
+    from magnet_st.data.targets import TargetTransform
+    from magnet_st.train.trainer import init_head_bias
 
     s = _slide()
     for lv in ("bin", "spot", "region"):  # region tiles then hold ~6,400 counts per gene

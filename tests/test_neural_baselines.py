@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
-from magnet_st.baselines import BASELINE_NAMES, create_baseline, load_baseline
-from magnet_st.dataset import Dataset
-from magnet_st.levels import LEVELS
-from magnet_st.metrics import pcc_per_gene
+from magnet_st.data.dataset import Dataset
+from magnet_st.data.levels import LEVELS
+from magnet_st.evaluate.baselines import BASELINE_NAMES, create_baseline, load_baseline
+from magnet_st.model.metrics import pcc_per_gene
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,7 +37,7 @@ SMALL = {
 
 
 def _neural_names() -> list[str]:
-    from magnet_st.baselines.neural import NEURAL_BASELINES
+    from magnet_st.evaluate.baselines.neural import NEURAL_BASELINES
 
     names = [n for n in BASELINE_NAMES if n != "ridge"]
     assert sorted(names) == sorted(NEURAL_BASELINES)  # every registered one is tested here
@@ -52,8 +52,8 @@ def signal_ds(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) 
     """Three 240 um synthetic slides (8 um bins, a 20-gene panel) and an imported feature
     set whose rows are a random linear map of each unit's log1p panel expression plus
     noise: a model that reads its input can predict the held-out slide."""
-    from magnet_st.features import import_features
-    from magnet_st.prepare import PrepareConfig, prepare
+    from magnet_st.features.store import import_features
+    from magnet_st.prepare.build import PrepareConfig, prepare
     from magnet_st.read.specs import SlideSpec
     from magnet_st.synthetic import write_synthetic_hd
 
@@ -159,7 +159,7 @@ def test_bleep_averages_the_reference_profiles_nearest_by_cosine(
 ) -> None:
     """BLEEP's inference: the mean expression of the ``neighbours`` reference units whose
     expression embeddings are nearest (cosine) to the unit's image embedding."""
-    from magnet_st.features import load_features
+    from magnet_st.features.store import load_features
 
     path, key = signal_ds
     ds = Dataset(path)
@@ -205,7 +205,7 @@ def test_retrieval_banks_hold_only_training_units(signal_ds: tuple[Path, str]) -
     """BLEEP's reference and EGN's exemplars: units of the training slides only, never of
     the validation slide read while fitting (nor, so, of a test slide), with their own
     features and expression; in training a unit never retrieves itself."""
-    from magnet_st.features import load_features
+    from magnet_st.features.store import load_features
 
     path, key = signal_ds
     ds = Dataset(path)
@@ -243,9 +243,9 @@ def test_benchmark_tables_per_level_and_resume_model_by_model(
     signal_ds: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import magnet_st.report
-    from magnet_st.baselines.neural import NeuralBaseline
-    from magnet_st.baselines.ridge import RidgeBaseline
     from magnet_st.cli import main
+    from magnet_st.evaluate.baselines.neural import NeuralBaseline
+    from magnet_st.evaluate.baselines.ridge import RidgeBaseline
 
     path, key = signal_ds
     out = tmp_path / "bench"
@@ -315,7 +315,7 @@ def test_benchmark_tables_per_level_and_resume_model_by_model(
 
 
 def test_each_baseline_names_its_paper_and_what_was_simplified() -> None:
-    from magnet_st.baselines.neural import NEURAL_BASELINES
+    from magnet_st.evaluate.baselines.neural import NEURAL_BASELINES
 
     papers = {
         "stnet": ("He et al", "2020"),
@@ -332,8 +332,8 @@ def test_each_baseline_names_its_paper_and_what_was_simplified() -> None:
 
 
 def test_a_width_the_attention_heads_cannot_split_is_refused_up_front() -> None:
-    from magnet_st.baselines.neural import BaselineConfig
     from magnet_st.errors import ConfigError
+    from magnet_st.evaluate.baselines.neural import BaselineConfig
 
     assert BaselineConfig(width=64).width == 64
     with pytest.raises(ConfigError, match="multiple of 8, got 12"):

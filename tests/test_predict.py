@@ -1,4 +1,4 @@
-"""Prediction on image-only slides and on Space Ranger bins (magnet_st.predict)."""
+"""Prediction on image-only slides and on Space Ranger bins (magnet_st.predict.image)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from magnet_st.data.dataset import Dataset
 from magnet_st.errors import InputError
-from magnet_st.features import extract_features
-from magnet_st.prepare import PrepareConfig, prepare
+from magnet_st.features.store import extract_features
+from magnet_st.prepare.build import PrepareConfig, prepare
 from magnet_st.read.specs import SlideSpec
-from magnet_st.train import TrainConfig, fit
+from magnet_st.train.trainer import TrainConfig, fit
 
 ENC = "mobilenetv3_small_050"
 MARGIN_UM = 150.0  # write_synthetic_hd's default margin around the capture area
@@ -50,7 +51,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )  # fmt: skip
     cfg = TrainConfig(features=res["key"], width=32, epochs=1, patience=1)
     fit_res = fit(
-        __import__("magnet_st.dataset").dataset.Dataset(root / "ds"),
+        Dataset(root / "ds"),
         ["s0"],
         [],
         cfg,
@@ -62,7 +63,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def image_only(trained: dict) -> dict:
-    from magnet_st.predict import predict
+    from magnet_st.predict.image import predict
 
     res = predict(
         trained["model"],
@@ -95,7 +96,7 @@ def test_image_only_prediction_bins_positions_and_files(trained: dict, image_onl
     sr = set(truth.loc[truth["in_tissue"] == 1, "barcode"])
     assert len(sr & set(ad.obs_names)) >= 0.97 * len(sr)
     # predictions: the model's panel, log1p scale, finite
-    from magnet_st.modelfile import load_model
+    from magnet_st.predict.modelfile import load_model
 
     _, payload = load_model(trained["model"])
     assert list(ad.var["gene_ids"]) == payload["genes"]
@@ -134,7 +135,7 @@ def test_rerun_reuses_the_work_folder(trained: dict, image_only: dict) -> None:
     a SpatialData store of the three levels (checked in detail in test_export_spatialdata)."""
     import anndata
 
-    from magnet_st.predict import predict
+    from magnet_st.predict.image import predict
     from magnet_st.read.spatialdata import _images, _read_element
 
     feats = next((image_only["res"].out / "work/features").glob("*/*/bin.npy"))
@@ -170,7 +171,7 @@ def test_rerun_reuses_the_work_folder(trained: dict, image_only: dict) -> None:
 def test_image_only_and_spaceranger_agree_at_shared_bins(trained: dict, image_only: dict) -> None:
     import anndata
 
-    from magnet_st.predict import predict
+    from magnet_st.predict.image import predict
 
     sr = predict(  # no --image: a 'magnet synth' run keeps its image in its folder
         trained["model"],
@@ -197,7 +198,7 @@ def test_errors(trained: dict, tmp_path: Path) -> None:
     import tifffile
     from PIL import Image
 
-    from magnet_st.predict import predict
+    from magnet_st.predict.image import predict
 
     white = tmp_path / "white.tif"
     tifffile.imwrite(white, np.full((800, 800, 3), 245, np.uint8))
@@ -251,7 +252,7 @@ def test_a_name_that_is_a_path_is_refused_before_anything_is_written(
     trained: dict, tmp_path: Path
 ) -> None:
     from magnet_st.errors import ConfigError
-    from magnet_st.predict import predict
+    from magnet_st.predict.image import predict
 
     out = tmp_path / "a" / "b" / "pred"
     with pytest.raises(ConfigError, match="a name is not a path"):
@@ -271,8 +272,8 @@ def test_roi_bounds_the_grid_max_bins_stops_and_the_slide_is_read_once(
 ) -> None:
     import anndata
 
-    from magnet_st.image import SlideImage
-    from magnet_st.predict import predict
+    from magnet_st.io.image import SlideImage
+    from magnet_st.predict.image import predict
 
     full = anndata.read_h5ad(image_only["res"].files["bin"])
     mpp = full.uns["spatial"][full.uns["magnet"]["slide"]]["scalefactors"]["microns_per_pixel"]
@@ -314,7 +315,7 @@ def test_measured_counts_follow_the_model_panel_sparse(trained: dict, tmp_path: 
     import anndata
     import scipy.sparse as sp
 
-    from magnet_st.predict import predict
+    from magnet_st.predict.image import predict
     from magnet_st.read import visium_hd
 
     sr = predict(trained["model"], tmp_path / "sr", spaceranger=trained["new"], device="cpu",
@@ -336,7 +337,7 @@ def test_prediction_loads_no_training_stack(trained: dict, tmp_path: Path) -> No
 
     code = (
         "import sys\n"
-        "from magnet_st.predict import predict\n"
+        "from magnet_st.predict.image import predict\n"
         f"predict({str(trained['model'])!r}, {str(tmp_path / 'p')!r}, "
         f"image={str(trained['new'] / 'he_fullres.tif')!r}, device='cpu', num_workers=0, "
         "progress=False)\n"

@@ -13,10 +13,10 @@ import pytest
 import scipy.sparse as sp
 
 from magnet_st import read
+from magnet_st.data.graph import knn_edges
+from magnet_st.data.panel import select_panel
 from magnet_st.errors import ConfigError, InputError
-from magnet_st.graph import knn_edges
-from magnet_st.panel import select_panel
-from magnet_st.prepare import PrepareConfig, dataset_is_complete, prepare
+from magnet_st.prepare.build import PrepareConfig, dataset_is_complete, prepare
 from magnet_st.read.specs import SlideSpec
 
 
@@ -184,7 +184,7 @@ def test_panel_from_training_slides_only(synthetic_slide: Path, tmp_path: Path) 
 def test_noop_rerun_and_resume(
     synthetic_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import magnet_st.prepare as prep
+    import magnet_st.prepare.build as prep
     from magnet_st.synthetic import write_synthetic_hd
 
     other = tmp_path / "other"
@@ -230,7 +230,7 @@ def test_noop_rerun_and_resume(
 def test_resume_skips_slides_of_an_interrupted_rerun(
     synthetic_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import magnet_st.prepare as prep
+    import magnet_st.prepare.build as prep
     from magnet_st.synthetic import write_synthetic_hd
 
     other = tmp_path / "other"
@@ -339,7 +339,7 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
 
 
 def test_tile_snapping_rule() -> None:
-    from magnet_st.prepare import describe_tiles, snap_tile_px, tile_summary
+    from magnet_st.prepare.build import describe_tiles, snap_tile_px, tile_summary
 
     assert snap_tile_px(224, 0.25, 8) == 224  # 56 um = 7 bins
     assert snap_tile_px(224, 0.25, 16) == 256  # 56 um = 3.5 bins -> 64 um (halves up)
@@ -430,7 +430,7 @@ def _legacy_pair(root: Path) -> tuple[SlideSpec, SlideSpec, list[str]]:
 
 
 def test_legacy_section_without_a_panel_gene_is_added_with_zeros(tmp_path: Path) -> None:
-    from magnet_st.dataset import Dataset
+    from magnet_st.data.dataset import Dataset
 
     a, b, _ = _legacy_pair(tmp_path / "st")
     ds = tmp_path / "ds"
@@ -454,8 +454,8 @@ def test_legacy_section_without_a_panel_gene_is_added_with_zeros(tmp_path: Path)
 
 
 def test_panel_across_legacy_sections_counts_unlisted_genes_as_zero(tmp_path: Path) -> None:
-    from magnet_st.dataset import Dataset
-    from magnet_st.panel import training_panel
+    from magnet_st.data.dataset import Dataset
+    from magnet_st.data.panel import training_panel
 
     a, b, _ = _legacy_pair(tmp_path / "st")
     ds = tmp_path / "ds"
@@ -511,7 +511,7 @@ def test_cp10k_targets_are_scanpys_normalize_total_then_log1p(
     gene (not only the panel's), then log1p, at every level, as scanpy computes them."""
     import scanpy as sc
 
-    from magnet_st.dataset import Dataset
+    from magnet_st.data.dataset import Dataset
 
     ds_path = tmp_path / "cp10k"
     prepare([_spec(synthetic_slide)], ds_path, PrepareConfig(n_genes=50, target="log1p_cp10k"))

@@ -523,7 +523,7 @@ def test_microns_per_pixel_that_cannot_be_right_stop_with_both_figures(
         read.visium_hd(synthetic_slide, 8, image=img, microns_per_pixel=4 * mpp)
     read.visium_hd(synthetic_slide, 8, image=img, microns_per_pixel=1.1 * mpp)  # within 25 %
     # an image larger than a glass slide at its microns per pixel
-    from magnet_st.slide import MAX_IMAGE_MM
+    from magnet_st.data.slide import MAX_IMAGE_MM
 
     big = read.visium_hd(synthetic_slide, 8, image=img)
     big.microns_per_pixel = MAX_IMAGE_MM[0] * 1000 / min(big.image.size) * 1.01

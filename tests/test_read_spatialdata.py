@@ -27,7 +27,7 @@ from PIL import Image
 from magnet_st import read
 from magnet_st.cli import main
 from magnet_st.errors import InputError
-from magnet_st.image import open_image
+from magnet_st.io.image import open_image
 
 # zarr 3.1 warns when writing v3 arrays without a sharding choice (the writer side only)
 pytestmark = pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from magnet_st.targets import TargetTransform, log1p_moments
+from magnet_st.data.targets import TargetTransform, log1p_moments
 
 
 def _reference(dense: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +61,7 @@ def test_log1p_moments_accumulate_float32_input_in_float64() -> None:
 
 
 def test_target_mean_is_the_transformed_log1p_mean() -> None:
-    from magnet_st.train import target_mean
+    from magnet_st.train.trainer import target_mean
 
     rng = np.random.default_rng(2)
     counts = [sp.random(n, 5, density=0.4, format="csr", random_state=rng) for n in (40, 90)]

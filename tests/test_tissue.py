@@ -1,4 +1,4 @@
-"""Tests of magnet_st.tissue: tissue detection and the virtual Visium HD bin grid."""
+"""Tests of magnet_st.io.tissue: tissue detection and the virtual Visium HD bin grid."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import tifffile
 from PIL import Image
 
 from magnet_st.errors import ConfigError, InputError
-from magnet_st.image import open_image
-from magnet_st.tissue import TissueMask, _otsu, detect_tissue, virtual_bins
+from magnet_st.io.image import open_image
+from magnet_st.io.tissue import TissueMask, _otsu, detect_tissue, virtual_bins
 
 MPP = 0.2738
 
@@ -284,7 +284,7 @@ def test_virtual_bins_cover_a_full_capture_area() -> None:
 
 
 def test_virtual_spots_lay_out_visium_and_st_arrays_over_tissue() -> None:
-    from magnet_st.tissue import virtual_spots
+    from magnet_st.io.tissue import virtual_spots
 
     mpp = 0.5  # a 2 x 1.5 mm image; tissue on its left half only
     mask = np.zeros((150, 200), bool)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from magnet_st import torchfile
 from magnet_st.cli import main
 from magnet_st.errors import InputError
+from magnet_st.util import torchfile
 
 
 def _bad_files(tmp_path: Path) -> dict[str, Path]:
@@ -59,8 +59,8 @@ def test_commands_given_a_bad_file_say_so_in_one_line(
         assert "unexpected" not in err and "weights_only" not in err and "Traceback" not in err
     assert not (tmp_path / "p").exists()
     # encoder weights, and a checkpoint to resume training from: the same, before any work
-    from magnet_st.encoders import create_encoder
-    from magnet_st.train import TrainConfig, fit
+    from magnet_st.features.encoders import create_encoder
+    from magnet_st.train.trainer import TrainConfig, fit
 
     with pytest.raises(InputError, match="cannot read weights") as info:
         create_encoder("resnet18", weights=bad)

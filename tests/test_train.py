@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from magnet_st.batching import BlockDataset
-from magnet_st.dataset import Dataset
+from magnet_st.data.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
-from magnet_st.features import extract_features
-from magnet_st.inputs import slide_arrays
-from magnet_st.losses import LossWeights, magnet_loss
-from magnet_st.model import create_model
-from magnet_st.modelfile import load_model, predict_slide
-from magnet_st.prepare import PrepareConfig, prepare
-from magnet_st.train import (
+from magnet_st.features.store import extract_features
+from magnet_st.model.batching import BlockDataset
+from magnet_st.model.inputs import slide_arrays
+from magnet_st.model.losses import LossWeights, magnet_loss
+from magnet_st.model.magnet import create_model
+from magnet_st.predict.modelfile import load_model, predict_slide
+from magnet_st.prepare.build import PrepareConfig, prepare
+from magnet_st.train.trainer import (
     MagNetModule,
     PatchReader,
     TrainConfig,
@@ -99,7 +99,7 @@ def test_fit_is_deterministic_and_the_model_file_round_trips(ds_path: Path, tmp_
     # weights_only load, and the payload carries what prediction needs
     payload = torch.load(a.model_path, weights_only=True)
     # no genes given: the panel is chosen on the training slide alone (not on s1)
-    from magnet_st.panel import training_panel
+    from magnet_st.data.panel import training_panel
 
     own = training_panel(ds, ["s0"], cfg.seed).genes
     assert payload["genes"] == own and len(payload["gene_names"]) == len(own)
@@ -118,7 +118,7 @@ def test_fit_is_deterministic_and_the_model_file_round_trips(ds_path: Path, tmp_
 def test_no_context_variant_predicts_coarse_levels_as_its_summed_bins(
     ds_path: Path, tmp_path: Path
 ) -> None:
-    from magnet_st.modelfile import aggregate_bins
+    from magnet_st.predict.modelfile import aggregate_bins
 
     ds = Dataset(ds_path)
     res = fit(ds, ["s0"], [], TrainConfig(variant="no_context", **SMALL), tmp_path, progress=False)
@@ -157,9 +157,9 @@ def test_canary_gene_of_a_scored_slide_never_enters_a_panel(ds_path: Path, tmp_p
     import anndata
     import scipy.sparse as sp
 
-    from magnet_st.cv import cross_validate
-    from magnet_st.panel import select_panel
-    from magnet_st.predict import seen_in_training
+    from magnet_st.data.panel import select_panel
+    from magnet_st.evaluate.cv import cross_validate
+    from magnet_st.predict.image import seen_in_training
 
     ds_copy = tmp_path / "ds"
     shutil.copytree(ds_path, ds_copy)
@@ -219,7 +219,7 @@ def test_end_to_end_bin_encoder_one_epoch_then_predict(ds_path: Path, tmp_path: 
 
     import timm
 
-    from magnet_st.encoders import file_sha256
+    from magnet_st.features.encoders import file_sha256
 
     ds = Dataset(ds_path)
     start = timm.create_model(ENC)  # with its classifier, which loading drops
@@ -257,8 +257,8 @@ def test_end_to_end_bin_encoder_one_epoch_then_predict(ds_path: Path, tmp_path: 
 def test_bin_weights_load_into_the_backbone(ds_path: Path, tmp_path: Path) -> None:
     import timm
 
-    from magnet_st.encoders import file_sha256
-    from magnet_st.model import MagNetConfig
+    from magnet_st.features.encoders import file_sha256
+    from magnet_st.model.magnet import MagNetConfig
 
     src = timm.create_model(ENC)
     path = tmp_path / "w.pth"
@@ -300,7 +300,7 @@ def test_training_reads_count_and_feature_rows_from_disk_as_in_memory(ds_path: P
 
     import anndata
 
-    from magnet_st.ondisk import PanelCounts
+    from magnet_st.data.ondisk import PanelCounts
 
     ds = Dataset(ds_path)
     path = ds_path / ds.slide_meta("s0")["dir"] / "bin.h5ad"
@@ -327,7 +327,7 @@ def test_training_reads_count_and_feature_rows_from_disk_as_in_memory(ds_path: P
     with pytest.raises(KeyError):
         PanelCounts(path, ids, ["ABSENT"])
     # feature rows: one pread per run of rows, as np.load reads them
-    from magnet_st.features import load_features
+    from magnet_st.features.store import load_features
 
     feats = load_features(ds_path, KEY, "s0", "bin")
     on_disk = load_features(ds_path, KEY, "s0", "bin", on_disk=True)
@@ -357,9 +357,9 @@ def test_patch_reader_cuts_bins_as_features_cut_tiles(ds_path: Path) -> None:
     """One patch-cutting path: PatchReader's patches are the feature cache's tiles for the
     same centres (whole native pixels, resampled in torch), normalised by the bin encoder
     with its backbone's timm mean / std; training batches are flipped / rotated copies."""
-    from magnet_st import features as F
-    from magnet_st.encoders import Preprocess, data_config
-    from magnet_st.model import MagNetConfig, create_model
+    from magnet_st.features import store as F
+    from magnet_st.features.encoders import Preprocess, data_config
+    from magnet_st.model.magnet import MagNetConfig, create_model
 
     ds = Dataset(ds_path)
     image = ds.image("s0")
@@ -513,7 +513,7 @@ def test_cross_validation_ddp_two_cpu_processes(ds_path: Path, tmp_path: Path) -
 def test_cross_validation_tables_and_resume(ds_path: Path, tmp_path: Path) -> None:
     import pandas as pd
 
-    from magnet_st.cv import (
+    from magnet_st.evaluate.cv import (
         cross_validate,
         group_summary,
         make_folds,
@@ -646,7 +646,7 @@ def test_cross_validation_ensemble_scores_the_mean_of_its_seeds(
     predictions; a rerun trains nothing; another N in the same folder is refused."""
     import anndata
 
-    from magnet_st.cv import cross_validate
+    from magnet_st.evaluate.cv import cross_validate
 
     cfg = TrainConfig(**{**SMALL, "epochs": 1, "max_batches": 2, "seed": 3})
     run = lambda n: cross_validate(  # noqa: E731
@@ -677,7 +677,7 @@ def test_cross_validation_ensemble_scores_the_mean_of_its_seeds(
 def test_summary_gives_each_models_fitting_seconds_per_fold() -> None:
     import pandas as pd
 
-    from magnet_st.cv import markdown_summary, summary_table
+    from magnet_st.evaluate.cv import markdown_summary, summary_table
 
     toy = pd.DataFrame(
         {
@@ -704,7 +704,7 @@ def test_summary_gives_each_test_slide_with_its_best_model_in_bold() -> None:
     of each column is bold; MSE's best is the lowest."""
     import pandas as pd
 
-    from magnet_st.cv import markdown_per_slide
+    from magnet_st.evaluate.cv import markdown_per_slide
 
     toy = pd.DataFrame(
         {
@@ -732,7 +732,7 @@ def test_cross_validation_runs_only_the_folds_asked_then_the_rest(
 ) -> None:
     import pandas as pd
 
-    from magnet_st.cv import cross_validate
+    from magnet_st.evaluate.cv import cross_validate
 
     cfg = TrainConfig(**SMALL)
     table = cross_validate(
@@ -754,8 +754,8 @@ def test_cross_validation_runs_the_ridge_probe_unasked(
 ) -> None:
     import pandas as pd
 
-    import magnet_st.features
-    from magnet_st.cv import _ridge_ready, cross_validate
+    import magnet_st.features.store
+    from magnet_st.evaluate.cv import _ridge_ready, cross_validate
 
     cfg = TrainConfig(**SMALL)
     table = cross_validate(ds_path, tmp_path / "cv", cfg, variants=[], progress=False)
@@ -784,14 +784,14 @@ def test_cross_validation_runs_the_ridge_probe_unasked(
     assert report["levels"]["bin"]["cv"]["groups"].endswith("x-blocks of s1")
     assert report["levels"]["bin"]["sources"] == ["bin", "spot", "region"]
     # a feature set without bin features: the probe is skipped, and a log line says why
-    real = magnet_st.features.resolve_feature_set
+    real = magnet_st.features.store.resolve_feature_set
 
     def no_bins(path, key):
         fs = real(path, key)
         return {**fs, "slides": {s: {lv: {"complete": True} for lv in TILES} for s in fs["slides"]}}
 
-    monkeypatch.setattr(magnet_st.features, "resolve_feature_set", no_bins)
-    with caplog.at_level("INFO", logger="magnet_st.cv"):
+    monkeypatch.setattr(magnet_st.features.store, "resolve_feature_set", no_bins)
+    with caplog.at_level("INFO", logger="magnet_st.evaluate.cv"):
         assert not _ridge_ready(Dataset(ds_path), KEY, ["s0", "s1"])
     assert "ridge probe skipped" in caplog.text and "s0/bin" in caplog.text
 
@@ -802,8 +802,8 @@ def test_ridge_baseline_matches_sklearn_and_round_trips(ds_path: Path, tmp_path:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from magnet_st.baselines import RidgeBaseline, create_baseline
-    from magnet_st.features import load_features
+    from magnet_st.evaluate.baselines import RidgeBaseline, create_baseline
+    from magnet_st.features.store import load_features
 
     ds = Dataset(ds_path)
     genes = ds.all_slide_panel
@@ -851,9 +851,9 @@ def test_every_model_follows_one_fold_protocol(ds3_path: Path, tmp_path: Path) -
     import anndata
     import pandas as pd
 
-    from magnet_st.cv import aggregate_bins, cross_validate, make_folds
-    from magnet_st.metrics import chosen_epochs
-    from magnet_st.panel import training_panel
+    from magnet_st.data.panel import training_panel
+    from magnet_st.evaluate.cv import aggregate_bins, cross_validate, make_folds
+    from magnet_st.model.metrics import chosen_epochs
 
     cfg = TrainConfig(**{**SMALL, "epochs": 3, "patience": 2})
     fold = make_folds(["s0", "s1", "s2"])[0]
@@ -990,7 +990,7 @@ def replace_cfg(cfg: TrainConfig, **changes) -> TrainConfig:
 def test_a_timm_bin_encoder_without_weights_is_refused_unless_asked() -> None:
     """--variant paper's ResNet50 (any timm bin encoder) without --bin-weights would train
     from random weights: refused with one line, unless --bin-weights random."""
-    from magnet_st.train import check_bin_start
+    from magnet_st.train.trainer import check_bin_start
 
     paper = TrainConfig.for_variant("paper", features=KEY)
     assert paper.bin_encoder == "resnet50"
@@ -1003,7 +1003,7 @@ def test_a_timm_bin_encoder_without_weights_is_refused_unless_asked() -> None:
 
 
 def test_aggregate_bins_sums_expression_over_each_tile() -> None:
-    from magnet_st.cv import aggregate_bins
+    from magnet_st.evaluate.cv import aggregate_bins
 
     counts = np.array([[1.0, 0.0], [3.0, 2.0], [5.0, 0.0], [7.0, 7.0]])
     member = np.array([0, 0, 1, -1])  # the last bin is in no tile
@@ -1014,7 +1014,7 @@ def test_aggregate_bins_sums_expression_over_each_tile() -> None:
 def test_a_one_fold_table_has_no_spread() -> None:
     import pandas as pd
 
-    from magnet_st.cv import markdown_summary, summary_table
+    from magnet_st.evaluate.cv import markdown_summary, summary_table
 
     one = pd.DataFrame(
         {"model": ["m"], "level": ["bin"], "fold": [0], "mse": [1.0], "pcc_gene": [0.25]}
@@ -1028,7 +1028,7 @@ def test_models_are_compared_with_ridge_paired_by_fold() -> None:
     a gain smaller than its spread is a tie."""
     import pandas as pd
 
-    from magnet_st.cv import markdown_paired, paired_table
+    from magnet_st.evaluate.cv import markdown_paired, paired_table
 
     toy = pd.DataFrame(
         {
@@ -1056,7 +1056,7 @@ def test_diverging_training_stops_and_broken_models_are_refused(
 ) -> None:
     """A non-finite loss stops training with one line naming epoch and step (no model file);
     a model file with non-finite weights is refused; a slide in two roles is refused."""
-    from magnet_st.train import TrainingDiverged
+    from magnet_st.train.trainer import TrainingDiverged
 
     ds = Dataset(ds_path)
     cfg = TrainConfig(**{**SMALL, "epochs": 2, "lr": 1e30})

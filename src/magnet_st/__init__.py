@@ -19,8 +19,8 @@ from magnet_st.errors import InputError, MagnetError
 
 if TYPE_CHECKING:
     from magnet_st import pl, pp, read, tl
-    from magnet_st.image import SlideImage, open_image
-    from magnet_st.slide import Slide
+    from magnet_st.data.slide import Slide
+    from magnet_st.io.image import SlideImage, open_image
 
 __version__ = "0.1.0.dev0"
 
@@ -44,9 +44,9 @@ _LAZY = {
     "pp": ("magnet_st.pp", None),
     "tl": ("magnet_st.tl", None),
     "pl": ("magnet_st.pl", None),
-    "Slide": ("magnet_st.slide", "Slide"),
-    "SlideImage": ("magnet_st.image", "SlideImage"),
-    "open_image": ("magnet_st.image", "open_image"),
+    "Slide": ("magnet_st.data.slide", "Slide"),
+    "SlideImage": ("magnet_st.io.image", "SlideImage"),
+    "open_image": ("magnet_st.io.image", "open_image"),
 }
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from magnet_st.atomic import write_text
+from magnet_st.util.atomic import write_text
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +45,15 @@ def run_demo(
     pass per unit's patch, at ``input_px``)."""
     if mode not in ("dense", "patches"):
         raise ValueError(f"mode must be dense or patches, got {mode!r}")
-    from magnet_st.cv import cross_validate
-    from magnet_st.dataset import Dataset
-    from magnet_st.features import extract_features
-    from magnet_st.predict import predict
-    from magnet_st.prepare import PrepareConfig, prepare
+    from magnet_st.data.dataset import Dataset
+    from magnet_st.evaluate.cv import cross_validate
+    from magnet_st.features.store import extract_features
+    from magnet_st.predict.image import predict
+    from magnet_st.prepare.build import PrepareConfig, prepare
     from magnet_st.read.specs import SlideSpec
     from magnet_st.report import plot_results
     from magnet_st.synthetic import write_synthetic_hd
-    from magnet_st.train import TrainConfig, fit
+    from magnet_st.train.trainer import TrainConfig, fit
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -98,7 +98,7 @@ def run_demo(
     step("prepare", t)
 
     t = time.perf_counter()
-    from magnet_st.dense import DenseConfig
+    from magnet_st.features.dense import DenseConfig
 
     dense = DenseConfig() if mode == "dense" else None
     res = extract_features(

@@ -30,18 +30,18 @@ def prepare(
     **config: Any,
 ) -> Any:
     """Prepare slides for training and prediction; returns the
-    :class:`~magnet_st.dataset.Dataset` written to ``out``.
+    :class:`~magnet_st.data.dataset.Dataset` written to ``out``.
 
     ``inputs``: one or more Space Ranger runs, her2st folders, tables or ``magnet synth``
     runs (as ``magnet prepare INPUTS``); ``samples``: a sample sheet (``--samples``).
-    ``config``: :class:`~magnet_st.prepare.PrepareConfig` fields (``preset``, ``n_genes``,
+    ``config``: :class:`~magnet_st.prepare.build.PrepareConfig` fields (``preset``, ``n_genes``,
     ``panel``, ``genes``, ``target``, ``working_mpp``, ``seed`` ...), as the command's options.
     """
     from magnet_st import read
-    from magnet_st.dataset import Dataset
+    from magnet_st.data.dataset import Dataset
     from magnet_st.errors import MagnetError
-    from magnet_st.prepare import PrepareConfig
-    from magnet_st.prepare import prepare as _prepare
+    from magnet_st.prepare.build import PrepareConfig
+    from magnet_st.prepare.build import prepare as _prepare
 
     paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     specs = read.specs_from_sheet(samples) if samples is not None else []
@@ -71,14 +71,14 @@ def features(
 
     ``mode``: ``"dense"`` (one pass per image tile, pooled over each unit's footprint) or
     ``"patches"`` (one pass per unit's patch). ``options``: the dense settings of
-    :class:`~magnet_st.dense.DenseConfig` (``mpp``, ``tile_px``, ``margin_px``, ``strides``,
+    :class:`~magnet_st.features.dense.DenseConfig` (``mpp``, ``tile_px``, ``margin_px``, ``strides``,
     ``windows_um``) with ``mode="dense"``, and the other keyword arguments of
-    :func:`magnet_st.features.extract_features` (``batch_size``, ``input_px``,
+    :func:`magnet_st.features.store.extract_features` (``batch_size``, ``input_px``,
     ``encoder_kwargs``, ``overwrite`` ...).
     """
-    from magnet_st.dense import DenseConfig
     from magnet_st.errors import ConfigError
-    from magnet_st.features import extract_features
+    from magnet_st.features.dense import DenseConfig
+    from magnet_st.features.store import extract_features
 
     if mode not in ("dense", "patches"):
         raise ConfigError(f"mode must be 'dense' or 'patches', got {mode!r}")
@@ -101,5 +101,5 @@ def features(
 
 
 def _path(dataset: Any) -> Path:
-    """A dataset given as a folder or a :class:`~magnet_st.dataset.Dataset`."""
+    """A dataset given as a folder or a :class:`~magnet_st.data.dataset.Dataset`."""
     return Path(getattr(dataset, "path", dataset))

@@ -6,7 +6,7 @@
   (``magnet benchmark``);
 - :func:`predict`: expression of a slide from its image (``magnet predict``).
 
-Training options are :class:`~magnet_st.train.TrainConfig` fields given as keywords
+Training options are :class:`~magnet_st.train.trainer.TrainConfig` fields given as keywords
 (``epochs=20, width=128, bin_encoder="efficientnet_lite0_imagenet"`` ...); options not
 given take the variant's presets, as on the command line. ``features`` left ``None`` is the
 dataset's only feature set. See ``docs/api.md``.
@@ -27,9 +27,9 @@ BASELINES = tuple(registry.BASELINES)
 
 
 def train_config(dataset: Any, variant: str = "magnet", **options: Any) -> Any:
-    """The :class:`~magnet_st.train.TrainConfig` of ``variant`` with ``options`` (``None``
+    """The :class:`~magnet_st.train.trainer.TrainConfig` of ``variant`` with ``options`` (``None``
     values ignored, as unset command-line options), ``features`` resolved on ``dataset``."""
-    from magnet_st.train import TrainConfig
+    from magnet_st.train.trainer import TrainConfig
 
     given = {k: v for k, v in options.items() if v is not None}
     given["features"] = _features(dataset, given.get("features"))
@@ -62,11 +62,11 @@ def train(
     progress: bool = True,
     **options: Any,
 ) -> Any:
-    """Train MagNet; returns the :class:`~magnet_st.train.FitResult` (``model_path``: the
+    """Train MagNet; returns the :class:`~magnet_st.train.trainer.FitResult` (``model_path``: the
     model file, ``history``: the losses per epoch). Writes what ``magnet train`` writes."""
-    from magnet_st.dataset import Dataset
+    from magnet_st.data.dataset import Dataset
     from magnet_st.errors import MagnetError
-    from magnet_st.train import fit
+    from magnet_st.train.trainer import fit
 
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     cfg = train_config(ds, variant, **options)
@@ -102,8 +102,8 @@ def cv(
     ``magnet``, ``paper``, ``no_context``) and ``baselines`` (:data:`BASELINES`).
     ``gene_groups``: a CSV/TSV of gene and group, a synthetic slide's
     ``synthetic_truth.json``, or a dict of group -> genes."""
-    from magnet_st.cv import cross_validate, read_gene_groups
     from magnet_st.errors import ConfigError
+    from magnet_st.evaluate.cv import cross_validate, read_gene_groups
 
     variant = variants[0] if variants else "magnet"
     cfg = train_config(dataset, variant, **options)
@@ -178,11 +178,11 @@ def predict(
     as AnnData (``X`` on the model's log1p scale, ``obsm["spatial"]``, ``uns["spatial"]``;
     with ``spaceranger`` the measured counts in ``layers["measured"]``) and writes what
     ``magnet predict`` writes. ``options``: the other keyword arguments of
-    :func:`magnet_st.predict.predict` (``mpp``, ``name``, ``device``, ``max_bins``,
+    :func:`magnet_st.predict.image.predict` (``mpp``, ``name``, ``device``, ``max_bins``,
     ``spatialdata`` ...)."""
     import anndata as ad
 
-    from magnet_st.predict import predict as _predict
+    from magnet_st.predict.image import predict as _predict
 
     res = _predict(
         model, out, image=image, spaceranger=spaceranger, roi_um=roi_um, progress=progress,
@@ -199,7 +199,7 @@ def _features(dataset: Any, given: str | None) -> str:
     """``given``, else the dataset's only feature set (an error naming them when there are
     several or none)."""
     from magnet_st.errors import InputError
-    from magnet_st.features import list_feature_sets
+    from magnet_st.features.store import list_feature_sets
 
     if given is not None:
         return given

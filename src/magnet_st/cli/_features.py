@@ -16,7 +16,7 @@ from magnet_st.cli._common import (
 from magnet_st.errors import ConfigError
 
 if TYPE_CHECKING:
-    from magnet_st.dense import DenseConfig
+    from magnet_st.features.dense import DenseConfig
 
 
 # -- features --------------------------------------------------------------------------------
@@ -39,7 +39,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
-    from magnet_st.features import extract_features
+    from magnet_st.features.store import extract_features
 
     dense = _dense_config(args)
     t0 = time.perf_counter()
@@ -85,7 +85,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 def _dense_config(args: argparse.Namespace) -> DenseConfig | None:
     """The dense settings of ``magnet features`` / ``magnet predict`` arguments, or None."""
-    from magnet_st.dense import DenseConfig
+    from magnet_st.features.dense import DenseConfig
 
     given = [
         o
@@ -121,7 +121,7 @@ def _dense_config(args: argparse.Namespace) -> DenseConfig | None:
 
 def add_dense_options(p: argparse.ArgumentParser) -> None:
     """The options of dense features (``magnet features``)."""
-    from magnet_st.dense import PRESET_DEFAULTS, DenseConfig
+    from magnet_st.features.dense import PRESET_DEFAULTS, DenseConfig
 
     d = DenseConfig()
     g = p.add_argument_group(

@@ -14,7 +14,7 @@ from magnet_st.cli._common import (
 
 # -- predict ---------------------------------------------------------------------------------
 def cmd_predict(args: argparse.Namespace) -> int:
-    from magnet_st.predict import predict
+    from magnet_st.predict.image import predict
 
     tissue = {}
     if args.tissue_threshold is not None:
@@ -109,7 +109,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--tissue-threshold",
         type=float,
         default=None,
-        help="tissue detection threshold (see magnet_st.tissue.detect_tissue); default: Otsu",
+        help="tissue detection threshold (see magnet_st.io.tissue.detect_tissue); default: Otsu",
     )
     p.add_argument(
         "--weights",

@@ -158,7 +158,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help="consistency loss: each coarse prediction vs the truth of every bin it holds, "
         "as the published code (paper); expected-count heads at every level whose tile "
         "rates must equal the sum of their bins' rates, with a Poisson term (aggregate: "
-        "unbiased, see magnet_st.losses); or none; " + _preset_help("consistency"),
+        "unbiased, see magnet_st.model.losses); or none; " + _preset_help("consistency"),
     )
     g.add_argument(
         "--pcc-axis",
@@ -205,7 +205,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from magnet_st.train import TrainConfig
+    from magnet_st.train.trainer import TrainConfig
 
     kw = {
         "features": args.features,
@@ -268,9 +268,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None and not Path(args.resume).is_file():
         what = "is not a file" if Path(args.resume).exists() else "not found"
         raise InputError(args.resume, f"checkpoint to resume from (--resume) {what}")
-    from magnet_st.dataset import Dataset
+    from magnet_st.data.dataset import Dataset
     from magnet_st.tl import split_slides
-    from magnet_st.train import fit
+    from magnet_st.train.trainer import fit
 
     ds = Dataset(args.dataset)
     cfg = _train_config(args)
@@ -325,7 +325,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from magnet_st.cv import cross_validate, read_gene_groups
+    from magnet_st.evaluate.cv import cross_validate, read_gene_groups
 
     cfg = _train_config(args)
     groups = read_gene_groups(args.gene_groups) if args.gene_groups else None
@@ -359,7 +359,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
         refit=args.refit,
         progress=not args.quiet,
     )
-    from magnet_st.train import is_main_process
+    from magnet_st.train.trainer import is_main_process
 
     if not is_main_process():  # another DDP rank: rank 0 writes and prints the tables
         return 0
@@ -462,7 +462,7 @@ def _add_ensemble_option(p: argparse.ArgumentParser) -> None:
 _BASELINES = tuple(registry.BASELINES)
 _BASELINE_HELP = (
     ", ".join(f"{b.name} ({b.description})" for b in registry.BASELINES.values())
-    + "; all on the frozen features, one model per level (see the magnet_st.baselines "
+    + "; all on the frozen features, one model per level (see the magnet_st.evaluate.baselines "
     "docstrings)"
 )
 

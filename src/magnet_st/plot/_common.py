@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from magnet_st.atomic import atomic_path
+from magnet_st.util.atomic import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 MeasuredScale = Literal["auto", "log1p", "counts"]
 
-#: Name of the cross-validation baseline model (``magnet_st.cv.BASELINE``), drawn first.
+#: Name of the cross-validation baseline model (``magnet_st.evaluate.cv.BASELINE``), drawn first.
 BASELINE = "mean_profile"
 
 METRIC_LABELS = {

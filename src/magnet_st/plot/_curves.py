@@ -77,7 +77,7 @@ def _canonical(name: str) -> str:
 def load_history(history: Sequence[Mapping[str, Any]] | pd.DataFrame | str | Path) -> pd.DataFrame:
     """Training history as one row per epoch, sorted, with ``/`` in names turned into ``_``.
 
-    Accepts the list of per-epoch dicts of :class:`magnet_st.train.FitResult`, a
+    Accepts the list of per-epoch dicts of :class:`magnet_st.train.trainer.FitResult`, a
     DataFrame, a ``history.json``, a Lightning ``metrics.csv`` (rows merged per epoch:
     the last value of each column wins; ``*_step`` columns dropped, ``*_epoch`` renamed)
     or a folder holding ``history.json``, ``metrics.csv`` or ``logs/metrics.csv``.

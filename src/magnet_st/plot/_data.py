@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from magnet_st.metrics import pcc_per_gene
+from magnet_st.model.metrics import pcc_per_gene
 from magnet_st.plot._common import MeasuredScale
 from magnet_st.plot._raster import lattice_geometry
 
@@ -218,7 +218,7 @@ def per_gene_pcc(
     the layer ``"measured"`` of ``pred`` is used. Raw counts are log1p-transformed
     (``measured_scale="auto"`` decides from ``uns["magnet"]["scale"]`` or integer values).
 
-    Computed with :func:`magnet_st.metrics.pcc_per_gene`, so the values match the
+    Computed with :func:`magnet_st.model.metrics.pcc_per_gene`, so the values match the
     cross-validation's ``pcc_gene``: genes whose measured values are constant have no
     correlation and are left out; a constant prediction of a varying gene scores 0.
     Returns a Series named ``"pcc"`` indexed by the prediction's gene names. Genes are

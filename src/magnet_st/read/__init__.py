@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from magnet_st.data.slide import Slide
 from magnet_st.errors import InputError
 from magnet_st.read.h5ad import h5ad
 from magnet_st.read.legacy_st import her2st, her2st_sections, legacy_st
@@ -22,7 +23,6 @@ from magnet_st.read.matrix import read_10x_h5, read_10x_mtx
 from magnet_st.read.spatialdata import is_spatialdata_store, spatialdata_zarr
 from magnet_st.read.specs import SlideSpec, specs_from_paths, specs_from_sheet
 from magnet_st.read.visium import hd_bin_folders, visium, visium_hd
-from magnet_st.slide import Slide
 
 __all__ = [
     "SlideSpec",

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from magnet_st.data.slide import Slide
 from magnet_st.errors import InputError
 from magnet_st.read.matrix import as_integer_counts
-from magnet_st.slide import Slide
 
 
 def h5ad(

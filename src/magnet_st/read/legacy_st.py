@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from magnet_st.data.slide import Slide
 from magnet_st.errors import InputError
 from magnet_st.read.geometry import mpp_from_pitch
 from magnet_st.read.matrix import as_integer_counts
-from magnet_st.slide import Slide
 
 log = logging.getLogger(__name__)
 

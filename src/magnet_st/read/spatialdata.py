@@ -46,11 +46,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from magnet_st.data.slide import Slide
 from magnet_st.errors import InputError
 from magnet_st.read.geometry import mpp_from_pitch
 from magnet_st.read.matrix import GENE_EXPRESSION, as_integer_counts
 from magnet_st.read.visium import VISIUM_SPOT_DIAMETER_UM, VISIUM_SPOT_PITCH_UM
-from magnet_st.slide import Slide
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def _images(root: Path) -> dict[str, dict[str, Any]]:
     """Image elements: their folder, transformations and level-0 pixel count."""
     import zarr
 
-    from magnet_st.image import ngff_multiscale
+    from magnet_st.io.image import ngff_multiscale
 
     out = {}
     for name in _names(root, "images"):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from magnet_st.data.slide import Slide
 from magnet_st.errors import InputError, check_name
-from magnet_st.slide import Slide
 
 
 @dataclass(frozen=True)

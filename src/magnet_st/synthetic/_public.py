@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from magnet_st.atomic import atomic_path
 from magnet_st.synthetic._params import (
     HIRES_MAX_PX,
     LOWRES_MAX_PX,
@@ -38,6 +37,7 @@ from magnet_st.synthetic._writers import (
     _write_png,
     _write_tiff,
 )
+from magnet_st.util.atomic import atomic_path
 
 logger = logging.getLogger("magnet_st.synthetic")
 
