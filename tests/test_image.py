@@ -11,7 +11,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-import magnet_st.io.image as image_mod
+import magnet_st.io.image.base as image_base
+import magnet_st.io.image.tiff as image_tiff
 from magnet_st.errors import InputError
 from magnet_st.io.image import SlideImage, open_image
 
@@ -387,7 +388,7 @@ def _read_in_child(center: tuple[float, float]) -> tuple[np.ndarray, bool]:
 def test_stripped_compressed_read_strip_by_strip(
     images: dict[str, Path], arr: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(image_mod, "WHOLE_PAGE_BYTES", 0)
+    monkeypatch.setattr(image_tiff, "WHOLE_PAGE_BYTES", 0)
     with open_image(images["strip_deflate"]) as img:
         assert img._levels[0].mode == "segments"
         got = img.read_region(100, 100, 50, 20, (50, 20))
@@ -427,7 +428,7 @@ def test_tile_cache_is_bounded(images: dict[str, Path]) -> None:
 def test_banded_reads_match(images: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     with open_image(images["smooth"]) as img:
         one = img.read_region(3.3, 1.7, 700, 500, (300, 211))
-        monkeypatch.setattr(image_mod, "MAX_READ_PIXELS", 20_000)
+        monkeypatch.setattr(image_base, "MAX_READ_PIXELS", 20_000)
         banded = img.read_region(3.3, 1.7, 700, 500, (300, 211))
     assert np.abs(one.astype(int) - banded).max() <= 1
 

@@ -513,13 +513,11 @@ def test_cross_validation_ddp_two_cpu_processes(ds_path: Path, tmp_path: Path) -
 def test_cross_validation_tables_and_resume(ds_path: Path, tmp_path: Path) -> None:
     import pandas as pd
 
-    from magnet_st.evaluate.cv import (
-        cross_validate,
+    from magnet_st.evaluate.cv import cross_validate, make_folds, read_gene_groups
+    from magnet_st.evaluate.tables import (
         group_summary,
-        make_folds,
         markdown_groups,
         markdown_summary,
-        read_gene_groups,
         summary_table,
     )
 
@@ -677,7 +675,7 @@ def test_cross_validation_ensemble_scores_the_mean_of_its_seeds(
 def test_summary_gives_each_models_fitting_seconds_per_fold() -> None:
     import pandas as pd
 
-    from magnet_st.evaluate.cv import markdown_summary, summary_table
+    from magnet_st.evaluate.tables import markdown_summary, summary_table
 
     toy = pd.DataFrame(
         {
@@ -704,7 +702,7 @@ def test_summary_gives_each_test_slide_with_its_best_model_in_bold() -> None:
     of each column is bold; MSE's best is the lowest."""
     import pandas as pd
 
-    from magnet_st.evaluate.cv import markdown_per_slide
+    from magnet_st.evaluate.tables import markdown_per_slide
 
     toy = pd.DataFrame(
         {
@@ -1014,7 +1012,7 @@ def test_aggregate_bins_sums_expression_over_each_tile() -> None:
 def test_a_one_fold_table_has_no_spread() -> None:
     import pandas as pd
 
-    from magnet_st.evaluate.cv import markdown_summary, summary_table
+    from magnet_st.evaluate.tables import markdown_summary, summary_table
 
     one = pd.DataFrame(
         {"model": ["m"], "level": ["bin"], "fold": [0], "mse": [1.0], "pcc_gene": [0.25]}
@@ -1028,7 +1026,7 @@ def test_models_are_compared_with_ridge_paired_by_fold() -> None:
     a gain smaller than its spread is a tie."""
     import pandas as pd
 
-    from magnet_st.evaluate.cv import markdown_paired, paired_table
+    from magnet_st.evaluate.tables import markdown_paired, paired_table
 
     toy = pd.DataFrame(
         {
