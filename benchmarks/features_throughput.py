@@ -39,9 +39,10 @@ from pathlib import Path
 import torch
 
 from magnet_st.data.dataset import Dataset
-from magnet_st.features import store as F
+from magnet_st.features import extract as F
 from magnet_st.features.encoders import create_encoder, resolve_device
-from magnet_st.prepare.build import PrepareConfig, prepare
+from magnet_st.prepare.build import prepare
+from magnet_st.prepare.config import PrepareConfig
 from magnet_st.read.specs import SlideSpec
 from magnet_st.synthetic import write_synthetic_hd
 

@@ -3,8 +3,9 @@
 # environment built (bash scripts/env.sh ...). Prints figures for docs/performance.md:
 #  1. features: tiles/s of resnet50 in bf16 on a 1 mm synthetic slide, end to end vs the
 #     forward pass alone (benchmarks/features_throughput.py);
-#  2. one training epoch with --precision bf16-mixed (frozen bin features), and one with the
-#     end-to-end bin encoder (--bin-encoder resnet50), each with its peak GPU memory;
+#  2. one training epoch with --precision bf16-mixed (frozen bin features), one with the
+#     end-to-end bin encoder (--bin-encoder resnet50) and one with the encoder trained end to
+#     end on dense crops (--bin-input dense), each with its peak GPU memory;
 #  3. image-only prediction of a 6.5 mm slide (~660k 8 um bins) with resnet50: issue 6's
 #     goal is under 5 minutes (benchmarks/predict_scale.py; the slide is written first, ~90 s);
 #  4. the same 6.5 mm slide with dense features (efficientnet_lite0_imagenet at 0.25 um/px, one
@@ -34,7 +35,8 @@ slide="$work/slide"
 ds="$work/ds"
 [ -f "$ds/manifest.json" ] || run magnet prepare "$ds" "$slide" --bin-size 8 --quiet
 run magnet features "$ds" --encoder resnet50 --levels bin spot region --device cuda --quiet
-for mode in "bf16 --precision bf16-mixed" "e2e --precision bf16-mixed --bin-encoder resnet50 --nondeterministic"; do
+for mode in "bf16 --precision bf16-mixed" "e2e --precision bf16-mixed --bin-encoder resnet50 --nondeterministic" \
+    "e2e-dense --precision bf16-mixed --bin-encoder efficientnet_lite0_imagenet --bin-input dense --bin-lr-scale 0.1 --nondeterministic"; do
   name="${mode%% *}"; opts="${mode#* }"
   start=$(date +%s)
   # shellcheck disable=SC2086

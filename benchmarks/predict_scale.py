@@ -46,8 +46,9 @@ def train_model(
     work: Path, encoder: str, input_px: int | None, device: str, dense_mpp: float | None = None
 ) -> Path:
     from magnet_st.data.dataset import Dataset
-    from magnet_st.features.store import extract_features
-    from magnet_st.prepare.build import PrepareConfig, prepare
+    from magnet_st.features.extract import extract_features
+    from magnet_st.prepare.build import prepare
+    from magnet_st.prepare.config import PrepareConfig
     from magnet_st.read.specs import SlideSpec
     from magnet_st.synthetic import write_synthetic_hd
     from magnet_st.train.trainer import TrainConfig, fit

@@ -23,7 +23,8 @@ from pathlib import Path
 
 
 def _one(run: Path, out: Path) -> None:
-    from magnet_st.prepare.build import PrepareConfig, prepare
+    from magnet_st.prepare.build import prepare
+    from magnet_st.prepare.config import PrepareConfig
     from magnet_st.read.specs import SlideSpec
 
     t0 = time.perf_counter()

@@ -47,8 +47,9 @@ def setup(work: Path, size_mm: float, dim: int) -> tuple[Path, str, int]:
     import numpy as np
 
     from magnet_st.data.dataset import Dataset
-    from magnet_st.features.store import import_features
-    from magnet_st.prepare.build import PrepareConfig, prepare
+    from magnet_st.features.extract import import_features
+    from magnet_st.prepare.build import prepare
+    from magnet_st.prepare.config import PrepareConfig
     from magnet_st.read.specs import SlideSpec
     from magnet_st.synthetic import write_synthetic_hd
 

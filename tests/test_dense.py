@@ -15,8 +15,10 @@ import torch
 from magnet_st.errors import ConfigError
 from magnet_st.features import dense as D
 from magnet_st.features.dense import DenseConfig, Footprints
-from magnet_st.features.store import extract_features, load_features
-from magnet_st.prepare.build import PrepareConfig, prepare
+from magnet_st.features.extract import extract_features
+from magnet_st.features.store import load_features
+from magnet_st.prepare.build import prepare
+from magnet_st.prepare.config import PrepareConfig
 from magnet_st.read.specs import SlideSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -19,7 +19,7 @@ from magnet_st.features.dense import (
     pool_discs,
     pool_tile,
 )
-from magnet_st.features.store import extract_features
+from magnet_st.features.extract import extract_features
 from magnet_st.model.batching import SlideArrays
 from magnet_st.model.densebin import DenseTileReader, footprint_weights, pool_maps
 from magnet_st.model.inputs import model_inputs, model_reader
@@ -133,7 +133,8 @@ def test_crops_flip_and_turn_with_their_footprints(shape: str, spread: float) ->
 @pytest.fixture(scope="module")
 def dense_ds(tmp_path_factory: pytest.TempPathFactory, hd_runs) -> tuple[Path, str]:
     """Two synthetic HD slides with a dense feature set (0.5 um/px, a 64 um window)."""
-    from magnet_st.prepare.build import PrepareConfig, prepare
+    from magnet_st.prepare.build import prepare
+    from magnet_st.prepare.config import PrepareConfig
 
     root = tmp_path_factory.mktemp("densebin")
     specs = hd_runs(root, 2, size_um=256, seed=40)

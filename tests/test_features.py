@@ -14,10 +14,12 @@ import torch
 from magnet_st.cli import main
 from magnet_st.data.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
-from magnet_st.features import store as F
+from magnet_st.features import extract as F
 from magnet_st.features.encoders import Preprocess, create_encoder
-from magnet_st.features.store import extract_features, list_feature_sets, load_features
-from magnet_st.prepare.build import PrepareConfig, prepare
+from magnet_st.features.extract import extract_features
+from magnet_st.features.store import list_feature_sets, load_features
+from magnet_st.prepare.build import prepare
+from magnet_st.prepare.config import PrepareConfig
 from magnet_st.read.specs import SlideSpec
 
 ENC = "mobilenetv3_small_050"  # tiny (~200 tiles/s on one slow core), 224 px input

@@ -52,8 +52,9 @@ def signal_ds(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) 
     """Three 240 um synthetic slides (8 um bins, a 20-gene panel) and an imported feature
     set whose rows are a random linear map of each unit's log1p panel expression plus
     noise: a model that reads its input can predict the held-out slide."""
-    from magnet_st.features.store import import_features
-    from magnet_st.prepare.build import PrepareConfig, prepare
+    from magnet_st.features.extract import import_features
+    from magnet_st.prepare.build import prepare
+    from magnet_st.prepare.config import PrepareConfig
     from magnet_st.read.specs import SlideSpec
     from magnet_st.synthetic import write_synthetic_hd
 

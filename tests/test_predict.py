@@ -11,8 +11,9 @@ import pytest
 
 from magnet_st.data.dataset import Dataset
 from magnet_st.errors import InputError
-from magnet_st.features.store import extract_features
-from magnet_st.prepare.build import PrepareConfig, prepare
+from magnet_st.features.extract import extract_features
+from magnet_st.prepare.build import prepare
+from magnet_st.prepare.config import PrepareConfig
 from magnet_st.read.specs import SlideSpec
 from magnet_st.train.trainer import TrainConfig, fit
 

@@ -16,7 +16,8 @@ from magnet_st import read
 from magnet_st.data.graph import knn_edges
 from magnet_st.data.panel import select_panel
 from magnet_st.errors import ConfigError, InputError
-from magnet_st.prepare.build import PrepareConfig, dataset_is_complete, prepare
+from magnet_st.prepare.build import dataset_is_complete, prepare
+from magnet_st.prepare.config import PrepareConfig
 from magnet_st.read.specs import SlideSpec
 
 
@@ -339,7 +340,7 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
 
 
 def test_tile_snapping_rule() -> None:
-    from magnet_st.prepare.build import describe_tiles, snap_tile_px, tile_summary
+    from magnet_st.prepare.config import describe_tiles, snap_tile_px, tile_summary
 
     assert snap_tile_px(224, 0.25, 8) == 224  # 56 um = 7 bins
     assert snap_tile_px(224, 0.25, 16) == 256  # 56 um = 3.5 bins -> 64 um (halves up)

@@ -14,13 +14,14 @@ import torch
 
 from magnet_st.data.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
-from magnet_st.features.store import extract_features
+from magnet_st.features.extract import extract_features
 from magnet_st.model.batching import BlockDataset
 from magnet_st.model.inputs import slide_arrays
 from magnet_st.model.losses import LossWeights, magnet_loss
 from magnet_st.model.magnet import create_model
 from magnet_st.predict.modelfile import load_model, predict_slide
-from magnet_st.prepare.build import PrepareConfig, prepare
+from magnet_st.prepare.build import prepare
+from magnet_st.prepare.config import PrepareConfig
 from magnet_st.train.trainer import (
     MagNetModule,
     PatchReader,
@@ -357,7 +358,7 @@ def test_patch_reader_cuts_bins_as_features_cut_tiles(ds_path: Path) -> None:
     """One patch-cutting path: PatchReader's patches are the feature cache's tiles for the
     same centres (whole native pixels, resampled in torch), normalised by the bin encoder
     with its backbone's timm mean / std; training batches are flipped / rotated copies."""
-    from magnet_st.features import store as F
+    from magnet_st.features import extract as F
     from magnet_st.features.encoders import Preprocess, data_config
     from magnet_st.model.magnet import MagNetConfig, create_model
 

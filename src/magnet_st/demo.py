@@ -47,9 +47,10 @@ def run_demo(
         raise ValueError(f"mode must be dense or patches, got {mode!r}")
     from magnet_st.data.dataset import Dataset
     from magnet_st.evaluate.cv import cross_validate
-    from magnet_st.features.store import extract_features
+    from magnet_st.features.extract import extract_features
     from magnet_st.predict.image import predict
-    from magnet_st.prepare.build import PrepareConfig, prepare
+    from magnet_st.prepare.build import prepare
+    from magnet_st.prepare.config import PrepareConfig
     from magnet_st.read.specs import SlideSpec
     from magnet_st.report import plot_results
     from magnet_st.synthetic import write_synthetic_hd

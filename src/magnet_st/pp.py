@@ -34,14 +34,14 @@ def prepare(
 
     ``inputs``: one or more Space Ranger runs, her2st folders, tables or ``magnet synth``
     runs (as ``magnet prepare INPUTS``); ``samples``: a sample sheet (``--samples``).
-    ``config``: :class:`~magnet_st.prepare.build.PrepareConfig` fields (``preset``, ``n_genes``,
+    ``config``: :class:`~magnet_st.prepare.config.PrepareConfig` fields (``preset``, ``n_genes``,
     ``panel``, ``genes``, ``target``, ``working_mpp``, ``seed`` ...), as the command's options.
     """
     from magnet_st import read
     from magnet_st.data.dataset import Dataset
     from magnet_st.errors import MagnetError
-    from magnet_st.prepare.build import PrepareConfig
     from magnet_st.prepare.build import prepare as _prepare
+    from magnet_st.prepare.config import PrepareConfig
 
     paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     specs = read.specs_from_sheet(samples) if samples is not None else []
@@ -73,12 +73,12 @@ def features(
     ``"patches"`` (one pass per unit's patch). ``options``: the dense settings of
     :class:`~magnet_st.features.dense.DenseConfig` (``mpp``, ``tile_px``, ``margin_px``, ``strides``,
     ``windows_um``) with ``mode="dense"``, and the other keyword arguments of
-    :func:`magnet_st.features.store.extract_features` (``batch_size``, ``input_px``,
+    :func:`magnet_st.features.extract.extract_features` (``batch_size``, ``input_px``,
     ``encoder_kwargs``, ``overwrite`` ...).
     """
     from magnet_st.errors import ConfigError
     from magnet_st.features.dense import DenseConfig
-    from magnet_st.features.store import extract_features
+    from magnet_st.features.extract import extract_features
 
     if mode not in ("dense", "patches"):
         raise ConfigError(f"mode must be 'dense' or 'patches', got {mode!r}")

@@ -39,7 +39,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
-    from magnet_st.features.store import extract_features
+    from magnet_st.features.extract import extract_features
 
     dense = _dense_config(args)
     t0 = time.perf_counter()

@@ -163,7 +163,8 @@ def _add_unit_options(p: argparse.ArgumentParser, rows: str = "") -> None:
 # -- prepare ---------------------------------------------------------------------------------
 def cmd_prepare(args: argparse.Namespace) -> int:
     from magnet_st import read
-    from magnet_st.prepare.build import PrepareConfig, prepare
+    from magnet_st.prepare.build import prepare
+    from magnet_st.prepare.config import PrepareConfig
 
     specs = []
     if args.samples:
@@ -229,7 +230,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             f"unchanged, panel of {len(result.panel)} genes, in {time.perf_counter() - t0:.1f} s"
         )
     if getattr(result, "tiles", None):
-        from magnet_st.prepare.build import describe_tiles
+        from magnet_st.prepare.config import describe_tiles
 
         print(describe_tiles(result.tiles))
     for name, n in getattr(result, "filled", {}).items():

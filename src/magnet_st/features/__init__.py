@@ -24,7 +24,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "create_encoder": "encoders",
         "data_config": "encoders",
         "encoder_key": "encoders",
-        "extract_features": "store",
+        "extract_features": "extract",
         "feature_set_meta": "store",
         "list_feature_sets": "store",
         "load_backbone_weights": "encoders",

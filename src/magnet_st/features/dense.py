@@ -34,7 +34,7 @@ Tiles are processed in rows. A unit's mean is final once the last row its footpr
 touches is done; finished rows go to the level's ``.partial.npy`` and the number of rows
 done to a progress file, so an interrupted run resumes at the next row and reruns are
 byte-identical. :func:`extract_dense` is called by
-:func:`magnet_st.features.store.extract_features` with ``dense=DenseConfig(...)``; the feature
+:func:`magnet_st.features.extract.extract_features` with ``dense=DenseConfig(...)``; the feature
 set's key gets a ``-dense<hash>`` suffix that covers every setting here, and its
 ``meta.json`` records them under ``"dense"`` with each level's ``blocks`` (name and width
 of each concatenated part, so that a linear probe can weigh them apart).
@@ -517,7 +517,7 @@ class _Rows:
 def footprints(ds: Any, slide: str, level: str, mpp: float) -> Footprints:
     """A level's units as footprints in working pixels at ``mpp``: bins are squares of the
     unit size (discs for Visium and ST spots), spot and region tiles squares of their size."""
-    from magnet_st.prepare.build import SQUARE_BINS
+    from magnet_st.prepare.config import SQUARE_BINS
 
     meta = ds.slide_meta(slide)
     native = float(meta["microns_per_pixel"])
@@ -570,7 +570,8 @@ def extract_slide(
     resumable by rows of tiles (``dense.progress.json``)."""
     from numpy.lib.format import open_memmap
 
-    from magnet_st.features.store import _level_paths, _read_json, _record, check_float16
+    from magnet_st.features.extract import _record
+    from magnet_st.features.store import _level_paths, _read_json, check_float16
 
     t0 = time.perf_counter()
     base = sum(s.channels for s in specs)

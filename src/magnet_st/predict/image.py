@@ -411,7 +411,7 @@ def predict(
     """
     from magnet_st.data.dataset import Dataset
     from magnet_st.features.encoders import resolve_device
-    from magnet_st.features.store import extract_features
+    from magnet_st.features.extract import extract_features
     from magnet_st.io.image import open_image
     from magnet_st.model.inputs import model_inputs, model_reader
     from magnet_st.predict.modelfile import coarse_sources, load_model, predict_slide
