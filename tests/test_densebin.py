@@ -3,6 +3,7 @@ training whose encoder learns and whose model file predicts."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +161,11 @@ def test_dense_branch_trains_its_encoder_and_predicts(dense_ds, tmp_path: Path) 
         max_batches=2,
         variant="no_context",
     )
-    res = fit(ds, ["s0"], [], cfg, tmp_path / "run", progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = fit(ds, ["s0"], [], cfg, tmp_path / "run", progress=False)
+    # its frozen batch norm is on purpose: Lightning's warning about it is not shown
+    assert not [w for w in caught if "eval mode" in str(w.message)]
     model, payload = load_model(res.model_path)
     dense = payload["model_config"]["bin_dense"]
     # the feature set's resolution and margin, its stride-16 map, its window kept frozen

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -554,7 +555,10 @@ def fit(
         limit_train_batches=cfg.max_batches or 1.0,
         log_every_n_steps=1,
     )
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    with warnings.catch_warnings():
+        # a dense bin branch keeps its batch-norm layers in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     best_path = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else ""
     best_path = best_path or latest.best_model_path
     if trainer.global_rank == 0:
