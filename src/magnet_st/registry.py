@@ -124,6 +124,18 @@ register_baseline("bleep", "BLEEP", "magnet_st.evaluate.baselines.neural:BLEEP")
 register_baseline("egn", "EGN", "magnet_st.evaluate.baselines.neural:EGN")
 
 
+def split_models(models: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """``magnet benchmark``'s ``--models``: (MagNet variants, baselines), in the order given
+    (the mean profile always runs); an unknown name raises, listing the known ones."""
+    from magnet_st.errors import MagnetError
+
+    known = [MEAN_PROFILE, *BASELINES, *VARIANTS]
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise MagnetError(f"unknown models {unknown}; available: {known}")
+    return [m for m in models if m in VARIANTS], [m for m in models if m in BASELINES]
+
+
 def preset(variant: str, option: str) -> Any:
     """What ``variant`` uses for ``option`` when the user leaves it unset."""
     return VARIANTS[variant].presets.get(option, TRAIN_DEFAULTS.get(option))

@@ -147,15 +147,7 @@ def benchmark(
     """:func:`cv` over ``models`` (MagNet variants, :data:`BASELINES` and ``mean_profile``,
     which always runs), with the figures of ``magnet benchmark`` in ``out/figures``;
     returns the per-fold metrics table."""
-    from magnet_st.errors import MagnetError
-
-    VARIANTS = tuple(registry.VARIANTS)
-    known = (registry.MEAN_PROFILE, *BASELINES, *VARIANTS)
-    unknown = [m for m in models if m not in known]
-    if unknown:
-        raise MagnetError(f"unknown models {unknown}; available: {list(known)}")
-    variants = [m for m in models if m in VARIANTS]
-    baselines = [m for m in models if m in BASELINES]
+    variants, baselines = registry.split_models(list(models))
     table = cv(dataset, out, variants=variants, baselines=baselines, **kwargs)
     if figures:
         from magnet_st.report import plot_results

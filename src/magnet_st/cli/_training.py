@@ -331,13 +331,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     groups = read_gene_groups(args.gene_groups) if args.gene_groups else None
     variants = args.variants if args.variants is not None else [cfg.variant]
     if getattr(args, "models", None) is not None:  # magnet benchmark
-        VARIANTS = tuple(registry.VARIANTS)
-        known = [registry.MEAN_PROFILE, *_BASELINES, *VARIANTS]
-        unknown = [m for m in args.models if m not in known]
-        if unknown:
-            raise MagnetError(f"unknown models {unknown}; available: {known}")
-        variants = [m for m in args.models if m in VARIANTS]
-        args.baselines = [m for m in args.models if m in _BASELINES]
+        variants, args.baselines = registry.split_models(args.models)
     cross_validate(
         args.dataset,
         args.out,

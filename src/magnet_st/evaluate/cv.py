@@ -550,11 +550,12 @@ def _trained(ds, train, val, genes, targets, cfg, folder: Path, progress) -> tup
     model, done = folder / "model.pt", folder / "fit_seconds.txt"
     if model.is_file() and (folder / "history.json").is_file() and done.is_file():
         seconds = float(done.read_text())
-        if val and is_main_process() and "coarse_from" not in torch_payload(model):
+        payload = torch_payload(model) if val and is_main_process() else {"coarse_from": None}
+        if "coarse_from" not in payload:
             from magnet_st.train.trainer import record_coarse_choice
 
-            mc = torch_payload(model)["model_config"]
-            record_coarse_choice(ds, model, list(val), model_reader(ds, list(val), mc))
+            reader = model_reader(ds, list(val), payload["model_config"])
+            record_coarse_choice(ds, model, list(val), reader)
         return model, seconds
     res = _train_fold(ds, train, val, genes, targets, cfg, folder, progress)
     write_text(done, f"{res.seconds:.3f}")

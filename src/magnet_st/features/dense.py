@@ -276,6 +276,16 @@ def pool_tile(
     return sums, (y1 - y0) * (x1 - x0)
 
 
+def disc_cover(rows: np.ndarray, cols: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    """The share of each cell ``(rows x cols)`` inside a disc (centre, radius in cells), by
+    8 x 8 sub-samples per cell."""
+    sub = (np.arange(_SUB) + 0.5) / _SUB
+    yy = (rows[:, None] + sub[None, :]).ravel()
+    xx = (cols[:, None] + sub[None, :]).ravel()
+    inside = ((yy[:, None] - cy) ** 2 + (xx[None, :] - cx) ** 2) <= r * r
+    return inside.reshape(len(rows), _SUB, len(cols), _SUB).mean(axis=(1, 3))
+
+
 def pool_discs(
     core: np.ndarray, origin: tuple[int, int], centres: np.ndarray, radii: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -284,17 +294,13 @@ def pool_discs(
     h, w, c = core.shape
     sums = np.zeros((len(centres), c), np.float64)
     areas = np.zeros(len(centres), np.float64)
-    sub = (np.arange(_SUB) + 0.5) / _SUB
     for i, ((cy, cx), r) in enumerate(zip(centres, radii, strict=True)):
         ly, lx = cy - origin[0], cx - origin[1]
         r0, r1 = max(0, math.floor(ly - r)), min(h, math.ceil(ly + r))
         c0, c1 = max(0, math.floor(lx - r)), min(w, math.ceil(lx + r))
         if r0 >= r1 or c0 >= c1:
             continue
-        yy = (np.arange(r0, r1)[:, None] + sub[None, :]).ravel()
-        xx = (np.arange(c0, c1)[:, None] + sub[None, :]).ravel()
-        inside = ((yy[:, None] - ly) ** 2 + (xx[None, :] - lx) ** 2) <= r * r
-        wgt = inside.reshape(r1 - r0, _SUB, c1 - c0, _SUB).mean(axis=(1, 3))
+        wgt = disc_cover(np.arange(r0, r1), np.arange(c0, c1), ly, lx, r)
         sums[i] = np.einsum("yx,yxc->c", wgt, core[r0:r1, c0:c1], dtype=np.float64)
         areas[i] = wgt.sum()
     return sums, areas

@@ -29,7 +29,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "VARIANTS": "magnet",
         "aggregate_bins": "losses",
         "bin_batches": "batching",
-        "bin_reader": "inputs",
         "blocks": "batching",
         "chosen_epochs": "metrics",
         "create_model": "magnet",

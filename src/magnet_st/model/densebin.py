@@ -30,11 +30,9 @@ from typing import Any
 import numpy as np
 
 from magnet_st.errors import ConfigError
-from magnet_st.features.dense import SQUARE, Footprints, MapSpec, map_specs
+from magnet_st.features.dense import SQUARE, Footprints, MapSpec, disc_cover, map_specs
 
 __all__ = ["DenseTileReader", "dense_settings", "footprint_weights", "pool_maps"]
-
-_SUB = 8  # sub-samples per cell edge for disc coverage, as the frozen path
 
 
 def dense_settings(
@@ -86,7 +84,6 @@ def footprint_weights(
     ):
         raise ValueError("a footprint reaches outside its crop's map")
     rows, cols, vals = [], [], []
-    sub = (np.arange(_SUB) + 0.5) / _SUB
     for i, (y0, y1, x0, x1) in enumerate(boxes):
         r = np.arange(math.floor(y0), min(h, math.ceil(y1)))
         c = np.arange(math.floor(x0), min(w, math.ceil(x1)))
@@ -95,11 +92,7 @@ def footprint_weights(
             ox = np.minimum(x1, c + 1) - np.maximum(x0, c)
             wgt = oy[:, None] * ox[None, :]
         else:
-            cy, cx, rad = (y0 + y1) / 2, (x0 + x1) / 2, (y1 - y0) / 2
-            yy = (r[:, None] + sub[None, :]).ravel()
-            xx = (c[:, None] + sub[None, :]).ravel()
-            inside = ((yy[:, None] - cy) ** 2 + (xx[None, :] - cx) ** 2) <= rad * rad
-            wgt = inside.reshape(len(r), _SUB, len(c), _SUB).mean(axis=(1, 3))
+            wgt = disc_cover(r, c, (y0 + y1) / 2, (x0 + x1) / 2, (y1 - y0) / 2)
         total = wgt.sum()
         if total <= 0:
             raise ValueError("a footprint covers no map cell")

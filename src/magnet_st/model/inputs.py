@@ -2,7 +2,7 @@
 
 :func:`slide_arrays` gathers a slide's geometry, cached features (read on demand) and
 counts into a :class:`~magnet_st.model.batching.SlideArrays`; :class:`PatchReader` cuts bin
-patches for an end-to-end bin encoder, :func:`bin_reader` picks the reader a model needs
+patches for an end-to-end bin encoder, :func:`model_reader` picks the reader a model needs
 (patches, dense crops, or none). Training, cross-validation and prediction all call them;
 nothing here loads Lightning, so prediction runs without the training stack.
 """
@@ -20,7 +20,6 @@ from magnet_st.model.batching import SlideArrays
 __all__ = [
     "Columns",
     "PatchReader",
-    "bin_reader",
     "model_inputs",
     "model_reader",
     "slide_arrays",
@@ -95,8 +94,18 @@ def model_inputs(
 
 
 def model_reader(ds: Dataset, slides: list[str], model_config: dict, seed: int = 0) -> Any:
-    """:func:`bin_reader` for a model's ``model_config``."""
-    return bin_reader(ds, slides, model_config["bin_encoder"], model_config.get("bin_dense"), seed)
+    """What supplies the bin inputs of a model (its ``model_config``) beside the cached
+    features: ``None`` for frozen features, a :class:`magnet_st.model.densebin.DenseTileReader`
+    for a dense end-to-end branch, else a :class:`PatchReader`."""
+    if model_config["bin_encoder"] == "frozen":
+        return None
+    dense = model_config.get("bin_dense")
+    if dense is not None:
+        from magnet_st.model.densebin import DenseTileReader
+
+        return DenseTileReader.from_dataset(ds, slides, dense, seed)
+    images = {s: ds.image(s) for s in slides}
+    return PatchReader(images, ds.patch_um("bin"), ds.patch_px("bin"), seed)
 
 
 class Columns:
@@ -112,22 +121,6 @@ class Columns:
 
     def __getitem__(self, idx: Any) -> np.ndarray:
         return np.asarray(self.rows[idx])[:, self.start :]
-
-
-def bin_reader(
-    ds: Dataset, slides: list[str], bin_encoder: str, bin_dense: dict | None, seed: int = 0
-) -> Any:
-    """What supplies a model's bin inputs beside the cached features: ``None`` for frozen
-    features, a :class:`magnet_st.model.densebin.DenseTileReader` for a dense end-to-end branch,
-    else a :class:`PatchReader`."""
-    if bin_encoder == "frozen":
-        return None
-    if bin_dense is not None:
-        from magnet_st.model.densebin import DenseTileReader
-
-        return DenseTileReader.from_dataset(ds, slides, bin_dense, seed)
-    images = {s: ds.image(s) for s in slides}
-    return PatchReader(images, ds.patch_um("bin"), ds.patch_px("bin"), seed)
 
 
 class PatchReader:
