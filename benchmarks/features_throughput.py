@@ -40,6 +40,7 @@ import torch
 
 from magnet_st.data.dataset import Dataset
 from magnet_st.features import extract as F
+from magnet_st.features import jobs as J
 from magnet_st.features.encoders import create_encoder, resolve_device
 from magnet_st.prepare.build import prepare
 from magnet_st.prepare.config import PrepareConfig
@@ -134,10 +135,10 @@ def forward_rates(
 
 def read_rate(ds: Dataset, enc, level: str, batch: int, workers: int) -> float:
     """Tiles/s of the DataLoader alone (what the encoder is fed)."""
-    job, centers = F._plan_job(ds, "syn", level, enc.input_size)
-    order = F.spatial_order(centers, job.native_px)
+    job, centers = J._plan_job(ds, "syn", level, enc.input_size)
+    order = J.spatial_order(centers, job.native_px)
     pre = enc.preprocess if workers and enc.device.type == "cpu" else None
-    tb = F._TileBatches(
+    tb = J._TileBatches(
         ds.image("syn"),
         centers[order],
         job.native_px,
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    workers = F._default_workers(device.type) if args.workers is None else args.workers
+    workers = J._default_workers(device.type) if args.workers is None else args.workers
     print(
         f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} torch threads, device {device}"
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             for level in args.levels:
                 n = ds.level("syn", level).n_obs
                 nb = args.forward_batches or min(50, math.ceil(n / args.batch_size))
-                job, _ = F._plan_job(ds, "syn", level, enc.input_size)
+                job, _ = J._plan_job(ds, "syn", level, enc.input_size)
                 print(
                     f"  {level}: {n} tiles of {ds.patch_um(level):g} um = {job.native_px} px "
                     f"native" + ("" if job.read_px == job.native_px else f", read at {job.read_px}")

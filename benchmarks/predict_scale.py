@@ -51,7 +51,8 @@ def train_model(
     from magnet_st.prepare.config import PrepareConfig
     from magnet_st.read.specs import SlideSpec
     from magnet_st.synthetic import write_synthetic_hd
-    from magnet_st.train.trainer import TrainConfig, fit
+    from magnet_st.train.config import TrainConfig
+    from magnet_st.train.trainer import fit
 
     mode = f"_dense{dense_mpp:g}" if dense_mpp else ""
     model = work / f"model_{encoder}{mode}" / "model.pt"

@@ -29,7 +29,8 @@ import json, resource, sys, time
 import numpy as np, torch
 torch.set_num_threads(int(sys.argv[4]))
 from magnet_st.data.dataset import Dataset
-from magnet_st.train.trainer import TrainConfig, fit
+from magnet_st.train.config import TrainConfig
+from magnet_st.train.trainer import fit
 ds = Dataset(sys.argv[1])
 cfg = TrainConfig(features=sys.argv[2], width=128, epochs=1, max_batches=int(sys.argv[3]))
 t0 = time.perf_counter()

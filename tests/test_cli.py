@@ -289,7 +289,7 @@ def test_explicit_options_win_over_the_paper_variant_presets() -> None:
 
     from magnet_st.cli import _train_config, build_parser
     from magnet_st.registry import TRAIN_DEFAULTS
-    from magnet_st.train.trainer import TrainConfig
+    from magnet_st.train.config import TrainConfig
 
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     assert {k: defaults[k] for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS  # '--help' is true

@@ -272,7 +272,8 @@ def test_a_model_on_dense_features_predicts_from_the_image_with_the_same_feature
 ) -> None:
     from magnet_st.data.dataset import Dataset
     from magnet_st.predict.image import predict
-    from magnet_st.train.trainer import TrainConfig, fit
+    from magnet_st.train.config import TrainConfig
+    from magnet_st.train.trainer import fit
 
     ds = tmp_path / "ds"
     shutil.copytree(prepared, ds)
@@ -303,7 +304,8 @@ def test_a_spot_model_predicts_a_virtual_array_of_its_spots(
     from magnet_st import read
     from magnet_st.data.dataset import Dataset
     from magnet_st.predict.image import predict
-    from magnet_st.train.trainer import TrainConfig, fit
+    from magnet_st.train.config import TrainConfig
+    from magnet_st.train.trainer import fit
 
     specs = read.specs_from_paths([her2st_root])[:2]
     prepare(specs[:1], tmp_path / "ds", PrepareConfig(n_genes=30), progress=False)

@@ -25,7 +25,8 @@ from magnet_st.model.batching import SlideArrays
 from magnet_st.model.densebin import DenseTileReader, footprint_weights, pool_maps
 from magnet_st.model.inputs import model_inputs, model_reader
 from magnet_st.predict.modelfile import load_model, predict_slide
-from magnet_st.train.trainer import TrainConfig, fit
+from magnet_st.train.config import TrainConfig
+from magnet_st.train.trainer import fit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -190,7 +191,8 @@ def test_dense_branch_starts_from_the_frozen_dense_features(dense_ds) -> None:
     """In eval mode the untrained branch's unit features are the feature set's own columns
     (same weights, resolution, margin and cell grid; the crops' context differs only
     beyond the margin)."""
-    from magnet_st.features.encoders import create_backbone, create_encoder
+    from magnet_st.features.backbones import create_backbone
+    from magnet_st.features.encoders import create_encoder
     from magnet_st.features.store import load_features
     from magnet_st.model.inputs import slide_arrays
     from magnet_st.model.magnet import BinEncoder, MagNetConfig

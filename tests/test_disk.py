@@ -88,7 +88,8 @@ def test_refusals_before_work_leave_no_folder(tmp_path: Path) -> None:
     from magnet_st.errors import ConfigError
     from magnet_st.prepare.build import prepare
     from magnet_st.read.specs import SlideSpec
-    from magnet_st.train.trainer import TrainConfig, fit
+    from magnet_st.train.config import TrainConfig
+    from magnet_st.train.trainer import fit
 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(InputError, match="afile: is a file, where the output folder"):

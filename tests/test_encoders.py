@@ -12,14 +12,8 @@ import torch
 from PIL import Image
 
 from magnet_st.errors import ConfigError, InputError, MagnetError
-from magnet_st.features.encoders import (
-    OFFLINE_IMAGENET,
-    Preprocess,
-    create_backbone,
-    create_encoder,
-    encoder_key,
-    resolve_device,
-)
+from magnet_st.features.backbones import OFFLINE_IMAGENET, create_backbone
+from magnet_st.features.encoders import Preprocess, create_encoder, encoder_key, resolve_device
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -296,7 +290,7 @@ def test_encoder_kwargs_import_only_layer_classes() -> None:
     import torch
 
     from magnet_st.errors import ConfigError
-    from magnet_st.features.encoders import _resolve_kwargs
+    from magnet_st.features.backbones import _resolve_kwargs
 
     got = _resolve_kwargs({"act_layer": "torch.nn.SiLU", "mlp_layer": "timm.layers.SwiGLUPacked"})
     assert got["act_layer"] is torch.nn.SiLU

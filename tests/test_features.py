@@ -15,6 +15,7 @@ from magnet_st.cli import main
 from magnet_st.data.dataset import Dataset
 from magnet_st.errors import ConfigError, InputError
 from magnet_st.features import extract as F
+from magnet_st.features import jobs as J
 from magnet_st.features.encoders import Preprocess, create_encoder
 from magnet_st.features.extract import extract_features
 from magnet_st.features.store import list_feature_sets, load_features
@@ -125,7 +126,7 @@ def test_features_match_direct_patch_reads(reference: dict) -> None:
         )
         # the pixels the encoder sees: the same place (a 1 px shift is worse) and scale
         native = round(span)
-        batches = F._TileBatches(image, centers, native, native, mpp, ds.patch_um(level), 12, 0)
+        batches = J._TileBatches(image, centers, native, native, mpp, ds.patch_um(level), 12, 0)
         diff = (grey(batches[0]) - grey(direct)).abs().mean().item()
         assert diff < 5.0  # grey levels; sub-pixel offset and filter differences only
         for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
@@ -142,7 +143,7 @@ def test_resume_after_interruption(
     reference: dict, dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    real = F._encode_batch
+    real = J._encode_batch
 
     def crashing(encoder, batch):
         if calls["n"] == 3:
@@ -150,7 +151,7 @@ def test_resume_after_interruption(
         calls["n"] += 1
         return real(encoder, batch)
 
-    monkeypatch.setattr(F, "_encode_batch", crashing)
+    monkeypatch.setattr(J, "_encode_batch", crashing)
     opts = {**FAST, "batch_size": 8, "flush_every": 2}
     with pytest.raises(KeyboardInterrupt):
         extract_features(dataset, ENC, **opts)
@@ -167,7 +168,7 @@ def test_resume_after_interruption(
         counted["rows"] += len(batch)
         return real(encoder, batch)
 
-    monkeypatch.setattr(F, "_encode_batch", counting)
+    monkeypatch.setattr(J, "_encode_batch", counting)
     result = extract_features(dataset, ENC, **opts)
     n_spot = reference["arrays"]["spot"].shape[0]
     n_region = reference["arrays"]["region"].shape[0]
@@ -195,13 +196,13 @@ def test_skip_when_complete_and_overwrite(dataset: Path, monkeypatch: pytest.Mon
     npy = dataset / "features" / KEY / "syn" / "region.npy"
     mtime = npy.stat().st_mtime_ns
     calls = {"n": 0}
-    real = F._encode_batch
+    real = J._encode_batch
 
     def counting(encoder, batch):
         calls["n"] += 1
         return real(encoder, batch)
 
-    monkeypatch.setattr(F, "_encode_batch", counting)
+    monkeypatch.setattr(J, "_encode_batch", counting)
     again = extract_features(dataset, ENC, levels=["region"], **FAST)
     assert [j["status"] for j in again["jobs"]] == ["skipped"] and calls["n"] == 0
     assert npy.stat().st_mtime_ns == mtime
@@ -292,7 +293,7 @@ def test_check_float16_names_slide_level_and_peak() -> None:
 def test_float16_overflow_is_an_error_and_writes_nothing(
     dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = F._encode_batch
+    real = J._encode_batch
     calls = {"n": 0}
 
     def overflowing(encoder, batch):
@@ -303,7 +304,7 @@ def test_float16_overflow_is_an_error_and_writes_nothing(
             pending.host[1, 5] = -7.0e4
         return pending
 
-    monkeypatch.setattr(F, "_encode_batch", overflowing)
+    monkeypatch.setattr(J, "_encode_batch", overflowing)
     with pytest.raises(ConfigError, match=r"slide syn, level spot: .*70000.*65504"):
         extract_features(dataset, ENC, levels=["spot"], **{**FAST, "batch_size": 8})
     folder = dataset / "features" / KEY / "syn"
@@ -342,13 +343,13 @@ def test_multi_device_split_runs_disjoint_jobs(dataset: Path, reference: dict) -
     """The one-process-per-GPU path, exercised with two CPU processes."""
     ds = Dataset(dataset)
     enc = create_encoder(ENC)
-    jobs = [F._plan_job(ds, "syn", lv, enc.input_size)[0] for lv in ("spot", "region")]
-    assert sorted(sum(F._assign(jobs, 2), [])) == [("syn", "region"), ("syn", "spot")]
+    jobs = [J._plan_job(ds, "syn", lv, enc.input_size)[0] for lv in ("spot", "region")]
+    assert sorted(sum(J._assign(jobs, 2), [])) == [("syn", "region"), ("syn", "spot")]
     root = dataset / "features" / KEY
     root.mkdir(parents=True)
     opts = {"batch_size": 16, "num_workers": 0, "flush_every": 20, "progress": False}
     args = {"name": ENC, "weights": None, "pretrained": False, "encoder_kwargs": None}
-    results = F._run_multi(["cpu", "cpu"], jobs, dataset, args, KEY, opts)
+    results = J._run_multi(["cpu", "cpu"], jobs, dataset, args, KEY, opts)
     assert sorted(r["level"] for r in results) == ["region", "spot"]
     for level in ("spot", "region"):  # other processes, other thread counts: float noise
         np.testing.assert_allclose(

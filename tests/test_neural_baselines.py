@@ -37,7 +37,7 @@ SMALL = {
 
 
 def _neural_names() -> list[str]:
-    from magnet_st.evaluate.baselines.neural import NEURAL_BASELINES
+    from magnet_st.evaluate.baselines.paper import NEURAL_BASELINES
 
     names = [n for n in BASELINE_NAMES if n != "ridge"]
     assert sorted(names) == sorted(NEURAL_BASELINES)  # every registered one is tested here
@@ -316,7 +316,7 @@ def test_benchmark_tables_per_level_and_resume_model_by_model(
 
 
 def test_each_baseline_names_its_paper_and_what_was_simplified() -> None:
-    from magnet_st.evaluate.baselines.neural import NEURAL_BASELINES
+    from magnet_st.evaluate.baselines.paper import NEURAL_BASELINES
 
     papers = {
         "stnet": ("He et al", "2020"),

@@ -15,7 +15,8 @@ from magnet_st.features.extract import extract_features
 from magnet_st.prepare.build import prepare
 from magnet_st.prepare.config import PrepareConfig
 from magnet_st.read.specs import SlideSpec
-from magnet_st.train.trainer import TrainConfig, fit
+from magnet_st.train.config import TrainConfig
+from magnet_st.train.trainer import fit
 
 ENC = "mobilenetv3_small_050"
 MARGIN_UM = 150.0  # write_synthetic_hd's default margin around the capture area

@@ -14,7 +14,7 @@ from magnet_st import registry
 def test_a_registered_variant_reaches_the_cli_training_and_the_model() -> None:
     from magnet_st.cli import _train_config, build_parser
     from magnet_st.model.magnet import MagNetConfig
-    from magnet_st.train.trainer import TrainConfig
+    from magnet_st.train.config import TrainConfig
 
     registry.register_variant("narrow", "a test variant", width=48, epochs=3)
     try:
@@ -48,7 +48,7 @@ def test_help_shows_the_registry_without_torch() -> None:
 
 def test_baselines_are_built_from_the_registry() -> None:
     from magnet_st.evaluate.baselines import BASELINE_NAMES, create_baseline
-    from magnet_st.evaluate.baselines.neural import NEURAL_BASELINES
+    from magnet_st.evaluate.baselines.paper import NEURAL_BASELINES
 
     assert tuple(registry.BASELINES) == BASELINE_NAMES
     assert set(NEURAL_BASELINES) == set(registry.BASELINES) - {"ridge"}

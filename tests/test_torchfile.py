@@ -60,7 +60,8 @@ def test_commands_given_a_bad_file_say_so_in_one_line(
     assert not (tmp_path / "p").exists()
     # encoder weights, and a checkpoint to resume training from: the same, before any work
     from magnet_st.features.encoders import create_encoder
-    from magnet_st.train.trainer import TrainConfig, fit
+    from magnet_st.train.config import TrainConfig
+    from magnet_st.train.trainer import fit
 
     with pytest.raises(InputError, match="cannot read weights") as info:
         create_encoder("resnet18", weights=bad)

@@ -22,14 +22,9 @@ from magnet_st.model.magnet import create_model
 from magnet_st.predict.modelfile import load_model, predict_slide
 from magnet_st.prepare.build import prepare
 from magnet_st.prepare.config import PrepareConfig
-from magnet_st.train.trainer import (
-    MagNetModule,
-    PatchReader,
-    TrainConfig,
-    build_model_config,
-    fit,
-    init_bin_encoder,
-)
+from magnet_st.train.config import TrainConfig
+from magnet_st.train.module import MagNetModule
+from magnet_st.train.trainer import PatchReader, build_model_config, fit, init_bin_encoder
 
 ENC = "mobilenetv3_small_050"
 KEY = f"{ENC}-random"
@@ -220,7 +215,7 @@ def test_end_to_end_bin_encoder_one_epoch_then_predict(ds_path: Path, tmp_path: 
 
     import timm
 
-    from magnet_st.features.encoders import file_sha256
+    from magnet_st.features.backbones import file_sha256
 
     ds = Dataset(ds_path)
     start = timm.create_model(ENC)  # with its classifier, which loading drops
@@ -258,7 +253,7 @@ def test_end_to_end_bin_encoder_one_epoch_then_predict(ds_path: Path, tmp_path: 
 def test_bin_weights_load_into_the_backbone(ds_path: Path, tmp_path: Path) -> None:
     import timm
 
-    from magnet_st.features.encoders import file_sha256
+    from magnet_st.features.backbones import file_sha256
     from magnet_st.model.magnet import MagNetConfig
 
     src = timm.create_model(ENC)
@@ -358,7 +353,7 @@ def test_patch_reader_cuts_bins_as_features_cut_tiles(ds_path: Path) -> None:
     """One patch-cutting path: PatchReader's patches are the feature cache's tiles for the
     same centres (whole native pixels, resampled in torch), normalised by the bin encoder
     with its backbone's timm mean / std; training batches are flipped / rotated copies."""
-    from magnet_st.features import extract as F
+    from magnet_st.features import jobs as J
     from magnet_st.features.encoders import Preprocess, data_config
     from magnet_st.model.magnet import MagNetConfig, create_model
 
@@ -374,7 +369,7 @@ def test_patch_reader_cuts_bins_as_features_cut_tiles(ds_path: Path) -> None:
         reader = PatchReader({"s0": image}, patch_um, px, seed=1)
         got = reader(arrays, bins, train=False)
         assert got.dtype == torch.uint8 and got.shape == (len(bins), 3, px, px)
-        tiles = F._TileBatches(image, centers, native, native, mpp, patch_um, len(bins), 0)[0]
+        tiles = J._TileBatches(image, centers, native, native, mpp, patch_um, len(bins), 0)[0]
         grey = Preprocess((px, px), (0.0,) * 3, (1 / 255,) * 3, "bicubic")
         torch.testing.assert_close(got.float(), grey(tiles), rtol=0, atol=1e-3)
         # normalised by the model as the features path normalises for the same backbone
@@ -1055,7 +1050,7 @@ def test_diverging_training_stops_and_broken_models_are_refused(
 ) -> None:
     """A non-finite loss stops training with one line naming epoch and step (no model file);
     a model file with non-finite weights is refused; a slide in two roles is refused."""
-    from magnet_st.train.trainer import TrainingDiverged
+    from magnet_st.train.config import TrainingDiverged
 
     ds = Dataset(ds_path)
     cfg = TrainConfig(**{**SMALL, "epochs": 2, "lr": 1e30})

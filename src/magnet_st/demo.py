@@ -27,6 +27,8 @@ DEMO_ENCODER = "efficientnet_lite0_imagenet"  # offline ImageNet weights (the of
 DEMO_INPUT_PX = 112  # every tile encoded at 112 px: 4x cheaper than 224 on a CPU
 
 
+# Long: the demo's seven timed steps in order (~5-15 lines each, sharing times/step()), then the
+# ~65-line Markdown report text filled from their outputs (res, pred, times, paths).
 def run_demo(
     out: str | Path,
     *,
@@ -54,7 +56,8 @@ def run_demo(
     from magnet_st.read.specs import SlideSpec
     from magnet_st.report import plot_results
     from magnet_st.synthetic import write_synthetic_hd
-    from magnet_st.train.trainer import TrainConfig, fit
+    from magnet_st.train.config import TrainConfig
+    from magnet_st.train.trainer import fit
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -3,7 +3,7 @@
 As timm registers its models, every MagNet variant and every baseline is registered here
 once, with a one-line description and (for variants) the presets it applies to options
 the user leaves unset. The command line takes its choices, defaults and help from here
-(so ``magnet --help`` needs no torch), :class:`magnet_st.train.trainer.TrainConfig` its variant
+(so ``magnet --help`` needs no torch), :class:`magnet_st.train.config.TrainConfig` its variant
 presets and default option values, :mod:`magnet_st.model.losses` its loss weights, and
 :mod:`magnet_st.evaluate.baselines` its baseline names. Adding a variant or a baseline is one
 ``register_*`` call here plus its implementation.
@@ -117,11 +117,11 @@ register_baseline(
     "dropped, PCA 256, penalty chosen on the validation slide (HEST protocol)",
     "magnet_st.evaluate.baselines.ridge:RidgeBaseline",
 )
-register_baseline("stnet", "ST-Net", "magnet_st.evaluate.baselines.neural:STNet")
-register_baseline("histogene", "HisToGene", "magnet_st.evaluate.baselines.neural:HisToGene")
-register_baseline("his2st", "Hist2ST", "magnet_st.evaluate.baselines.neural:His2ST")
-register_baseline("bleep", "BLEEP", "magnet_st.evaluate.baselines.neural:BLEEP")
-register_baseline("egn", "EGN", "magnet_st.evaluate.baselines.neural:EGN")
+register_baseline("stnet", "ST-Net", "magnet_st.evaluate.baselines.paper:STNet")
+register_baseline("histogene", "HisToGene", "magnet_st.evaluate.baselines.paper:HisToGene")
+register_baseline("his2st", "Hist2ST", "magnet_st.evaluate.baselines.paper:His2ST")
+register_baseline("bleep", "BLEEP", "magnet_st.evaluate.baselines.paper:BLEEP")
+register_baseline("egn", "EGN", "magnet_st.evaluate.baselines.paper:EGN")
 
 
 def split_models(models: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:

@@ -6,7 +6,7 @@
   (``magnet benchmark``);
 - :func:`predict`: expression of a slide from its image (``magnet predict``).
 
-Training options are :class:`~magnet_st.train.trainer.TrainConfig` fields given as keywords
+Training options are :class:`~magnet_st.train.config.TrainConfig` fields given as keywords
 (``epochs=20, width=128, bin_encoder="efficientnet_lite0_imagenet"`` ...); options not
 given take the variant's presets, as on the command line. ``features`` left ``None`` is the
 dataset's only feature set. See ``docs/api.md``.
@@ -27,9 +27,9 @@ BASELINES = tuple(registry.BASELINES)
 
 
 def train_config(dataset: Any, variant: str = "magnet", **options: Any) -> Any:
-    """The :class:`~magnet_st.train.trainer.TrainConfig` of ``variant`` with ``options`` (``None``
+    """The :class:`~magnet_st.train.config.TrainConfig` of ``variant`` with ``options`` (``None``
     values ignored, as unset command-line options), ``features`` resolved on ``dataset``."""
-    from magnet_st.train.trainer import TrainConfig
+    from magnet_st.train.config import TrainConfig
 
     given = {k: v for k, v in options.items() if v is not None}
     given["features"] = _features(dataset, given.get("features"))

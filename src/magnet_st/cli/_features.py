@@ -198,6 +198,8 @@ def _feature_devices(devices: int | str, device: str) -> int:
     return max(1, torch.cuda.device_count())
 
 
+# Long: argparse: the features parser's description of encoder names and weights, then 15
+# flat options, one add_argument and help text each.
 def _add_features(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "features",

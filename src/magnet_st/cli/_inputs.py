@@ -20,9 +20,11 @@ def _format_summary(s: dict) -> str:
     q = s["counts_per_unit"]
     lines = [
         f"{s['name']}  ({s['technology']})",
-        f"  units under tissue   {s['units_under_tissue']:,}",
+        f"  {'cells' if s.get('median_area_um2') is not None else 'units under tissue':<20} "
+        f"{s['units_under_tissue']:,}",
         f"  genes                {s['genes']:,}",
-        f"  unit size            {s['unit_size_um']:g} um",
+        f"  unit size            {s['unit_size_um']:g} um"
+        + ("   (a disc of the median cell's area)" if "median_area_um2" in s else ""),
         f"  microns per pixel    {s['microns_per_pixel']:.4f}   "
         f"(from {s['sources'].get('microns_per_pixel', '?')})",
     ]
@@ -41,6 +43,8 @@ def _format_summary(s: dict) -> str:
         f"max {q['max']:g}"
     )
     lines.append(f"  total counts         {s['total_counts']:,}")
+    if "median_area_um2" in s:
+        lines.append(f"  median cell area     {s['median_area_um2']:g} um^2")
     lines.append(f"  counts from          {s['sources'].get('counts')}")
     lines.append(f"  positions from       {s['sources'].get('positions')}")
     return "\n".join(lines)
@@ -60,6 +64,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             unit_size_um=args.unit_size,
             sections=args.section,
             table=args.table,
+            cells=args.cells,
+            segmentation=args.segmentation,
         )
         for slide in slides:
             summaries.append(slide.summary())
@@ -117,6 +123,20 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="Visium HD bin size in um (SpatialData: the square_XXXum table); default: 8 if "
         "present, else the finest available",
+    )
+    p.add_argument(
+        "--cells",
+        action="store_true",
+        help="Visium HD: read Space Ranger 4's cells (outs/segmented_outputs/: the cell x "
+        "gene matrix and the cell outlines) instead of bins",
+    )
+    p.add_argument(
+        "--segmentation",
+        default=None,
+        metavar="GEOJSON",
+        help="Visium HD: sum the run's 2 um bins into these cell outlines (GeoJSON polygons "
+        "in the full-resolution image's pixels, as Space Ranger, QuPath, StarDist or "
+        "Cellpose write them; a bin goes to the cell that holds its centre); default: none",
     )
     _add_unit_options(p)
     p.add_argument(
@@ -239,6 +259,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# Long: argparse: the prepare parser's long description of the size presets, then 22 flat
+# options, one add_argument and help text each.
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare",
@@ -378,11 +400,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
         write_mtx=not args.no_mtx,
         write_raw=args.raw,
         progress=not args.quiet,
+        cells=not args.no_cells,
     )
     print(f"wrote synthetic Visium HD slide {out} in {time.perf_counter() - t0:.1f} s")
     print(f"  image: {info.image_path}")
     for size, n in sorted(info.n_bins_in_tissue.items()):
         print(f"  {size:>2} um bins under tissue: {n:,}   ({info.bin_dirs[size]})")
+    if info.cells_dir is not None:
+        cells = json.loads(info.truth_path.read_text())["cells"]
+        print(f"  cells: {cells['cells']:,}   ({info.cells_dir})")
     return 0
 
 
@@ -420,7 +446,18 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--genes", type=int, default=500, help="number of genes")
     p.add_argument("--no-mtx", action="store_true", help="skip the MTX copy of the matrices")
-    p.add_argument("--raw", action="store_true", help="also write raw_feature_bc_matrix.h5")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="also write raw_feature_bc_matrix.h5 (and raw_feature_cell_matrix.h5)",
+    )
+    p.add_argument(
+        "--no-cells",
+        action="store_true",
+        help="skip Space Ranger 4's cell segmentation of the planted nuclei "
+        "(outs/segmented_outputs/: cell and nucleus outlines as GeoJSON, the cell x gene "
+        "matrix; outs/barcode_mappings.parquet); written by default",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_synth)

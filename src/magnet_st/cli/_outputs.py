@@ -48,6 +48,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# Long: argparse: the predict parser's description of its two modes, then 17 flat options,
+# one add_argument and help text each.
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",

@@ -1,5 +1,8 @@
 """``magnet train``, ``magnet cv`` and ``magnet benchmark``: models on a dataset's features."""
 
+# Long module: train, cv and benchmark share the ~30 training options and the fold,
+# baseline and ensemble options defined here; most of its lines are argparse help text.
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +37,8 @@ def _preset_help(key: str) -> str:
     return f"default: {_OPTION_DEFAULTS[key]}" + (f" ({'; '.join(differ)})" if differ else "")
 
 
+# Long: argparse: one flat group of 29 training options (one add_argument and help text
+# each), shared by train, cv and benchmark.
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training")
     g.add_argument(
@@ -205,7 +210,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from magnet_st.train.trainer import TrainConfig
+    from magnet_st.train.config import TrainConfig
 
     kw = {
         "features": args.features,

@@ -14,6 +14,7 @@ from magnet_st.errors import InputError
 if TYPE_CHECKING:
     import anndata
 
+    from magnet_st.data.shapes import Polygons
     from magnet_st.io.image import SlideImage
 
 
@@ -46,6 +47,8 @@ class Slide:
             not (Space Ranger), so that a gene absent from them is not in the reference;
             ``False`` where the format lists only the genes the section detected (legacy
             ST tables), so that an absent gene has zero counts in every unit.
+        polygons: each unit's outline (cells), in full-resolution pixels, or ``None``
+            (square bins and round spots are drawn from ``unit_size_um``).
     """
 
     name: str
@@ -61,6 +64,7 @@ class Slide:
     array_coords: np.ndarray | None = None
     sources: dict[str, str] = field(default_factory=dict)
     lists_all_genes: bool = True
+    polygons: Polygons | None = None
     _image: SlideImage | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +90,11 @@ class Slide:
             raise InputError(where, "no units under tissue (empty matrix)")
         if g == 0:
             raise InputError(where, "the matrix has no genes")
+        if self.polygons is not None and len(self.polygons) != n:
+            raise InputError(
+                self.sources.get("polygons", where),
+                f"{len(self.polygons)} outlines for {n} units",
+            )
         if len(set(self.unit_ids.tolist())) != n:
             raise InputError(where, "unit ids (barcodes) are not unique")
 
@@ -202,6 +211,9 @@ class Slide:
                 round(w * self.microns_per_pixel, 1),
                 round(h * self.microns_per_pixel, 1),
             ]
+        if self.polygons is not None:
+            area = self.polygons.areas() * self.microns_per_pixel**2
+            out["median_area_um2"] = round(float(np.median(area)), 1)
         out["sources"] = dict(self.sources)
         return out
 
@@ -211,6 +223,8 @@ class Slide:
         ``X`` holds the raw integer counts, ``obsm["spatial"]`` the unit centres in
         full-resolution pixels, and ``uns["spatial"][name]["scalefactors"]`` the
         microns per pixel and unit size, so :func:`magnet_st.read.h5ad` reads it back.
+        Cells keep their outlines in ``uns["polygons"]`` (``xy`` and ``offsets``, as
+        :class:`magnet_st.data.shapes.Polygons`).
         """
         import anndata
         import pandas as pd
@@ -226,6 +240,11 @@ class Slide:
         adata = anndata.AnnData(X=self.counts.copy(), obs=obs, var=var)
         adata.var_names_make_unique()
         adata.obsm["spatial"] = self.centers_px.astype(np.float64)
+        if self.polygons is not None:  # outlines, flat: unit i is xy[offsets[i]:offsets[i + 1]]
+            adata.uns["polygons"] = {
+                "xy": self.polygons.xy.astype(np.float64),
+                "offsets": self.polygons.offsets.astype(np.int64),
+            }
         adata.uns["spatial"] = {
             self.name: {
                 "images": {},

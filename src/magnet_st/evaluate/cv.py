@@ -25,6 +25,10 @@ file, training log, ``pred_<slide>_<level>.h5ad``, ``metrics.json``, ``gene_pcc.
 per group of genes, mean +- std over folds).
 """
 
+# Long module: the fold protocol in one place: cross_validate() with its per-fold runners (_baseline,
+# _fit_baseline, _model, _fit_member, _trained) and _score, sharing the fold folder layout and the
+# refit rule (fit_slides); the tables are already in evaluate/tables.py.
+
 from __future__ import annotations
 
 import json
@@ -60,13 +64,8 @@ from magnet_st.predict.modelfile import (
     load_model,
     predict_slide,
 )
-from magnet_st.train.trainer import (
-    MACHINE_KEYS,
-    TrainConfig,
-    fit,
-    is_main_process,
-    target_mean,
-)
+from magnet_st.train.config import MACHINE_KEYS, TrainConfig
+from magnet_st.train.trainer import fit, is_main_process, target_mean
 from magnet_st.util.atomic import atomic_path, write_text
 from magnet_st.util.lock import locked
 
@@ -169,6 +168,8 @@ def top_variable(ds: Dataset, slides: list[str], genes: list[str], n: int = 50) 
     return np.argsort(-var, kind="stable")[:n]
 
 
+# Long: check args and that a resumed run's folds.json matches, the non-rank-0 DDP path, then
+# per fold every model in a fixed order (mean, ridge, variants, other baselines), then the tables.
 @locked("out", "magnet cv")
 def cross_validate(
     dataset: str | Path,

@@ -40,6 +40,9 @@ set's key gets a ``-dense<hash>`` suffix that covers every setting here, and its
 of each concatenated part, so that a linear probe can weigh them apart).
 """
 
+# Long module: the dense path, in sections in pipeline order: config (~60 lines), map geometry (~70),
+# footprint pooling maths (~110), the row loop run_slide (~180) and the slide driver extract_slide.
+
 from __future__ import annotations
 
 import hashlib
@@ -370,6 +373,9 @@ def plan_level(name: str, fp: Footprints, specs: list[MapSpec], tile_px: int) ->
     return _Level(name, fp, boxes, tiles)
 
 
+# Long: the row-streaming loop: per row open units, read tiles ahead in a thread, encode, pool each
+# map into the open units, write finished ones; it mutates each plan's open_ids/acc/area and shares
+# the thread pool, timers and progress bar across rows.
 def run_slide(
     encoder: Any,
     image: Any,
@@ -561,6 +567,9 @@ def save_json(path: Path, obj: dict) -> None:
     write_text(path, json.dumps(obj, indent=1))
 
 
+# Long: resume state (fingerprint, per-level partial memmaps, the block map) is opened, filled by
+# run_slide through on_row(), then windows come from the block map and each level's record is
+# written; the `arrays` dict ties the three together.
 def extract_slide(
     encoder: Any,
     ds: Any,
@@ -576,7 +585,7 @@ def extract_slide(
     resumable by rows of tiles (``dense.progress.json``)."""
     from numpy.lib.format import open_memmap
 
-    from magnet_st.features.extract import _record
+    from magnet_st.features.jobs import _record
     from magnet_st.features.store import _level_paths, _read_json, check_float16
 
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """patches: cut square tiles centred on units from a slide image, one way for every use.
 
 Both the feature cache (:mod:`magnet_st.features.store`, frozen encoders) and the end-to-end
-bin encoder (:class:`magnet_st.train.trainer.PatchReader`) cut their tiles with a
+bin encoder (:class:`magnet_st.model.inputs.PatchReader`) cut their tiles with a
 :class:`TileCutter`:
 
 1. a box of ``native_px = round(patch_um / microns_per_pixel)`` native pixels centred on

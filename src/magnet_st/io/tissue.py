@@ -41,6 +41,9 @@ union of the 8 um bins ``(2r .. 2r+1, 2c .. 2c+1)``. The grid starts at the orig
 covers the whole image.
 """
 
+# Long module: tissue detection (TissueMask, detect_tissue) and the virtual bin/spot grids
+# laid over its mask, used together by predict; the ~40-line docstring documents both.
+
 from __future__ import annotations
 
 import math
@@ -263,6 +266,8 @@ def _positive(name: str, value: float, *, zero_ok: bool = False) -> float:
     return v
 
 
+# Long: one pipeline in the order the module docstring gives (checks, thumbnail, saturation,
+# Otsu threshold with hysteresis, closing/opening, hole filling, debris removal) on one mask.
 def detect_tissue(
     image: SlideImage,
     *,

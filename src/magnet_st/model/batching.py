@@ -196,7 +196,7 @@ class BlockDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        """Batch ``i``; ``(i, epoch)`` (as :class:`magnet_st.train.trainer.EpochShuffle` yields
+        """Batch ``i``; ``(i, epoch)`` (as :class:`magnet_st.train.module.EpochShuffle` yields
         them) also seeds the batch's augmentation from the epoch, so that it is a function of
         (seed, epoch, batch) only: the same whatever the workers or an interruption."""
         i, epoch = (int(i[0]), int(i[1])) if isinstance(i, tuple) else (int(i), 0)

@@ -104,9 +104,9 @@ class MagNetConfig:
 class BinEncoder(nn.Module):
     """A timm CNN over bin patches (trained end to end), or a projection of cached features.
 
-    The CNN (:func:`magnet_st.features.encoders.create_backbone`; random init here, the weights it
+    The CNN (:func:`magnet_st.features.backbones.create_backbone`; random init here, the weights it
     starts from are loaded by training) takes uint8 RGB patches ``(n, 3, P, P)``, as cut
-    by :class:`magnet_st.train.trainer.PatchReader`, and normalises them with the mean / std of
+    by :class:`magnet_st.model.inputs.PatchReader`, and normalises them with the mean / std of
     its timm ``pretrained_cfg``; float patches are taken as normalised already. Its
     output width comes from a forward pass (timm's ``num_features`` is not the pooled
     output of models with a pre-logits head, e.g. MobileNetV3).
@@ -125,7 +125,8 @@ class BinEncoder(nn.Module):
             self.backbone = None
             in_dim = cfg.bin_feature_dim
         else:
-            from magnet_st.features.encoders import create_backbone, data_config
+            from magnet_st.features.backbones import create_backbone
+            from magnet_st.features.encoders import data_config
 
             self.backbone, _ = create_backbone(cfg.bin_encoder, load_weights=False)
             pre = data_config(self.backbone)

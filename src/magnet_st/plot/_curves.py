@@ -211,6 +211,8 @@ def training_curves(
 # -- cross-validation -----------------------------------------------------------------------
 
 
+# Long: averages the metrics table per fold, then draws one axis in layers (boxes, jittered
+# fold points, pairing lines, means, mean +- sd labels, limits, ticks, title).
 def cv_summary(
     metrics: pd.DataFrame | str | Path,
     *,

@@ -92,6 +92,8 @@ def _draw_background(
     )
 
 
+# Long: one figure built top to bottom: raster grid and layout, then per gene a shared colour
+# scale and 1-2 panels whose drawing uses ~12 setup locals (grid, info, xlim, ylim, bar_um).
 def gene_maps(
     pred: AnnData,
     genes: Sequence[str],

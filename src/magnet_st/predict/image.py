@@ -30,6 +30,9 @@ spot tile and region tile. Outputs in ``OUT/``:
   dataset and its cached features: a rerun reuses them).
 """
 
+# Long module: predict() (~230 lines) and what it builds on: the two unit sources (image-only grid,
+# Space Ranger run), mpp/encoder checks and the public output helpers (OneThumbnail, spatial_uns).
+
 from __future__ import annotations
 
 import json
@@ -343,8 +346,8 @@ def _encoder_args(payload: dict, weights: str | Path | None, model_path: Path) -
                 "--weights with the same file",
             )
         path = None
+    from magnet_st.features.backbones import OFFLINE_IMAGENET
     from magnet_st.features.dense import DenseConfig
-    from magnet_st.features.encoders import OFFLINE_IMAGENET
 
     dense = enc.get("dense")
     return {
@@ -359,6 +362,8 @@ def _encoder_args(payload: dict, weights: str | Path | None, model_path: Path) -
     }
 
 
+# Long: five timed stages filling `seconds` (units, features, prediction, write, record) that share
+# slide, measured, thumbs, work, res, ds and payload; preceded by ~25 lines of argument checks.
 @locked("out", "magnet predict")
 def predict(
     model_path: str | Path,

@@ -37,6 +37,9 @@ Output (``DATASET/``)::
 A dataset without ``manifest.json`` is incomplete and is refused by later stages.
 """
 
+# Long module: the dataset writer: prepare() (~220 lines), the panel/target/gene-name helpers that
+# fill its manifest, and prepare_unmeasured(), which writes the same slide-record/manifest layout.
+
 from __future__ import annotations
 
 import hashlib
@@ -137,6 +140,10 @@ def _written_bytes(levels: dict[str, Any]) -> list[int]:
     return sizes
 
 
+# Long: one resumable run over shared state (old manifest, old_slides, slides_meta, result):
+# check args, plan fresh slides, build and write each (checking it resolves to the first slide's
+# tile sizes via resolved/first), then panel and targets with rollback of this run's slides on
+# error, then the manifest.
 @locked("out", "magnet prepare")
 def prepare(
     specs: list[SlideSpec],

@@ -45,6 +45,8 @@ def check_patch_resolution(slide: Slide, cfg: PrepareConfig) -> None:
             )
 
 
+# Long: tile-size checks (~30 lines), the spot and region grids with each spot tile's region, then
+# the three AnnData built by the inner level() closure from slide, cfg, var and meta.
 def build_levels(slide: Slide, cfg: PrepareConfig) -> dict[str, Any]:
     """The bin, spot and region AnnData objects of one slide (counts of all genes)."""
     import anndata

@@ -1,6 +1,9 @@
 """Readers: every input format becomes a :class:`magnet_st.Slide`.
 
 - :func:`visium_hd`: Space Ranger Visium HD output, one bin size (2, 8 or 16 um).
+- :func:`visium_hd_cells`: Space Ranger 4's cells (``segmented_outputs/``), with outlines.
+- :func:`cells_from_bins`: a run's 2 um bins summed into a GeoJSON segmentation's cells
+  (:func:`read_geojson`: Space Ranger, QuPath, StarDist, Cellpose outlines).
 - :func:`visium`: Space Ranger standard Visium output (55 um spots).
 - :func:`legacy_st` and :func:`her2st`: legacy Spatial Transcriptomics (her2st layout).
 - :func:`h5ad`: AnnData with ``obsm["spatial"]``.
@@ -17,6 +20,8 @@ from pathlib import Path
 
 from magnet_st.data.slide import Slide
 from magnet_st.errors import InputError
+from magnet_st.read.cells import cells_from_bins, visium_hd_cells
+from magnet_st.read.geojson import read_geojson
 from magnet_st.read.h5ad import h5ad
 from magnet_st.read.legacy_st import her2st, her2st_sections, legacy_st
 from magnet_st.read.matrix import read_10x_h5, read_10x_mtx
@@ -27,6 +32,7 @@ from magnet_st.read.visium import hd_bin_folders, visium, visium_hd
 __all__ = [
     "SlideSpec",
     "auto",
+    "cells_from_bins",
     "detect_format",
     "h5ad",
     "her2st",
@@ -34,11 +40,13 @@ __all__ = [
     "legacy_st",
     "read_10x_h5",
     "read_10x_mtx",
+    "read_geojson",
     "spatialdata_zarr",
     "specs_from_paths",
     "specs_from_sheet",
     "visium",
     "visium_hd",
+    "visium_hd_cells",
 ]
 
 
@@ -81,6 +89,8 @@ def auto(
     sections: list[str] | None = None,
     with_image: bool = True,
     table: str | None = None,
+    cells: bool = False,
+    segmentation: str | Path | None = None,
 ) -> list[Slide]:
     """Read every slide at ``path`` whatever its format.
 
@@ -91,7 +101,9 @@ def auto(
     diameter) override what the reader derives; Space Ranger inputs state both, so they
     are refused there. For a SpatialData store, ``image`` names one of its image elements
     and ``table`` the table of units (default: the ``square_XXXum`` table of
-    ``bin_size_um``, or the only one).
+    ``bin_size_um``, or the only one). For Visium HD, ``cells`` reads Space Ranger 4's cells
+    (:func:`visium_hd_cells`) and ``segmentation`` (GeoJSON) sums the run's 2 um bins into
+    the cells it outlines (:func:`cells_from_bins`).
     """
     path = Path(path)
     fmt = detect_format(path)
@@ -107,6 +119,16 @@ def auto(
             "SpatialData; --table for SpatialData)",
         )
     legacy = {"spot_pitch_um": spot_pitch_um, "unit_size_um": unit_size_um}
+    if (cells or segmentation is not None) and fmt != "visium_hd":
+        raise InputError(path, f"cells are read from Visium HD runs, not from a {fmt} input")
+    if cells and segmentation is not None:
+        raise InputError(
+            Path(segmentation), "give either Space Ranger's cells or a segmentation, not both"
+        )
+    if cells:
+        return [visium_hd_cells(path, image, microns_per_pixel=microns_per_pixel)]
+    if segmentation is not None:
+        return [cells_from_bins(path, segmentation, image, microns_per_pixel=microns_per_pixel)]
     if fmt == "visium_hd":
         if bin_size_um is None:
             sizes = sorted(hd_bin_folders(path))

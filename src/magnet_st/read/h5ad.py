@@ -11,6 +11,8 @@ from magnet_st.errors import InputError
 from magnet_st.read.matrix import as_integer_counts
 
 
+# Long: one checked read: file, positions, counts source (layer, raw.X or X), scalefactors,
+# unit size, each with its own error message, all feeding one 20-line Slide(...).
 def h5ad(
     path: str | Path,
     image: str | Path | None = None,

@@ -112,6 +112,8 @@ def array_scale(
     return mpp, f"{given}{pitch:g} um array pitch ({layout}; {how}) of {source}"
 
 
+# Long: reads and checks two tables, joins count rows ('XxY') to selected spots logging what
+# is dropped, derives mpp, builds one Slide; mostly error and log messages.
 def legacy_st(
     counts: str | Path,
     spots: str | Path,

@@ -344,6 +344,8 @@ def _to_image(
 # -- the reader ----------------------------------------------------------------------------
 
 
+# Long: the glue over the store helpers (_choose_table, _read_element, _to_image): table,
+# regions, per-region centres in image pixels, mpp, unit size, counts; ~15 shared locals.
 def spatialdata_zarr(
     path: str | Path,
     table: str | int | None = None,

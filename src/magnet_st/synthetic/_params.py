@@ -110,6 +110,8 @@ class SyntheticSlideInfo:
         truth_path: ``synthetic_truth.json``.
         nuclei_path: ``synthetic_nuclei.parquet`` (one row per nucleus).
         bins_truth_path: ``synthetic_bins_008um.parquet`` (model variables per 8 um bin).
+        cells_dir: ``outs/segmented_outputs`` (Space Ranger 4's cells of the planted
+            nuclei), or ``None`` when cells were not written.
         image_shape: ``(height, width)`` of the full-resolution image, px.
         microns_per_pixel: of the full-resolution image.
         seed: the seed.
@@ -125,6 +127,7 @@ class SyntheticSlideInfo:
     truth_path: Path
     nuclei_path: Path
     bins_truth_path: Path
+    cells_dir: Path | None
     image_shape: tuple[int, int]
     microns_per_pixel: float
     seed: int

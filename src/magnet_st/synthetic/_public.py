@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from magnet_st.synthetic._cells import CellCounts, cell_masks, write_segmented_outputs
 from magnet_st.synthetic._params import (
     HIRES_MAX_PX,
     LOWRES_MAX_PX,
@@ -45,6 +46,9 @@ logger = logging.getLogger("magnet_st.synthetic")
 # --------------------------------------------------------------------------- public
 
 
+# Long: one atomic write in order: checks, scene and genes, then image, hires/lowres PNGs,
+# count matrices, spatial/ scalefactors and truth files; the steps are helpers already and
+# the rest shares scene, genes, grids, sizes, tmp and the image scale factors.
 def write_synthetic_hd(
     out_dir: str | Path,
     *,
@@ -59,6 +63,7 @@ def write_synthetic_hd(
     progress: bool = True,
     margin_um: float = 150.0,
     domain_spacing_um: float | None = None,
+    cells: bool = True,
 ) -> SyntheticSlideInfo:
     """Write a SYNTHETIC Visium HD run (Space Ranger ``outs/binned_outputs`` layout) + image.
 
@@ -77,6 +82,9 @@ def write_synthetic_hd(
         margin_um: background around the capture area in the image.
         domain_spacing_um: typical size of a tissue domain; by default a third of the
             shorter side, between 150 and 300 um (so small test slides hold every type).
+        cells: also write Space Ranger 4's cell segmentation of the planted nuclei
+            (``outs/segmented_outputs/`` and ``outs/barcode_mappings.parquet``; see
+            :mod:`magnet_st.synthetic._cells`).
 
     Returns:
         A :class:`SyntheticSlideInfo`.
@@ -103,6 +111,7 @@ def write_synthetic_hd(
         "write_raw": bool(write_raw),
         "margin_um": float(margin_um),
         "domain_spacing_um": float(domain_spacing_um),
+        "cells": bool(cells),
     }
     t_start = time.perf_counter()
     scene = _Scene(
@@ -129,13 +138,15 @@ def write_synthetic_hd(
         _write_png(_render_whole(scene, hires_f), spatial_tmp / "tissue_hires_image.png")
         _write_png(_render_whole(scene, lowres_f), spatial_tmp / "tissue_lowres_image.png")
         grids = _bin_grids(scene)
+        masks = cell_masks(scene) if cells else None
+        sink = CellCounts(masks.cell, n_genes) if masks is not None else None
         writers: dict[int, _LevelWriter] = {}
         try:
             for s in sizes:
                 writers[s] = _LevelWriter(
                     s, tmp / bin_rel[s], genes, write_mtx=write_mtx, write_raw=write_raw
                 )
-            _write_counts(scene, grids, genes, writers, progress)
+            _write_counts(scene, grids, genes, writers, progress, sink)
         finally:
             for w in writers.values():
                 try:
@@ -160,9 +171,19 @@ def write_synthetic_hd(
             (spatial / "scalefactors_json.json").write_text(json.dumps(scalefactors, indent=2))
         shutil.rmtree(spatial_tmp)
         logger.info("wrote matrices and spatial/ (%.1f s)", time.perf_counter() - t0)
+        cell_truth = None
+        if masks is not None and sink is not None:
+            t0 = time.perf_counter()
+            spatial = tmp / bin_rel[sizes[0]] / "spatial"
+            cell_truth = write_segmented_outputs(
+                scene, masks, sink.matrix(), genes, tmp / "outs", spatial, write_raw=write_raw
+            )
+            logger.info("wrote segmented_outputs/ (%.1f s)", time.perf_counter() - t0)
         _write_nuclei(scene, tmp / "synthetic_nuclei.parquet")
         _write_bin_truth(scene, grids, tmp / "synthetic_bins_008um.parquet")
         truth = _truth(scene, genes, params, grids, n_tissue, n_total)
+        if cell_truth is not None:
+            truth["cells"] = cell_truth
         (tmp / "synthetic_truth.json").write_text(json.dumps(truth, indent=1))
         (tmp / "SYNTHETIC.md").write_text(_synthetic_md(truth))
     logger.info("synthetic slide written to %s (%.1f s)", out_dir, time.perf_counter() - t_start)
@@ -177,6 +198,7 @@ def write_synthetic_hd(
         truth_path=out_dir / "synthetic_truth.json",
         nuclei_path=out_dir / "synthetic_nuclei.parquet",
         bins_truth_path=out_dir / "synthetic_bins_008um.parquet",
+        cells_dir=out_dir / "outs" / "segmented_outputs" if cells else None,
         image_shape=(scene.height_px, scene.width_px),
         microns_per_pixel=scene.mpp,
         seed=int(seed),

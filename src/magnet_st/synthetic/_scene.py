@@ -1,5 +1,9 @@
 """The random scene: fields, tissue domains, nuclei, and the gene programmes."""
 
+# Long module: _Scene (~310 lines) is one object whose build steps (tissue, domains, nuclei,
+# stain textures, rendering) share its fields; its numeric helpers and the gene programmes
+# (_Genes, _make_genes, ~70 lines) sit beside it.
+
 from __future__ import annotations
 
 import logging

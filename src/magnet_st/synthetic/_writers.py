@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -46,6 +46,9 @@ from magnet_st.synthetic._scene import (
     _rng,
     _Scene,
 )
+
+if TYPE_CHECKING:
+    from magnet_st.synthetic._cells import CellCounts
 
 # --------------------------------------------------------------------------- writers
 
@@ -440,7 +443,10 @@ def _write_counts(
     genes: _Genes,
     writers: dict[int, _LevelWriter],
     progress: bool,
+    cells: CellCounts | None = None,
 ) -> None:
+    """Draw the UMIs band by band and hand them to each bin size's writer; with ``cells``,
+    also add each UMI to the cell that its 2 um bin belongs to."""
     ng = len(genes.names)
     n8c, n16c, n2c = scene.n8c, scene.n16c, scene.n2c
     nu = scene.nuclei
@@ -465,7 +471,7 @@ def _write_counts(
             b, g, c = _entries(b16 * ng + ugene, ng, nr16 * n16c * ng)
             it16 = tf_band.reshape(nr16, 2, n16c, 2).max(axis=(1, 3)) > 0
             writers[16].add_band(scene, np.arange(r16a, r16b), it16, b, g, c)
-        if 2 in writers:
+        if 2 in writers or cells is not None:
             r2a, r2b = 4 * r8a, 4 * r8b
             it2 = scene.tissue_2um(r2a, r2b)
             lo, hi = np.searchsorted(nu.y, [scene.oy + 2.0 * r2a, scene.oy + 2.0 * r2b])
@@ -482,5 +488,8 @@ def _write_counts(
             sub = np.minimum((cumw[ubin] <= t[:, None]).sum(axis=1), 15)
             r2 = 4 * (ubin // n8c) + sub // 4
             c2 = 4 * (ubin % n8c) + sub % 4
-            b, g, c = _entries((r2 * n2c + c2) * ng + ugene, ng)
-            writers[2].add_band(scene, np.arange(r2a, r2b), it2, b, g, c)
+            if cells is not None:
+                cells.add(cells.label[r2a + r2, c2], ugene)
+            if 2 in writers:
+                b, g, c = _entries((r2 * n2c + c2) * ng + ugene, ng)
+                writers[2].add_band(scene, np.arange(r2a, r2b), it2, b, g, c)

@@ -1,4 +1,4 @@
-"""train: training: the LightningModule and fit.
+"""train: training: its settings (config), the LightningModule (module) and fit (trainer).
 
 Names are imported from their modules on first use (``magnet --help`` stays light).
 """
@@ -8,15 +8,15 @@ from magnet_st.util.lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
-        "BIN_INPUTS": "trainer",
-        "EpochShuffle": "trainer",
+        "BIN_INPUTS": "config",
+        "EpochShuffle": "module",
         "FitResult": "trainer",
-        "MACHINE_KEYS": "trainer",
-        "MagNetModule": "trainer",
+        "MACHINE_KEYS": "config",
+        "MagNetModule": "module",
         "RANDOM_BIN_WEIGHTS": "trainer",
-        "SpatialDataModule": "trainer",
-        "TrainConfig": "trainer",
-        "TrainingDiverged": "trainer",
+        "SpatialDataModule": "module",
+        "TrainConfig": "config",
+        "TrainingDiverged": "config",
         "build_model_config": "trainer",
         "check_bin_start": "trainer",
         "dense_bin_settings": "trainer",

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,332 +20,25 @@ import lightning as L
 import numpy as np
 import torch
 
-from magnet_st import registry
 from magnet_st.data.dataset import Dataset
 from magnet_st.data.targets import TargetTransform, log1p_moments
 from magnet_st.errors import ConfigError, InputError
-from magnet_st.model.batching import BlockDataset, SlideArrays
+from magnet_st.model.batching import SlideArrays
 from magnet_st.model.inputs import PatchReader, model_inputs, model_reader
-from magnet_st.model.losses import CONSISTENCY_FORMS, PCC_AXES, LossWeights, magnet_loss
-from magnet_st.model.magnet import MagNetConfig, create_model
-from magnet_st.model.metrics import GenePearson
+from magnet_st.model.magnet import MagNetConfig
 from magnet_st.predict.modelfile import save_model
+from magnet_st.train.config import TrainConfig
+from magnet_st.train.module import MagNetModule, SpatialDataModule, _steps
 from magnet_st.util.atomic import write_text
 from magnet_st.util.lock import locked
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(ConfigError):
-    """A non-finite training loss: the settings (most often the learning rate) diverge."""
-
-
-# Settings that only concern the machine: changing them does not invalidate a resume.
-MACHINE_KEYS = ("num_workers", "accelerator", "devices", "num_nodes", "deterministic")
-
-_D = registry.TRAIN_DEFAULTS
-
-
-#: what an end-to-end bin encoder sees: one patch per bin, or crops whose dense maps are
-#: pooled on each bin's footprint (:mod:`magnet_st.model.densebin`)
-BIN_INPUTS = ("patches", "dense")
-
-
-@dataclass
-class TrainConfig:
-    """Training settings (``magnet train --help`` documents each)."""
-
-    features: str = "resnet50"
-    variant: str = "magnet"
-    bin_encoder: str = _D["bin_encoder"]
-    bin_weights: str | None = None  # a state-dict file the bin encoder starts from
-    bin_input: str = "patches"  # an end-to-end bin encoder's input: "patches" or "dense"
-    bin_lr_scale: float = 1.0  # the end-to-end bin encoder's learning rate / the others'
-    width: int = _D["width"]
-    context_tokens: int = _D["context_tokens"]
-    k: int = 8
-    block: int = 2
-    batch_bins: int | None = 256  # bins per step (None: blocks of block x block regions)
-    optimizer: str = _D["optimizer"]
-    lr: float | None = None
-    weight_decay: float = 1e-4
-    epochs: int = _D["epochs"]
-    patience: int = 10
-    consistency: str = _D["consistency"]
-    pcc_axis: str = _D["pcc_axis"]
-    loss_weights: dict[str, float] = field(default_factory=lambda: asdict(LossWeights()))
-    dropout: float = 0.1
-    seed: int = 0
-    num_workers: int = 0
-    accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
-    precision: str | None = None
-    max_batches: int | None = None  # per epoch, for smoke runs and benchmarks; None = all
-    deterministic: bool = True  # some CUDA backward kernels refuse it: --nondeterministic
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        if self.consistency not in CONSISTENCY_FORMS:
-            raise ConfigError(f"consistency must be one of {CONSISTENCY_FORMS}")
-        if self.pcc_axis not in PCC_AXES:
-            raise ConfigError(f"pcc_axis must be one of {PCC_AXES}")
-        if self.epochs < 1 or self.block < 1:
-            raise ConfigError("epochs and block must be at least 1")
-        if self.bin_input not in BIN_INPUTS:
-            raise ConfigError(f"bin_input must be one of {BIN_INPUTS}, got {self.bin_input!r}")
-        if not (math.isfinite(self.bin_lr_scale) and self.bin_lr_scale > 0):
-            raise ConfigError(f"bin_lr_scale must be positive, got {self.bin_lr_scale}")
-        if self.batch_bins is not None and self.batch_bins < 1:
-            raise ConfigError("batch_bins must be at least 1")
-        unknown = set(self.loss_weights) - set(asdict(LossWeights()))
-        if unknown:
-            raise ConfigError(f"unknown loss weights {sorted(unknown)}")
-
-    @property
-    def base_lr(self) -> float:
-        """Paper: SGD at 0.005 with polynomial decay; AdamW default 1e-3 with cosine decay."""
-        return self.lr if self.lr is not None else (0.005 if self.optimizer == "sgd" else 1e-3)
-
-    @classmethod
-    def for_variant(cls, variant: str = "magnet", **given: Any) -> TrainConfig:
-        """The variant's presets (:data:`magnet_st.registry.VARIANTS`), then the options ``given``:
-        an option the user sets always wins over the variant's choice. Loss weights merge
-        one by one: the defaults, the variant's, then the ones given."""
-        known = registry.VARIANTS.get(variant)
-        preset = dict(known.presets) if known is not None else {}
-        weights = {
-            **asdict(LossWeights()),
-            **preset.pop("loss_weights", {}),
-            **(given.pop("loss_weights", None) or {}),
-        }
-        return cls(**{"variant": variant, **preset, **given, "loss_weights": weights})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def science_dict(self) -> dict[str, Any]:
-        """The settings that change the result: all but :data:`MACHINE_KEYS`."""
-        return {k: v for k, v in asdict(self).items() if k not in MACHINE_KEYS}
-
-
 # -- data ----------------------------------------------------------------------------------
 
 
-class EpochShuffle(torch.utils.data.Sampler[int]):
-    """A new order of the batches each epoch, a function of (seed, epoch) only: a run
-    resumed at epoch e sees the same order as one that never stopped. Yields ``(batch,
-    epoch)`` pairs (:meth:`magnet_st.model.batching.BlockDataset.__getitem__`). The epoch comes from
-    ``epoch()`` (the trainer's current epoch) when the order is drawn; Lightning's own
-    ``set_epoch`` counts from 0 again after a resume, so it is not used."""
-
-    def __init__(self, n: int, seed: int, epoch: Callable[[], int]):
-        self.n, self.seed, self.epoch = n, seed, epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        # a generator: the order is drawn when the first batch is fetched, not when
-        # Lightning creates the iterator (on a resume it does so before the epoch is set)
-        epoch = int(self.epoch())
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        # (batch, epoch): the dataset seeds the batch's augmentation from both, in whichever
-        # worker process it runs (a worker cannot ask the trainer for the epoch)
-        yield from ((i, epoch) for i in order)
-
-
-class SpatialDataModule(L.LightningDataModule):
-    """Training and validation batches over prepared slides (see :mod:`magnet_st.model.batching`)."""
-
-    def __init__(
-        self,
-        train: list[SlideArrays],
-        val: list[SlideArrays],
-        cfg: TrainConfig,
-        targets: dict[str, TargetTransform],
-        patch_reader: PatchReader | None = None,
-    ):
-        super().__init__()
-        self.train_slides, self.val_slides = train, val
-        self.cfg = cfg
-        self.targets = targets
-        self.patch_reader = patch_reader
-
-    def _loader(self, slides: list[SlideArrays], train: bool) -> torch.utils.data.DataLoader:
-        tt = self.targets
-        data = BlockDataset(
-            slides,
-            block=self.cfg.block,
-            batch_bins=self.cfg.batch_bins,
-            k=self.cfg.k,
-            context_tokens=self.cfg.context_tokens,
-            with_context=self.cfg.variant != "no_context",
-            targets=lambda lv, c: tt[lv].transform(c),
-            patch_reader=self.patch_reader,
-            train=train,
-        )
-        return torch.utils.data.DataLoader(
-            data,
-            batch_size=None,
-            sampler=EpochShuffle(len(data), self.cfg.seed, self._epoch) if train else None,
-            # the loader's own generator: creating an iterator draws no global random number,
-            # so dropout's random stream is the same in a resumed run as in an uninterrupted one
-            generator=torch.Generator().manual_seed(self.cfg.seed),
-            num_workers=self.cfg.num_workers,
-            persistent_workers=self.cfg.num_workers > 0,
-        )
-
-    def _epoch(self) -> int:
-        return int(self.trainer.current_epoch) if self.trainer is not None else 0
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.train_slides, True)
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.val_slides, False)
-
-
-def _rng_states() -> dict[str, Any]:
-    import random
-
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
-        "python": [int(v) for v in random.getstate()[1]],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    import random
-
-    torch.set_rng_state(torch.as_tensor(states["torch"]).cpu())
-    keys = torch.as_tensor(states["numpy"]).numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, int(states["numpy_pos"]), 0, 0.0))
-    random.setstate((3, tuple(int(v) for v in states["python"]), None))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 # -- the LightningModule ---------------------------------------------------------------------
-
-
-class MagNetModule(L.LightningModule):
-    """MagNet with its losses, optimiser and schedule. Hyperparameters are plain dicts."""
-
-    def __init__(self, model_config: dict, train_config: dict, targets: dict[str, dict]):
-        super().__init__()
-        self.save_hyperparameters()
-        self.model = create_model(model_config)
-        self.cfg = TrainConfig(**train_config)
-        self.weights = LossWeights(**self.cfg.loss_weights)
-        self.targets = {lv: TargetTransform.from_dict(d) for lv, d in targets.items()}
-        self._val: dict[int, GenePearson] = {}
-
-    def _to_log1p(self) -> dict[str, Any]:
-        fns = {}
-        for lv, tt in self.targets.items():
-            if tt.kind == "log1p_zscore":
-                mean = torch.tensor(tt.mean, device=self.device)
-                std = torch.tensor(tt.std, device=self.device)
-                fns[lv] = lambda y, m=mean, s=std: y * s + m
-            else:
-                fns[lv] = lambda y: y
-        return fns
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.model(batch)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # the random streams (dropout, augmentation), so that a resumed run continues them
-        checkpoint["rng_states"] = _rng_states()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
-
-    def _loss(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict:
-        return magnet_loss(
-            out, batch, self.weights, self.cfg.consistency, self._to_log1p(), self.cfg.pcc_axis
-        )
-
-    def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
-        out = self.model(batch)
-        parts = self._loss(out, batch)
-        if not bool(torch.isfinite(parts["loss"]).all()):
-            # diverged: stop with one line rather than train on NaN weights
-            raise TrainingDiverged(
-                f"training diverged: the loss is {float(parts['loss'])} at epoch "
-                f"{self.current_epoch}, step {self.global_step} (learning rate "
-                f"{self.cfg.base_lr:g}); lower --lr"
-            )
-        n = int(batch["bin_index"].numel())
-        for key, value in parts.items():
-            self.log(f"train/{key}", value, batch_size=n, on_step=False, on_epoch=True)
-        return parts["loss"]
-
-    def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
-        out = self.model(batch)
-        parts = self._loss(out, batch)
-        n = int(batch["bin_index"].numel())
-        self.log("val/loss", parts["loss"], batch_size=n, on_epoch=True, prog_bar=True)
-        # PCC-gene from per-gene sums: no copy of the slide's predictions, and the sums of
-        # all DDP ranks add up to the whole slide's (see on_validation_epoch_end)
-        acc = self._val.setdefault(int(batch["slide"]), GenePearson(out["bin"].shape[1]))
-        acc.update(batch["y_bin"].float().cpu().numpy(), out["bin"].float().cpu().numpy())
-
-    def on_validation_epoch_end(self) -> None:
-        n_slides = len(getattr(self.trainer.datamodule, "val_slides", []) or [])
-        if not n_slides:
-            self._val = {}
-            return
-        g = self.model.cfg.n_genes
-        state = torch.zeros((n_slides, 7, g), dtype=torch.float64, device=self.device)
-        for slide, acc in self._val.items():
-            state[slide] = torch.from_numpy(acc.state)
-        self._val = {}
-        state = self.trainer.strategy.reduce(state, reduce_op="sum")  # identity on one device
-        # PCC is unchanged by the per-gene affine map back to log1p (z-score targets)
-        scores = [
-            np.nanmean(r) if np.isfinite(r).any() else np.nan
-            for r in (GenePearson.from_state(s.cpu().numpy()).compute() for s in state)
-        ]
-        score = float(np.nanmean(scores)) if np.isfinite(scores).any() else 0.0
-        self.log("val/pcc_gene", score, prog_bar=True)
-
-    def configure_optimizers(self) -> Any:
-        lr = self.cfg.base_lr
-        backbone = self.model.bin_encoder.backbone
-        inner = {id(p) for p in backbone.parameters()} if backbone is not None else set()
-        groups = [
-            {"params": [p for p in self.parameters() if id(p) not in inner], "lr": lr},
-            {
-                "params": [p for p in self.parameters() if id(p) in inner],
-                "lr": lr * self.cfg.bin_lr_scale,
-            },
-        ]
-        groups = [g for g in groups if g["params"]]
-        if self.cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=self.cfg.weight_decay)
-        else:
-            opt = torch.optim.AdamW(groups, lr=lr, weight_decay=self.cfg.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        if self.cfg.optimizer == "sgd":  # the paper's polynomial decay, power 0.9, per step
-            lam = lambda it: max(0.0, 1 - it / total) ** 0.9  # noqa: E731
-        else:
-            lam = lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total) / total))  # noqa: E731
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def _steps(n: float) -> int:
-    return int(n) if math.isfinite(n) else 0
 
 
 def is_main_process() -> bool:
@@ -371,8 +62,8 @@ def dense_bin_settings(ds: Dataset, cfg: TrainConfig) -> dict | None:
     windows, frozen, follow each unit's own maps), else the dataset's preset defaults."""
     if cfg.bin_encoder == "frozen" or cfg.bin_input != "dense":
         return None
+    from magnet_st.features.backbones import create_backbone
     from magnet_st.features.dense import DenseConfig
-    from magnet_st.features.encoders import create_backbone
     from magnet_st.features.store import feature_set_meta
     from magnet_st.model.densebin import dense_settings
 
@@ -445,6 +136,8 @@ class _History(L.Callback):
         self.rows = json.loads(state_dict["rows"])
 
 
+# Long: one training start to finish: role/resume/panel checks, inputs and module, callbacks and a
+# Trainer (~35 lines of settings), fit, rank-0 save; the checkpoint callbacks are read after fit.
 @locked("out", "magnet train")
 def fit(
     ds: Dataset,
@@ -651,7 +344,7 @@ RANDOM_BIN_WEIGHTS = "random"
 def check_bin_start(cfg: TrainConfig) -> None:
     """An end-to-end timm bin encoder (``--variant paper``'s ResNet50 included) without
     ``--bin-weights`` would train from random weights: refused unless asked for by name."""
-    from magnet_st.features.encoders import OFFLINE_IMAGENET
+    from magnet_st.features.backbones import OFFLINE_IMAGENET
 
     if cfg.bin_encoder in ("frozen", OFFLINE_IMAGENET) or cfg.bin_weights is not None:
         return
@@ -666,11 +359,11 @@ def check_bin_start(cfg: TrainConfig) -> None:
 def init_bin_encoder(module: MagNetModule, cfg: TrainConfig) -> dict[str, Any]:
     """Load the weights the end-to-end bin encoder starts from into its backbone: the
     file ``cfg.bin_weights`` (read as ``magnet features --weights`` reads its file, by
-    :func:`magnet_st.features.encoders.load_backbone_weights`), the offline ImageNet weights for
+    :func:`magnet_st.features.backbones.load_backbone_weights`), the offline ImageNet weights for
     ``efficientnet_lite0_imagenet``, or none (random init). Their checksum goes into the
     model config (``model_config["bin_weights_checksum"]`` of the model file); rebuilding
     the model needs no file, since the trained state dict holds the weights."""
-    from magnet_st.features.encoders import load_backbone_weights
+    from magnet_st.features.backbones import load_backbone_weights
 
     backbone = module.model.bin_encoder.backbone
     weights = None if cfg.bin_weights == RANDOM_BIN_WEIGHTS else cfg.bin_weights

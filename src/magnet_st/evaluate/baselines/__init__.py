@@ -11,7 +11,7 @@ on its test slides by ``magnet cv --baselines`` and ``magnet benchmark``:
   alpha chosen on the validation slides (cross-validated on the training slides
   without one), :mod:`.ridge`;
 - ``stnet``, ``histogene``, ``his2st``, ``bleep``, ``egn``: the MagNet paper's neural
-  baselines on frozen features, :mod:`.neural` (each class says what was simplified).
+  baselines on frozen features, :mod:`.paper` (the training loop they share: :mod:`.neural`).
 
 All predict log1p expression at every level (bins, spot tiles, region tiles), one model
 per level.

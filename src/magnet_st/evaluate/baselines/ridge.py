@@ -1,6 +1,9 @@
 """Ridge regression on PCA-reduced frozen features: the HEST-Benchmark linear probe, fed the
 same features MagNet gets and with its penalty chosen by cross-validation."""
 
+# Long module: one baseline: RidgeBaseline (~470 lines, ~50 of them the docstring on its HEST changes)
+# and the closed-form ridge and CV helpers only it uses (_Sums, choose_alpha, x_blocks, tile_index).
+
 from __future__ import annotations
 
 import json
@@ -190,6 +193,9 @@ class RidgeBaseline:
             per_slide.append(coarse_scores(self.predict(ds, slide, raw=True), truth, member))
         return choose_coarse(per_slide)[0]
 
+    # Long: three phases on one level's params `p`: standardise + PCA on a seeded sample, per-group
+    # sums (X'X, X'Y) streamed over training and validation slides, alpha choice and solve; the CV
+    # record at the end needs held, by_slide and stats from phase two.
     def _fit_level(
         self,
         ds: Dataset,

@@ -38,6 +38,11 @@ Speed: warm reads that need no resampling (integer box at a level's own resoluti
 224 px patch on a slow core). Run ``benchmarks/region_read.py`` for figures.
 """
 
+# Long module: the shared base of the tiff/openslide/pil/zarr backends: the abstract
+# SlideImage (~290 lines: open/fork/pickle lifecycle, level choice, resampling) and the
+# constants, tile cache and pixel helpers they import; the docstring (~40 lines) states
+# the read contract for all of them.
+
 from __future__ import annotations
 
 import math

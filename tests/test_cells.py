@@ -1,0 +1,235 @@
+"""Cells: Space Ranger 4-like segmented outputs of the synthetic slides (planted nuclei),
+read back, and a run's 2 um bins pooled into a GeoJSON segmentation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from magnet_st.data.shapes import Polygons, assign_points
+from magnet_st.errors import InputError
+from magnet_st.read import cells_from_bins, read_geojson, visium_hd, visium_hd_cells
+from magnet_st.synthetic import write_synthetic_hd
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("cells") / "run"
+    return write_synthetic_hd(out, width_um=320, height_um=320, seed=3, n_genes=60, progress=False)
+
+
+def test_synthetic_run_has_space_ranger_4_segmented_outputs(run) -> None:
+    seg = run.cells_dir
+    for name in (
+        "filtered_feature_cell_matrix.h5",
+        "raw_feature_cell_matrix.h5",
+        "cell_segmentations.geojson",
+        "nucleus_segmentations.geojson",
+        "spatial/scalefactors_json.json",
+    ):
+        assert (seg / name).is_file(), name
+    doc = json.loads((seg / "cell_segmentations.geojson").read_text())
+    feat = doc["features"][0]
+    assert doc["type"] == "FeatureCollection" and feat["geometry"]["type"] == "Polygon"
+    assert set(feat["properties"]) == {"cell_id"} and isinstance(feat["properties"]["cell_id"], int)
+    ring = feat["geometry"]["coordinates"][0]
+    assert ring[0] == ring[-1]  # a closed GeoJSON ring
+    bm = pd.read_parquet(run.out_dir / "outs" / "barcode_mappings.parquet")
+    assert list(bm.columns) == [
+        "square_002um",
+        "square_008um",
+        "square_016um",
+        "cell_id",
+        "in_nucleus",
+        "in_cell",
+    ]
+    assert len(bm) == (320 // 2) ** 2  # every 2 um bin of the capture area
+    assert (bm["cell_id"].notna() == bm["in_cell"]).all()
+    assert not (bm["in_nucleus"] & ~bm["in_cell"]).any()
+    row = bm.iloc[(4 * 7 + 1) * 160 + 4 * 3 + 2]  # 2 um bin (29, 14)
+    assert (row.square_002um, row.square_008um, row.square_016um) == (
+        "s_002um_00029_00014-1",
+        "s_008um_00007_00003-1",
+        "s_016um_00003_00001-1",
+    )
+
+
+def test_cell_matrix_is_the_sum_of_each_cells_2um_bins(run) -> None:
+    """By barcode_mappings, independent of the outlines: Space Ranger's definition."""
+    cells = visium_hd_cells(run.out_dir)
+    bins = visium_hd(run.out_dir, 2)
+    bm = pd.read_parquet(run.out_dir / "outs" / "barcode_mappings.parquet")
+    bm = bm[bm["cell_id"].notna()].set_index("square_002um")["cell_id"]
+    row = {b: i for i, b in enumerate(bins.unit_ids)}
+    col = {c: i for i, c in enumerate(cells.unit_ids)}
+    pairs = [(col[c], row[b]) for b, c in bm.items() if b in row and c in col]
+    ci, bi = np.array(pairs).T
+    pool = sp.csr_matrix((np.ones(len(ci)), (ci, bi)), shape=(cells.n_units, bins.n_units))
+    assert (pool @ bins.counts != cells.counts).nnz == 0
+    assert cells.counts.sum() > 0.5 * bins.counts.sum()  # most UMIs lie in cells
+
+
+def test_pooling_bins_into_the_outlines_reproduces_space_rangers_cells(run) -> None:
+    seg = run.cells_dir
+    sr = visium_hd_cells(run.out_dir)
+    mine = cells_from_bins(run.out_dir, seg / "cell_segmentations.geojson")
+    assert list(mine.unit_ids) == list(sr.unit_ids)
+    assert (mine.counts != sr.counts).nnz == 0
+    np.testing.assert_allclose(mine.centers_px, sr.centers_px)
+    # an outline 1 um off loses bins: the equality above depends on where the outlines are
+    ids, polys = read_geojson(seg / "cell_segmentations.geojson")
+    shifted = _geojson(ids, Polygons(polys.xy + 1.0 / run.microns_per_pixel, polys.offsets))
+    path = seg.parent.parent / "shifted.geojson"
+    path.write_text(json.dumps(shifted))
+    moved = cells_from_bins(run.out_dir, path)
+    row = {b: i for i, b in enumerate(sr.unit_ids)}
+    same = [
+        (moved.counts[i] != sr.counts[row[b]]).nnz == 0
+        for i, b in enumerate(moved.unit_ids)
+        if b in row
+    ]
+    assert np.mean(same) < 0.2
+
+
+def test_cells_grow_from_the_planted_nuclei(run) -> None:
+    nuclei = pd.read_parquet(run.nuclei_path)
+    cells = visium_hd_cells(run.out_dir)
+    ids = np.array([int(b[7:16]) for b in cells.unit_ids])
+    # a cell's id is its nucleus's row + 1, and its outline holds that nucleus's centre
+    own = nuclei.iloc[ids - 1]
+    centres = own[["x_px", "y_px"]].to_numpy()
+    assert (assign_points(cells.polygons, centres) == np.arange(cells.n_units)).mean() > 0.97
+    # nearly every nucleus of the capture area under tissue has a cell
+    ox = 150.0  # the default margin, um
+    inside = nuclei[
+        nuclei.x_um.between(ox + 4, ox + 316) & nuclei.y_um.between(ox + 4, ox + 316)
+    ].index
+    assert np.isin(inside + 1, ids).mean() > 0.95
+    # nuclei are inside their cells, which are 4 um larger all round
+    nuc = visium_hd_cells(run.out_dir, outline="nucleus")
+    assert list(nuc.unit_ids) == list(cells.unit_ids)
+    a_cell = cells.polygons.areas() * run.microns_per_pixel**2
+    a_nuc = nuc.polygons.areas() * run.microns_per_pixel**2
+    assert (a_nuc <= a_cell + 1e-6).all()
+    assert 30 < np.median(a_cell) < 150 and np.median(a_nuc) < 0.6 * np.median(a_cell)
+
+
+def _geojson(ids, polys: Polygons, **props) -> dict:
+    feats = []
+    for i, cid in enumerate(ids):
+        ring = np.vstack([polys.ring(i), polys.ring(i)[:1]]).tolist()
+        feats.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"cell_id": int(cid), **props},
+            }
+        )
+    return {"type": "FeatureCollection", "features": feats}
+
+
+SQUARE = [[0.0, 0.0], [10.0, 0.0], [10.0, 10.0], [0.0, 10.0], [0.0, 0.0]]
+
+
+def test_geojson_reads_qupath_and_stardist_exports(tmp_path: Path) -> None:
+    small = [[[20.0, 20.0], [22.0, 20.0], [22.0, 22.0], [20.0, 20.0]]]
+    feats = [
+        {  # QuPath annotation: a tissue outline, skipped
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [SQUARE]},
+            "properties": {"objectType": "annotation"},
+        },
+        {
+            "type": "Feature",
+            "id": "a1b2",
+            "geometry": {"type": "MultiPolygon", "coordinates": [small, [SQUARE]]},
+            "properties": {"objectType": "cell"},
+        },
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [SQUARE]}},
+    ]
+    path = tmp_path / "qupath.geojson"
+    path.write_text(json.dumps(feats))  # a bare list, as QuPath can export
+    ids, polys = read_geojson(path)
+    assert list(ids) == ["a1b2", "3"]  # QuPath's id; else the position in the file
+    np.testing.assert_allclose(polys.areas(), [100.0, 100.0])  # the larger part of a multi
+    np.testing.assert_allclose(polys.centroids(), [[5.0, 5.0], [5.0, 5.0]])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"type": "Topology"}', "not a GeoJSON FeatureCollection"),
+        ('{"type": "FeatureCollection", "features": []}', "no cell polygons"),
+        (
+            '{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}}',
+            "feature 0: geometry 'Point' is not a Polygon",
+        ),
+        (
+            '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}}',
+            "at least 3",
+        ),
+        (
+            json.dumps(
+                [
+                    {
+                        "type": "Feature",
+                        "geometry": {"type": "Polygon", "coordinates": [SQUARE]},
+                        "properties": {"cell_id": 4},
+                    }
+                ]
+                * 2
+            ),
+            "cell id '4' appears 2 times",
+        ),
+    ],
+)
+def test_bad_geojson_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "seg.geojson"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message) as info:
+        read_geojson(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_overlapping_outlines_give_a_bin_to_the_nearest_centroid() -> None:
+    polys = Polygons.from_rings(
+        [np.array(SQUARE), np.array(SQUARE) + [6.0, 0.0], np.array(SQUARE) + [100.0, 100.0]]
+    )
+    pts = np.array([[2.0, 5.0], [7.0, 5.0], [9.0, 5.0], [14.0, 5.0], [50.0, 50.0]])
+    assert list(assign_points(polys, pts)) == [0, 0, 1, 1, -1]
+
+
+def test_magnet_info_reports_cells(run, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "magnet_st", "info", str(run.out_dir), "--cells", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    (s,) = json.loads(out.stdout)
+    cells = visium_hd_cells(run.out_dir)
+    assert s["technology"] == "visium_hd_cells" and s["units_under_tissue"] == cells.n_units
+    area = cells.polygons.areas() * run.microns_per_pixel**2
+    assert s["median_area_um2"] == pytest.approx(np.median(area), abs=0.05)
+    assert s["counts_per_unit"]["median"] == np.median(np.asarray(cells.counts.sum(axis=1)))
+    bad = tmp_path / "bad.geojson"
+    bad.write_text('{"type": "Feature", "geometry": {"type": "LineString", "coordinates": []}}')
+    cmd = [sys.executable, "-m", "magnet_st", "info", str(run.out_dir), "--segmentation", str(bad)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"magnet info: error: {bad}: feature 0: geometry 'LineString' is not a Polygon"
+    ]
+
+
+def test_cells_keep_their_outlines_in_anndata(run) -> None:
+    cells = visium_hd_cells(run.out_dir)
+    ad = cells.to_anndata()
+    np.testing.assert_allclose(ad.obsm["spatial"], cells.polygons.centroids())
+    back = Polygons(ad.uns["polygons"]["xy"], ad.uns["polygons"]["offsets"])
+    np.testing.assert_array_equal(back.xy, cells.polygons.xy)
+    assert len(back) == ad.n_obs
