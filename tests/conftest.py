@@ -73,7 +73,7 @@ def synthetic_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from magnet_st.synthetic import write_synthetic_hd
 
     out = tmp_path_factory.mktemp("synthetic") / "run"
-    write_synthetic_hd(out, width_um=400, height_um=400, seed=3, progress=False)
+    write_synthetic_hd(out, width_um=400, height_um=400, seed=3, progress=False, cells=False)
     return out
 
 
@@ -98,6 +98,7 @@ def hd_runs():
                 progress=False,
                 write_mtx=False,
                 write_raw=False,
+                cells=False,  # bins only: cells have their own tests (test_cells.py)
             )
             image = str(run / "he_fullres.tif")
             specs.append(SlideSpec(name=f"s{i}", path=str(run), image=image, bin_size=8))

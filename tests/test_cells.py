@@ -36,6 +36,7 @@ def test_synthetic_run_has_space_ranger_4_segmented_outputs(run) -> None:
     ):
         assert (seg / name).is_file(), name
     doc = json.loads((seg / "cell_segmentations.geojson").read_text())
+    check_geojson(doc)
     feat = doc["features"][0]
     assert doc["type"] == "FeatureCollection" and feat["geometry"]["type"] == "Polygon"
     assert set(feat["properties"]) == {"cell_id"} and isinstance(feat["properties"]["cell_id"], int)
@@ -119,6 +120,42 @@ def test_cells_grow_from_the_planted_nuclei(run) -> None:
     a_nuc = nuc.polygons.areas() * run.microns_per_pixel**2
     assert (a_nuc <= a_cell + 1e-6).all()
     assert 30 < np.median(a_cell) < 150 and np.median(a_nuc) < 0.6 * np.median(a_cell)
+
+
+def check_geojson(doc: dict) -> None:
+    """RFC 7946's rules for what the writers produce: a FeatureCollection of Features, each
+    with a Polygon geometry of linear rings (at least four [x, y] numbers, first = last)
+    and a properties object; JSON numbers only (no NaN)."""
+    assert doc["type"] == "FeatureCollection" and isinstance(doc["features"], list)
+    for f in doc["features"]:
+        assert f["type"] == "Feature" and isinstance(f["properties"], dict)
+        g = f["geometry"]
+        assert g["type"] == "Polygon" and len(g["coordinates"]) >= 1
+        for ring in g["coordinates"]:
+            assert len(ring) >= 4 and ring[0] == ring[-1]
+            assert all(len(p) == 2 and all(np.isfinite(v) for v in p) for p in ring)
+    json.loads(json.dumps(doc, allow_nan=False))  # raises on NaN / inf
+
+
+def test_qupath_detections_carry_the_genes_as_measurements(tmp_path: Path) -> None:
+    from magnet_st.io.qupath import write_qupath_geojson
+
+    polys = Polygons.from_rings([np.array(SQUARE), np.array(SQUARE) + 20.0])
+    values = np.array([[1.5, np.nan], [0.25, 3.0]])
+    path = write_qupath_geojson(
+        tmp_path / "q.geojson", polys, ["a", "b"], values, ["G1", "G2"], ["c1", "c2"]
+    )
+    doc = json.loads(path.read_text())
+    check_geojson(doc)
+    p0, p1 = (f["properties"] for f in doc["features"])
+    assert p0["measurements"] == {"G1": 1.5, "G2": None}  # NaN is not JSON: null
+    assert p1["objectType"] == "detection" and p1["name"] == "b"
+    assert (
+        p0["classification"]["name"] == "c1"
+        and p0["classification"]["color"] != (p1["classification"]["color"])
+    )
+    ids, back = read_geojson(path)  # our own reader takes QuPath's file back
+    np.testing.assert_allclose(back.areas(), polys.areas())
 
 
 def _geojson(ids, polys: Polygons, **props) -> dict:
@@ -233,3 +270,101 @@ def test_cells_keep_their_outlines_in_anndata(run) -> None:
     back = Polygons(ad.uns["polygons"]["xy"], ad.uns["polygons"]["offsets"])
     np.testing.assert_array_equal(back.xy, cells.polygons.xy)
     assert len(back) == ad.n_obs
+
+
+def test_cells_through_prepare_features_cv_and_predict(
+    tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None
+) -> None:
+    """Space Ranger 4-like cells as the unit of the whole pipeline: prepare keeps their
+    outlines, dense features pool over them, cross-validation scores cells, and a fold's
+    model predicts the cells of a run and, from the image alone, those of a GeoJSON."""
+    import anndata
+
+    from magnet_st.data.dataset import Dataset
+    from magnet_st.evaluate.cv import cross_validate
+    from magnet_st.features.dense import POLYGON, DenseConfig, footprints
+    from magnet_st.features.extract import extract_features
+    from magnet_st.predict.image import predict
+    from magnet_st.prepare.build import prepare
+    from magnet_st.prepare.config import PrepareConfig
+    from magnet_st.read.specs import SlideSpec
+    from magnet_st.train.config import TrainConfig
+
+    root = tmp_path_factory.mktemp("cellpipe")
+    specs = []
+    for i in range(3):
+        write_synthetic_hd(
+            root / f"c{i}", width_um=192, height_um=192, seed=40 + i, n_genes=40,
+            bin_sizes=(8,), write_mtx=False, write_raw=False, progress=False,
+        )  # fmt: skip
+        specs.append(SlideSpec(name=f"c{i}", path=str(root / f"c{i}"), cells="spaceranger"))
+    ds_path = root / "ds"
+    prepare(specs, ds_path, PrepareConfig(n_genes=30), progress=False)
+    ds = Dataset(ds_path)
+    sr = visium_hd_cells(root / "c2")
+    assert ds.slide_meta("c2")["technology"] == "visium_hd_cells"
+    assert list(ds.level("c2", "bin").obs_names) == list(sr.unit_ids)
+    np.testing.assert_array_equal(ds.polygons("c2").xy, sr.polygons.xy)
+    fp = footprints(ds, "c2", "bin", 1.0)
+    assert fp.shape == POLYGON and len(fp.half) == sr.n_units
+    dense = DenseConfig(mpp=1.0, tile_px=128, margin_px=64)
+    feats = extract_features(ds_path, "mobilenetv3_small_050", levels=("bin", "spot", "region"),
+                             device="cpu", progress=False, dense=dense)  # fmt: skip
+    cfg = TrainConfig(features=feats["key"], width=16, epochs=1, patience=1, max_batches=2)
+    table = cross_validate(ds_path, root / "cv", cfg, variants=["no_context"], only_folds=[2],
+                           progress=False)  # fmt: skip
+    cells = table[(table["level"] == "bin") & (table["test_slide"] == "c2")]
+    assert set(cells["model"]) >= {"no_context", "ridge", "mean_profile"}
+    assert np.isfinite(cells["pcc_gene"]).all()
+    model = root / "cv" / "fold2" / "no_context" / "model.pt"
+    assert model.is_file()
+    run = predict(model, root / "pred_run", spaceranger=root / "c2", device="cpu", progress=False)
+    got = anndata.read_h5ad(run.files["bin"])
+    assert list(got.obs_names) == list(sr.unit_ids) and "measured" in got.layers
+    np.testing.assert_array_equal(got.uns["polygons"]["xy"], sr.polygons.xy)
+    seg = root / "c2" / "outs" / "segmented_outputs" / "cell_segmentations.geojson"
+    img = predict(model, root / "pred_img", image=root / "c2" / "he_fullres.tif",
+                  segmentation=seg, device="cpu", progress=False, qupath=True)  # fmt: skip
+    alone = anndata.read_h5ad(img.files["bin"])
+    doc = json.loads(img.files["qupath"].read_text())
+    check_geojson(doc)
+    assert len(doc["features"]) == alone.n_obs
+    first = doc["features"][0]["properties"]
+    assert first["objectType"] == "detection" and first["name"] == alone.obs_names[0]
+    np.testing.assert_allclose(list(first["measurements"].values()), alone.X[0], rtol=1e-6)
+    assert list(first["measurements"]) == list(alone.var_names)
+    row = {b: i for i, b in enumerate(alone.obs_names)}
+    idx = [row[b] for b in got.obs_names]
+    np.testing.assert_allclose(alone.X[idx], got.X, atol=1e-5)  # the same cells, same image
+    with pytest.raises(Exception, match="trained on cells"):
+        predict(model, root / "pred_none", image=root / "c2" / "he_fullres.tif", progress=False)
+
+
+def test_cells_in_a_spatialdata_store_as_spatialdata_io_names_them(run, tmp_path: Path) -> None:
+    """Predicted cells in the SpatialData store: the table ``cell_segmentations`` annotates
+    the shapes ``<slide>_cell_segmentations``, each cell's outline a Polygon (read back and
+    validated by spatialdata itself)."""
+    sd = pytest.importorskip("spatialdata")
+    from spatialdata.models import ShapesModel, TableModel
+
+    from magnet_st.io.export import write_spatialdata
+
+    cells = visium_hd_cells(run.out_dir)
+    ad = cells.to_anndata()
+    ad.X = np.log1p(ad.X.toarray()).astype(np.float32)
+    path = write_spatialdata(tmp_path / "p.zarr", {"bin": ad}, "run", 8.0, cells.microns_per_pixel,
+                             images={})  # fmt: skip
+    sdata = sd.read_zarr(path)
+    assert list(sdata.tables) == ["cell_segmentations"]
+    assert list(sdata.shapes) == ["run_cell_segmentations"]
+    table = sdata.tables["cell_segmentations"]
+    TableModel().validate(table)
+    shapes = sdata.shapes["run_cell_segmentations"]
+    ShapesModel.validate(shapes)
+    assert set(shapes.geometry.geom_type) == {"Polygon"}
+    np.testing.assert_allclose(shapes.geometry.area, cells.polygons.areas(), rtol=1e-9)
+    centroid = np.column_stack([shapes.geometry.centroid.x, shapes.geometry.centroid.y])
+    np.testing.assert_allclose(centroid, cells.centers_px, atol=1e-6)
+    got = sd.get_values(value_key=list(ad.var_names[:3]), sdata=sdata,
+                        element_name="run_cell_segmentations", table_name="cell_segmentations")  # fmt: skip
+    np.testing.assert_allclose(got.to_numpy(), ad.X[:, :3])

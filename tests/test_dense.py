@@ -95,6 +95,17 @@ class _BlockMean(torch.nn.Module):
         return [torch.nn.functional.avg_pool2d(x, 16)]
 
 
+def _block_encoder(model: torch.nn.Module) -> SimpleNamespace:
+    """What the row loop needs of an encoder, around a test 'network' (input 0..255)."""
+    return SimpleNamespace(
+        model=model,
+        mean=(0.0, 0.0, 0.0),
+        std=(1 / 255, 1 / 255, 1 / 255),
+        device=torch.device("cpu"),
+        precision="fp32",
+    )
+
+
 class _Image:
     """A slide image held in memory (white outside), read at its own resolution."""
 
@@ -120,13 +131,7 @@ def test_unit_features_are_the_maps_mean_over_each_footprint_end_to_end() -> Non
     model = _BlockMean()
     spec = D.map_specs(model, [16])[0]
     assert spec.offset == 8.0  # measured: cell k spans px [16k, 16k + 16)
-    enc = SimpleNamespace(
-        model=model,
-        mean=(0.0, 0.0, 0.0),
-        std=(1 / 255, 1 / 255, 1 / 255),
-        device=torch.device("cpu"),
-        precision="fp32",
-    )
+    enc = _block_encoder(model)
     # 8 um bins at 0.5 um/px: 16 px squares at an offset of 5 px to the cells; 56 um tiles
     bins = np.array(
         [[5 + 16 * i + 8, 21 + 16 * j + 8] for i in range(15) for j in range(15)], float
@@ -152,6 +157,80 @@ def test_unit_features_are_the_maps_mean_over_each_footprint_end_to_end() -> Non
     again["bin"][done] = out["bin"][done]
     D.run_slide(enc, _Image(rgb), 0.5, levels, cfg, [spec], again, start_row=3)
     np.testing.assert_array_equal(again["bin"], out["bin"])
+
+
+def test_polygon_means_weigh_cells_by_their_share_of_the_outline() -> None:
+    rng = np.random.default_rng(4)
+    field = rng.normal(size=(16, 16, 3))
+    square = np.array([[2.25, 3.5], [7.0, 3.5], [7.0, 9.125], [2.25, 9.125]])  # x, y
+    tri = np.array([[5.2, 1.1], [14.7, 6.3], [8.4, 13.9]])
+    sums, areas = D.pool_polygons(field, (0, 0), [square, tri])
+    # a square on the 1/8 grid: the exact area mean
+    box = np.array([3.5, 9.125, 2.25, 7.0])
+    np.testing.assert_allclose(sums[0] / areas[0], _brute_box(field, box, 8), atol=1e-9)
+    assert areas[0] == pytest.approx(4.75 * 5.625)
+    # a triangle: against 32 x 32 samples per cell
+    from matplotlib.path import Path as MplPath
+
+    g = (np.arange(16 * 32) + 0.5) / 32
+    xx, yy = np.meshgrid(g, g)
+    inside = MplPath(tri).contains_points(np.column_stack([xx.ravel(), yy.ravel()]))
+    cells = field[
+        np.floor(yy.ravel()[inside]).astype(int), np.floor(xx.ravel()[inside]).astype(int)
+    ]
+    np.testing.assert_allclose(sums[1] / areas[1], cells.mean(0), atol=0.02)
+    shoelace = 0.5 * abs(np.cross(tri[1] - tri[0], tri[2] - tri[0]))
+    assert areas[1] == pytest.approx(shoelace, rel=0.01)
+    # split over four 8 x 8 tiles, the parts add up to the whole
+    parts = sum(
+        D.pool_polygons(field[ty : ty + 8, tx : tx + 8], (ty, tx), [square, tri])[0]
+        for ty in (0, 8)
+        for tx in (0, 8)
+    )
+    np.testing.assert_allclose(parts, sums, atol=1e-9)
+
+
+def test_cell_outlines_are_pooled_end_to_end() -> None:
+    """Cells (polygons) through the row loop: each gets the mean colour of the pixels inside
+    its outline; the end-to-end branch's weights give the same means."""
+    from matplotlib.path import Path as MplPath
+
+    from magnet_st.data.shapes import Polygons
+    from magnet_st.model.densebin import footprint_weights
+
+    rng = np.random.default_rng(5)
+    cells = rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8)
+    rgb = np.repeat(np.repeat(cells, 16, 0), 16, 1)
+    model = _BlockMean()
+    spec = D.map_specs(model, [16])[0]
+    enc = _block_encoder(model)
+    angle = np.linspace(0, 2 * np.pi, 9)[:-1]
+    rings = []
+    for i in range(12):  # octagons and slanted quads, some across tile edges
+        c = rng.uniform(40, 280, 2)
+        if i % 2:
+            rings.append(
+                c + np.column_stack([np.cos(angle), 0.7 * np.sin(angle)]) * rng.uniform(8, 30)
+            )
+        else:
+            rings.append(c + np.array([[-20.0, -9.0], [14.0, -15.0], [22.0, 12.0], [-11.0, 18.0]]))
+    polys = Polygons.from_rings(rings)
+    centres = polys.centroids()
+    half = np.array([np.abs(r - c).max() for r, c in zip(rings, centres, strict=True)])
+    fp = Footprints(centres, half, D.POLYGON, polys)
+    out = {"bin": np.zeros((len(rings), 3))}
+    cfg = DenseConfig(mpp=0.5, tile_px=64, margin_px=32)
+    D.run_slide(enc, _Image(rgb), 0.5, {"bin": fp}, cfg, [spec], out)
+    yy, xx = np.mgrid[0 : rgb.shape[0], 0 : rgb.shape[1]] + 0.5
+    px = np.column_stack([xx.ravel(), yy.ravel()])
+    for i, ring in enumerate(rings):
+        want = rgb.reshape(-1, 3)[MplPath(ring).contains_points(px)].mean(0)
+        np.testing.assert_allclose(out["bin"][i], want, atol=1.5, err_msg=str(i))
+    r, c, v = footprint_weights(fp, spec, 20, 20)
+    maps = cells.reshape(-1, 3).astype(np.float64)
+    e2e = np.zeros((len(rings), 3))
+    np.add.at(e2e, r, v[:, None] * maps[c])
+    np.testing.assert_allclose(e2e, out["bin"], atol=1e-6)
 
 
 def test_cell_centres_are_measured_from_the_model() -> None:

@@ -23,6 +23,7 @@ def prepare(
     image: str | Path | None = None,
     mpp: float | None = None,
     bin_size: int | None = None,
+    cells: str | None = None,
     samples: str | Path | None = None,
     add: bool = False,
     overwrite: bool = False,
@@ -34,6 +35,8 @@ def prepare(
 
     ``inputs``: one or more Space Ranger runs, her2st folders, tables or ``magnet synth``
     runs (as ``magnet prepare INPUTS``); ``samples``: a sample sheet (``--samples``).
+    ``cells``: the units of Visium HD runs as cells: ``"spaceranger"`` (Space Ranger 4's) or
+    a GeoJSON segmentation (``--cells`` / ``--segmentation``).
     ``config``: :class:`~magnet_st.prepare.config.PrepareConfig` fields (``preset``, ``n_genes``,
     ``panel``, ``genes``, ``target``, ``working_mpp``, ``seed`` ...), as the command's options.
     """
@@ -46,7 +49,7 @@ def prepare(
     paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     specs = read.specs_from_sheet(samples) if samples is not None else []
     if paths:
-        specs += read.specs_from_paths(paths, image=image, mpp=mpp, bin_size=bin_size)
+        specs += read.specs_from_paths(paths, image=image, mpp=mpp, bin_size=bin_size, cells=cells)
     specs = read.specs.check_unique(specs)
     if not specs:
         raise MagnetError("no inputs: give input paths and/or samples=SHEET")

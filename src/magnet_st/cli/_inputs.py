@@ -124,20 +124,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         help="Visium HD bin size in um (SpatialData: the square_XXXum table); default: 8 if "
         "present, else the finest available",
     )
-    p.add_argument(
-        "--cells",
-        action="store_true",
-        help="Visium HD: read Space Ranger 4's cells (outs/segmented_outputs/: the cell x "
-        "gene matrix and the cell outlines) instead of bins",
-    )
-    p.add_argument(
-        "--segmentation",
-        default=None,
-        metavar="GEOJSON",
-        help="Visium HD: sum the run's 2 um bins into these cell outlines (GeoJSON polygons "
-        "in the full-resolution image's pixels, as Space Ranger, QuPath, StarDist or "
-        "Cellpose write them; a bin goes to the cell that holds its centre); default: none",
-    )
+    _add_cell_options(p)
     _add_unit_options(p)
     p.add_argument(
         "--section",
@@ -147,6 +134,34 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_info)
+
+
+def _add_cell_options(p: argparse.ArgumentParser, rows: str = "") -> None:
+    """--cells and --segmentation: a Visium HD run's units as cells."""
+    p.add_argument(
+        "--cells",
+        action="store_true",
+        help="Visium HD: the units are Space Ranger 4's cells (outs/segmented_outputs/: the "
+        "cell x gene matrix and the cell outlines), not bins" + rows,
+    )
+    p.add_argument(
+        "--segmentation",
+        default=None,
+        metavar="GEOJSON",
+        help="Visium HD: the units are the cells of this segmentation, the run's 2 um bins "
+        "summed into each (GeoJSON polygons in the full-resolution image's pixels, as Space "
+        "Ranger, QuPath, StarDist or Cellpose write them; a bin goes to the cell that holds "
+        "its centre); default: none" + rows,
+    )
+
+
+def cell_spec(args: argparse.Namespace) -> str | None:
+    """SlideSpec.cells from --cells / --segmentation."""
+    from magnet_st.read.specs import SPACERANGER_CELLS
+
+    if args.cells and args.segmentation:
+        raise MagnetError("give --cells (Space Ranger's) or --segmentation GEOJSON, not both")
+    return SPACERANGER_CELLS if args.cells else args.segmentation
 
 
 def _add_unit_options(p: argparse.ArgumentParser, rows: str = "") -> None:
@@ -210,6 +225,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             spot_pitch_um=args.spot_pitch,
             unit_size_um=args.unit_size,
             table=args.table,
+            cells=cell_spec(args),
         )
     specs = read.specs.check_unique(specs)
     if not specs:
@@ -315,6 +331,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="Visium HD bin size (target level), um, for INPUTs and sample-sheet rows "
         "without one; default: 8",
+    )
+    _add_cell_options(
+        p, " (for INPUTs; a sample sheet's cells column sets it per row: spaceranger or a GeoJSON)"
     )
     _add_unit_options(p, "; for INPUTs and sample-sheet rows without one")
     p.add_argument("--config", default=None, help="TOML or JSON file of settings")

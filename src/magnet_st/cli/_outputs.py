@@ -37,6 +37,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         roi_um=tuple(args.roi) if args.roi else None,
         max_bins=args.max_bins,
+        segmentation=args.segmentation,
+        qupath=args.qupath,
     )
     for lv, path in res.files.items():
         what = f"{res.n[lv]:,} units" if lv in res.n else "all levels"
@@ -58,7 +60,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "detect tissue on a thumbnail (saved as tissue_mask.png), lay a virtual grid of the "
         "model's bins (8 or 16 um, Space Ranger geometry) over it, encode the tiles and "
         "predict. With --spaceranger: predict on that run's bins and keep the measured "
-        "counts (layer 'measured') for comparison. Writes bins.h5ad, spot_tiles.h5ad and "
+        "counts (layer 'measured') for comparison. A model trained on cells predicts cells: "
+        "Space Ranger 4's of --spaceranger, or those outlined by --segmentation. Writes bins.h5ad, spot_tiles.h5ad and "
         "region_tiles.h5ad (the model's log1p scale; open with scanpy, draw with scanpy.pl.spatial) and "
         "prediction.json. Work already done in OUT/work is reused.",
         formatter_class=_Formatter,
@@ -72,6 +75,22 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="a Visium HD Space Ranger run (folder or outs/) whose bins to predict; needs "
         "--image, except for a 'magnet synth' run (its image is in its folder); default: "
         "none (image only)",
+    )
+    p.add_argument(
+        "--segmentation",
+        default=None,
+        metavar="GEOJSON",
+        help="a model trained on cells: the cells to predict, as GeoJSON outlines in the "
+        "image's full-resolution pixels (QuPath, StarDist, Cellpose, Space Ranger); with "
+        "--spaceranger, the run's 2 um bins pooled into them are the measured counts; "
+        "default: none (a cell model then predicts Space Ranger 4's cells of --spaceranger)",
+    )
+    p.add_argument(
+        "--qupath",
+        action="store_true",
+        help="a model trained on cells: also write cells_qupath.geojson, the cells as QuPath "
+        "detections whose measurements are the predicted genes (Measure > Show measurement "
+        "maps colours them by gene)",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import anndata
     import pandas as pd
 
+    from magnet_st.data.shapes import Polygons
     from magnet_st.io.image import SlideImage
 
 
@@ -250,6 +251,19 @@ class Dataset:
     def positions_px(self, slide: str, level: str) -> np.ndarray:
         """Centres ``(x, y)`` in full-resolution pixels."""
         return np.asarray(read_element(self._file(slide, level), "obsm/spatial"), dtype=np.float64)
+
+    def polygons(self, slide: str) -> Polygons | None:
+        """The outlines of the slide's units when they are cells (full-resolution pixels),
+        else ``None`` (square bins and round spots)."""
+        f = self._file(slide, "bin")
+        if "uns/polygons" not in f:
+            return None
+        from magnet_st.data.shapes import Polygons
+
+        return Polygons(
+            np.asarray(f["uns/polygons/xy"], dtype=np.float64),
+            np.asarray(f["uns/polygons/offsets"], dtype=np.int64),
+        )
 
     def positions_um(self, slide: str, level: str) -> np.ndarray:
         return self.positions_px(slide, level) * float(self.slide_meta(slide)["microns_per_pixel"])

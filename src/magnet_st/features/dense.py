@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from magnet_st.data.shapes import Polygons
 from magnet_st.errors import ConfigError
 from magnet_st.util.atomic import new_memmap, write_text
 
@@ -77,7 +78,7 @@ PRESET_DEFAULTS: dict[str, tuple[float, tuple[float, ...]]] = {
     "legacy_st": (0.5, (300.0, 600.0)),
 }
 DEFAULT_MPP = PRESET_DEFAULTS["hd"][0]
-SQUARE, DISC = "square", "disc"
+SQUARE, DISC, POLYGON = "square", "disc", "polygon"
 _SUB = 8  # sub-samples per cell edge for disc coverage
 LOOKAHEAD = 2  # tiles read ahead of the one being encoded
 
@@ -222,11 +223,23 @@ def map_specs(model: Any, strides: Sequence[int]) -> list[MapSpec]:
 @dataclass
 class Footprints:
     """Units of one level in working pixels: centres ``(n, 2)`` (x, y), a half-size (squares)
-    or radius (discs) per unit, and the shape."""
+    or radius (discs) per unit, and the shape. Polygons (cells) keep their outlines, and
+    ``half`` is the half-edge of the square around the centre that holds each outline."""
 
     centres: np.ndarray
     half: np.ndarray
     shape: str = SQUARE
+    polygons: Polygons | None = None
+
+    def take(self, index: np.ndarray) -> Footprints:
+        """The footprints at ``index``, in that order."""
+        polys = None if self.polygons is None else self.polygons.subset(index)
+        return Footprints(self.centres[index], self.half[index], self.shape, polys)
+
+    def ring_cells(self, spec: MapSpec, i: int) -> np.ndarray:
+        """Polygon ``i``'s vertices ``(k, 2)`` (x, y) in edge coordinates of the map's cells."""
+        assert self.polygons is not None
+        return (self.polygons.ring(i) - spec.offset) / spec.stride + 0.5
 
     def boxes(self, spec: MapSpec) -> np.ndarray:
         """``(n, 4)`` y0, y1, x0, x1 in edge coordinates of the map's cells (cell j spans
@@ -304,6 +317,39 @@ def pool_discs(
         if r0 >= r1 or c0 >= c1:
             continue
         wgt = disc_cover(np.arange(r0, r1), np.arange(c0, c1), ly, lx, r)
+        sums[i] = np.einsum("yx,yxc->c", wgt, core[r0:r1, c0:c1], dtype=np.float64)
+        areas[i] = wgt.sum()
+    return sums, areas
+
+
+def polygon_cover(rows: np.ndarray, cols: np.ndarray, ring: np.ndarray) -> np.ndarray:
+    """The share of each cell ``(rows x cols)`` inside a polygon (vertices ``(k, 2)`` (x, y)
+    in cell-edge coordinates), by 8 x 8 sub-samples per cell."""
+    from matplotlib.path import Path as MplPath
+
+    sub = (np.arange(_SUB) + 0.5) / _SUB
+    yy = (rows[:, None] + sub[None, :]).ravel()
+    xx = (cols[:, None] + sub[None, :]).ravel()
+    gx, gy = np.meshgrid(xx, yy)
+    inside = MplPath(ring).contains_points(np.column_stack([gx.ravel(), gy.ravel()]))
+    return inside.reshape(len(rows), _SUB, len(cols), _SUB).mean(axis=(1, 3))
+
+
+def pool_polygons(
+    core: np.ndarray, origin: tuple[int, int], rings: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`pool_discs` for polygons (vertices (x, y) in global cell-edge
+    coordinates): each cell weighs by the share of its 8 x 8 sub-samples inside."""
+    h, w, c = core.shape
+    sums = np.zeros((len(rings), c), np.float64)
+    areas = np.zeros(len(rings), np.float64)
+    for i, ring in enumerate(rings):
+        lx, ly = ring[:, 0] - origin[1], ring[:, 1] - origin[0]
+        r0, r1 = max(0, math.floor(ly.min())), min(h, math.ceil(ly.max()))
+        c0, c1 = max(0, math.floor(lx.min())), min(w, math.ceil(lx.max()))
+        if r0 >= r1 or c0 >= c1:
+            continue
+        wgt = polygon_cover(np.arange(r0, r1), np.arange(c0, c1), np.column_stack([lx, ly]))
         sums[i] = np.einsum("yx,yxc->c", wgt, core[r0:r1, c0:c1], dtype=np.float64)
         areas[i] = wgt.sum()
     return sums, areas
@@ -479,7 +525,10 @@ def run_slide(
                                 f"{fmap.shape[0]} x {fmap.shape[1]} cells, not {edge // spec.stride}"
                             )
                         origin = (r * k, tx * k)
-                        if p.fp.shape == DISC:
+                        if p.fp.shape == POLYGON:
+                            rings = [p.fp.ring_cells(spec, int(i)) for i in ids]
+                            sums, areas = pool_polygons(core, origin, rings)
+                        elif p.fp.shape == DISC:
                             b = p.boxes[m][ids]
                             ctr = np.stack([(b[:, 0] + b[:, 1]) / 2, (b[:, 2] + b[:, 3]) / 2], 1)
                             sums, areas = pool_discs(core, origin, ctr, (b[:, 1] - b[:, 0]) / 2)
@@ -528,12 +577,21 @@ class _Rows:
 
 def footprints(ds: Any, slide: str, level: str, mpp: float) -> Footprints:
     """A level's units as footprints in working pixels at ``mpp``: bins are squares of the
-    unit size (discs for Visium and ST spots), spot and region tiles squares of their size."""
+    unit size (discs for Visium and ST spots, their outlines for cells), spot and region
+    tiles squares of their size."""
     from magnet_st.prepare.config import SQUARE_BINS
 
     meta = ds.slide_meta(slide)
     native = float(meta["microns_per_pixel"])
     centres = ds.positions_px(slide, level) * (native / mpp)
+    polys = ds.polygons(slide) if level == "bin" else None
+    if polys is not None:
+        polys = polys.scaled(native / mpp)
+        owner = np.repeat(np.arange(len(polys)), np.diff(polys.offsets))
+        reach = np.abs(polys.xy - centres[owner]).max(axis=1)
+        half = np.zeros(len(polys))
+        np.maximum.at(half, owner, reach)
+        return Footprints(centres, half, POLYGON, polys)
     if level == "bin":
         size_um = float(meta["unit_size_um"])
         shape = SQUARE if meta.get("technology") in SQUARE_BINS else DISC

@@ -53,6 +53,7 @@ from magnet_st.util.atomic import atomic_path
 INSTANCE_KEY = "location_id"
 REGION_KEY = "annotated_element"
 TILE_TABLES = {"spot": "spot_tiles", "region": "region_tiles"}
+CELL_TABLE = "cell_segmentations"  # spatialdata-io's table (and shapes suffix) of HD cells
 CONTAINER_VERSION, TABLES_VERSION, SHAPES_VERSION, RASTER_VERSION = "0.2", "0.2", "0.3", "0.3"
 NGFF_VERSION = "0.5-dev-spatialdata"
 _WKB_SQUARE = struct.pack("<BIII", 1, 3, 1, 5)  # little endian, polygon, 1 ring, 5 vertices
@@ -96,7 +97,35 @@ def _squares_wkb(xy: np.ndarray, half: float) -> Any:
     return pa.Array.from_buffers(kind, n, [None, pa.py_buffer(offsets), pa.py_buffer(rows)])
 
 
-def _write_shapes(root: Any, name: str, xy: np.ndarray, edge_px: float, transforms: list) -> None:
+def _polygons_wkb(xy: np.ndarray, offsets: np.ndarray) -> Any:
+    """ISO WKB polygons (one closed ring each; ``xy[offsets[i]:offsets[i + 1]]`` the open
+    ring of polygon ``i``) as a pyarrow binary array."""
+    import pyarrow as pa
+
+    k = np.diff(offsets).astype(np.int64)
+    sizes = 13 + 16 * (k + 1)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    buf = np.empty(int(starts[-1]), np.uint8)
+    for i in range(len(k)):
+        ring = np.asarray(xy[offsets[i] : offsets[i + 1]], "<f8")
+        ring = np.vstack([ring, ring[:1]])
+        head = np.frombuffer(struct.pack("<BIII", 1, 3, 1, int(k[i]) + 1), np.uint8)
+        buf[starts[i] : starts[i] + 13] = head
+        buf[starts[i] + 13 : starts[i + 1]] = ring.reshape(-1).view(np.uint8)
+    large = starts[-1] >= 2**31
+    kind = pa.large_binary() if large else pa.binary()
+    offs = starts.astype(np.int64 if large else np.int32)
+    return pa.Array.from_buffers(kind, len(k), [None, pa.py_buffer(offs), pa.py_buffer(buf)])
+
+
+def _write_shapes(
+    root: Any,
+    name: str,
+    xy: np.ndarray,
+    edge_px: float,
+    transforms: list,
+    polygons: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -105,11 +134,16 @@ def _write_shapes(root: Any, name: str, xy: np.ndarray, edge_px: float, transfor
     # the pandas metadata geopandas writes: geometry as bytes, the index as a column
     sample = pd.DataFrame({"geometry": [b""]}, index=pd.Index(ids[:1], name=INSTANCE_KEY))
     meta = dict(pa.Schema.from_pandas(sample, preserve_index=True).metadata or {})
-    lo, hi = xy.min(axis=0) - edge_px / 2, xy.max(axis=0) + edge_px / 2
+    if polygons is None:  # squares of the unit's edge
+        lo, hi = xy.min(axis=0) - edge_px / 2, xy.max(axis=0) + edge_px / 2
+        geometry = _squares_wkb(xy, edge_px / 2)
+    else:  # cells: their outlines
+        lo, hi = polygons[0].min(axis=0), polygons[0].max(axis=0)
+        geometry = _polygons_wkb(*polygons)
     column = {"encoding": "WKB", "crs": None, "geometry_types": ["Polygon"]}
     column["bbox"] = [float(v) for v in (*lo, *hi)]
     geo = {"version": "1.0.0", "primary_column": "geometry", "columns": {"geometry": column}}
-    table = pa.table({"geometry": _squares_wkb(xy, edge_px / 2), INSTANCE_KEY: ids})
+    table = pa.table({"geometry": geometry, INSTANCE_KEY: ids})
     table = table.replace_schema_metadata({**meta, b"geo": json.dumps(geo).encode()})
     pq.write_table(table, Path(root.store.root) / group.path / "shapes.parquet")
     group.attrs.update(
@@ -249,11 +283,18 @@ def write_spatialdata(
             "slide": slide,
             "bin_size_um": float(bin_um),
             "microns_per_pixel": float(mpp),
-            "tables": {lv: table_name(lv, bin_um) for lv in levels},
+            "tables": {
+                lv: CELL_TABLE if lv == "bin" and "polygons" in ad.uns else table_name(lv, bin_um)
+                for lv, ad in levels.items()
+            },
         }
         for lv, ad in levels.items():
             name = table_name(lv, bin_um)
-            _write_shapes(root, f"{ds}_{name}", centres[lv], edges[lv], shape_t)
+            polys = ad.uns.get("polygons") if lv == "bin" else None
+            if polys is not None:  # cells: spatialdata-io's names for Space Ranger 4's cells
+                name = CELL_TABLE
+                polys = (np.asarray(polys["xy"], np.float64), np.asarray(polys["offsets"]))
+            _write_shapes(root, f"{ds}_{name}", centres[lv], edges[lv], shape_t, polys)
             _write_table(root, name, ad, f"{ds}_{name}")
         for kind, (rgb, _) in images.items():
             _write_image(root, f"{ds}_{kind}_image", rgb, image_t[kind])

@@ -29,8 +29,17 @@ from typing import Any
 
 import numpy as np
 
+from magnet_st.data.shapes import Polygons
 from magnet_st.errors import ConfigError
-from magnet_st.features.dense import SQUARE, Footprints, MapSpec, disc_cover, map_specs
+from magnet_st.features.dense import (
+    POLYGON,
+    SQUARE,
+    Footprints,
+    MapSpec,
+    disc_cover,
+    map_specs,
+    polygon_cover,
+)
 
 __all__ = ["DenseTileReader", "dense_settings", "footprint_weights", "pool_maps"]
 
@@ -91,6 +100,8 @@ def footprint_weights(
             oy = np.minimum(y1, r + 1) - np.maximum(y0, r)
             ox = np.minimum(x1, c + 1) - np.maximum(x0, c)
             wgt = oy[:, None] * ox[None, :]
+        elif fp.shape == POLYGON:
+            wgt = polygon_cover(r, c, fp.ring_cells(spec, i))
         else:
             wgt = disc_cover(r, c, (y0 + y1) / 2, (x0 + x1) / 2, (y1 - y0) / 2)
         total = wgt.sum()
@@ -190,7 +201,7 @@ class DenseTileReader:
 
         name = slide.name
         full = self.footprints[name]
-        fp = Footprints(full.centres[bins], full.half[bins], full.shape)
+        fp = full.take(bins)
         spec = _spec(self.dense)
         s, m = spec.stride, int(self.dense["margin_px"])
         origins, edge, crop_of = _plan(fp, m, s)
@@ -217,10 +228,15 @@ class DenseTileReader:
                 x = torch.rot90(x, int(rots[t]), dims=(-2, -1))
             tiles.append(x.contiguous())
             units = np.nonzero(crop_of == t)[0]
-            local = fp.centres[units] - np.array([x0, y0], np.float64)
-            local = _turn(local, edge, bool(flips[t]), int(rots[t]))
+            here = fp.take(units)
+            corner = np.array([x0, y0], np.float64)
+            local = _turn(here.centres - corner, edge, bool(flips[t]), int(rots[t]))
+            polys = here.polygons
+            if polys is not None:  # outlines turn with the crop
+                xy = _turn(polys.xy - corner, edge, bool(flips[t]), int(rots[t]))
+                polys = Polygons(xy, polys.offsets)
             r, c, v = footprint_weights(
-                Footprints(local, fp.half[units], fp.shape), spec, cells, cells
+                Footprints(local, here.half, here.shape, polys), spec, cells, cells
             )
             rows.append(units[r])
             cols.append(c + t * cells * cells)

@@ -214,21 +214,36 @@ def _image_only_slide(
     return slide, None
 
 
-def _spaceranger_slide(
-    name: str | None,
+def _run_units(
     run: Path,
     image: Path | None,
     mpp: float | None,
     unit_um: float,
+    technology: str,
+    segmentation: Path | None,
+):
+    """A Space Ranger run's units as the model knows them: bins of its size, Space Ranger
+    4's cells, or the run's 2 um bins pooled into a segmentation's cells."""
+    from magnet_st.read import cells_from_bins, visium_hd, visium_hd_cells
+
+    if technology == "visium_hd_cells":
+        if segmentation is not None:
+            return cells_from_bins(run, segmentation, image, microns_per_pixel=mpp)
+        return visium_hd_cells(run, image, microns_per_pixel=mpp)
+    return visium_hd(run, int(round(unit_um)), image, microns_per_pixel=mpp)
+
+
+def _spaceranger_slide(
+    name: str | None,
+    run: Path,
+    src: Any,
     genes: list[str],
     gene_names: list[str],
     per_10k: bool = False,
 ):
     from magnet_st.data.slide import Slide
-    from magnet_st.read import visium_hd
 
     # without --image: the image a 'magnet synth' run keeps in its folder, else an error
-    src = visium_hd(run, int(round(unit_um)), image, microns_per_pixel=mpp)
     if src.image_path is None:
         raise InputError(run, "--spaceranger needs --image: the full-resolution H&E of the run")
     src.check_counts()  # nothing to compare the predictions with
@@ -268,6 +283,7 @@ def _spaceranger_slide(
         image_path=src.image_path,
         array_coords=src.array_coords,
         sources=src.sources,
+        polygons=src.polygons,
     )
     return slide, (measured, present)
 
@@ -384,6 +400,8 @@ def predict(
     progress: bool = True,
     roi_um: tuple[float, float, float, float] | None = None,
     max_bins: int | None = None,
+    segmentation: str | Path | None = None,
+    qupath: bool = False,
 ) -> PredictResult:
     """Predict the expression of every bin of a slide from its H&E image.
 
@@ -409,6 +427,13 @@ def predict(
         max_bins: image-only: stop (with a message saying how to go on) when the virtual
             grid has more bins than this; default: one 6.5 mm capture area
             (:func:`default_max_bins`).
+        segmentation: a model trained on cells: the cells to predict, as GeoJSON outlines
+            in the image's full-resolution pixels (image-only; with ``spaceranger``, the
+            run's 2 um bins pooled into them are the measured counts). Without it, a cell
+            model predicts Space Ranger 4's cells of ``spaceranger``.
+        qupath: a model trained on cells: also write ``cells_qupath.geojson``, the cells as
+            QuPath detections whose measurements are the predicted genes
+            (:mod:`magnet_st.io.qupath`).
 
     Raises:
         InputError: missing or unreadable inputs, no tissue, implausible or missing
@@ -419,6 +444,7 @@ def predict(
     from magnet_st.features.extract import extract_features
     from magnet_st.io.image import open_image
     from magnet_st.model.inputs import model_inputs, model_reader
+    from magnet_st.predict.cells import segmented_slide
     from magnet_st.predict.modelfile import coarse_sources, load_model, predict_slide
     from magnet_st.prepare.build import prepare_unmeasured
 
@@ -432,13 +458,29 @@ def predict(
     unit_um = float(units["unit_size_um"])
     dcfg = payload["dataset_config"]
     technology = str(units.get("technology", "visium_hd"))
-    if technology != "visium_hd" and spaceranger is not None:
+    cells = technology == "visium_hd_cells"
+    if technology not in ("visium_hd", "visium_hd_cells") and spaceranger is not None:
         raise ConfigError(
             f"{model_path}: trained on {technology} spots; --spaceranger reads Visium HD runs "
             "(predict a spot model with --image alone: a virtual array of its spots)"
         )
-    if technology not in ("visium_hd", "visium", "legacy_st"):
+    if segmentation is not None and not cells:
+        raise ConfigError(
+            f"{model_path}: trained on {technology} units, not cells; --segmentation is for a "
+            "model trained on cells"
+        )
+    if cells and spaceranger is None and segmentation is None:
+        raise ConfigError(
+            f"{model_path}: trained on cells; give their outlines (--segmentation GEOJSON), or "
+            "a Space Ranger 4 run (--spaceranger) whose cells to predict"
+        )
+    if qupath and not cells:
+        raise ConfigError(
+            f"{model_path}: --qupath writes cells; this model predicts {technology} units"
+        )
+    if technology not in ("visium_hd", "visium", "legacy_st", "visium_hd_cells"):
         raise ConfigError(f"{model_path}: no virtual grid for {technology} units")
+    segmentation = Path(segmentation) if segmentation is not None else None
     image = Path(image) if image is not None else None
     if image is not None and not image.exists():
         raise InputError(image, "image not found")
@@ -459,10 +501,17 @@ def predict(
 
     t = time.perf_counter()
     if spaceranger is not None:
-        slide, measured = _spaceranger_slide(
-            name, Path(spaceranger), image, mpp, unit_um, genes, gene_names, per_10k
-        )
+        run = Path(spaceranger)
+        src = _run_units(run, image, mpp, unit_um, technology, segmentation)
+        slide, measured = _spaceranger_slide(name, run, src, genes, gene_names, per_10k)
         _slide_mpp(Path(slide.image_path), slide.microns_per_pixel, dcfg["working_mpp"])
+    elif cells:
+        assert image is not None and segmentation is not None
+        mpp = _slide_mpp(image, mpp, dcfg["working_mpp"])
+        slide_name = check_name(name or image.name.split(".")[0], "--name")
+        thumbs = OneThumbnail(open_image(image, microns_per_pixel=mpp))
+        slide = segmented_slide(slide_name, image, mpp, segmentation, genes, gene_names, roi_um)
+        measured = None
     else:
         assert image is not None
         mpp = _slide_mpp(image, mpp, dcfg["working_mpp"])
@@ -569,6 +618,17 @@ def predict(
             slide.microns_per_pixel,
             tile_um=tiles,
         )
+    if qupath:  # cells as QuPath detections, the predicted genes as their measurements
+        from magnet_st.io.qupath import write_qupath_geojson
+
+        cells_ad = written["bin"]
+        files["qupath"] = write_qupath_geojson(
+            out / "cells_qupath.geojson",
+            ds.polygons(slide.name),
+            list(cells_ad.obs_names),
+            np.asarray(cells_ad.X),
+            list(cells_ad.var_names),
+        )
     seconds["write"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_all
     record = {
@@ -604,6 +664,8 @@ def _prediction_anndata(src, pred, genes, gene_names, level, slide, model_path, 
     ad = anndata.AnnData(X=np.asarray(pred, dtype=np.float32), obs=obs, var=var)
     ad.var_names_make_unique()
     ad.obsm["spatial"] = np.asarray(src.obsm["spatial"], dtype=np.float64)
+    if "polygons" in src.uns:  # cells keep their outlines
+        ad.uns["polygons"] = dict(src.uns["polygons"])
     ad.uns["magnet"] = {
         "level": level,
         "slide": slide,

@@ -50,6 +50,7 @@ SQUARE_BINS = ("visium_hd",)
 """Technologies whose units are square bins on an array grid: tiles snap to whole bins."""
 PRESET_OF_TECHNOLOGY = {
     "visium_hd": "hd",
+    "visium_hd_cells": "hd",
     "anndata": "hd",
     "visium": "visium",
     "legacy_st": "legacy_st",

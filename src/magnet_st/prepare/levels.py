@@ -149,6 +149,11 @@ def build_levels(slide: Slide, cfg: PrepareConfig) -> dict[str, Any]:
         bin_obs["array_row"] = slide.array_coords[:, 0]
         bin_obs["array_col"] = slide.array_coords[:, 1]
     out = {"bin": level("bin", counts, bin_obs, slide.centers_px, cfg.bin_patch_px)}
+    if slide.polygons is not None:  # cells: their outlines, flat (data.shapes.Polygons)
+        out["bin"].uns["polygons"] = {
+            "xy": slide.polygons.xy.astype(np.float64),
+            "offsets": slide.polygons.offsets.astype(np.int64),
+        }
     for name, grid in (("spot", spot), ("region", region)):
         M = membership_matrix(grid.unit_tile, len(grid.tile_rc))
         obs = pd.DataFrame(

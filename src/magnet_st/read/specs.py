@@ -19,7 +19,9 @@ class SlideSpec:
     ``unit_size_um`` (AnnData, SpatialData and legacy ST: bin edge or spot diameter)
     override what the reader would derive. For a SpatialData store, ``bin_size`` picks its
     ``square_XXXum`` table (``table``: any table by name) and ``image`` names one of its
-    image elements."""
+    image elements. ``cells`` makes a Visium HD run's units cells: ``"spaceranger"``
+    (Space Ranger 4's ``segmented_outputs/``) or a GeoJSON segmentation that the 2 um bins
+    are summed into."""
 
     name: str
     path: str
@@ -30,6 +32,7 @@ class SlideSpec:
     spot_pitch_um: float | None = None
     unit_size_um: float | None = None
     table: str | None = None
+    cells: str | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name, "slide name", self.path)  # names become folder names
@@ -54,13 +57,17 @@ class SlideSpec:
             sections=[self.section] if self.section else None,
             with_image=with_image,
             table=self.table,
+            cells=self.cells == SPACERANGER_CELLS,
+            segmentation=None if self.cells in (None, SPACERANGER_CELLS) else self.cells,
         )
         slide.name = self.name
         return slide
 
 
 _OPTIONAL = ("spot_pitch_um", "unit_size_um")
-_RECORDED_IF_SET = (*_OPTIONAL, "table")
+_RECORDED_IF_SET = (*_OPTIONAL, "table", "cells")
+SPACERANGER_CELLS = "spaceranger"
+"""``cells`` value for Space Ranger 4's own cells (else a GeoJSON path)."""
 
 
 def specs_from_paths(
@@ -72,12 +79,15 @@ def specs_from_paths(
     spot_pitch_um: float | None = None,
     unit_size_um: float | None = None,
     table: str | None = None,
+    cells: str | None = None,
 ) -> list[SlideSpec]:
     """One spec per slide found at ``paths`` (a her2st folder gives one per section)."""
     from magnet_st.read import detect_format, her2st_sections
 
     if image is not None and len(paths) > 1:
         raise InputError(image, "one --image was given for several inputs; use a sample sheet")
+    if cells not in (None, SPACERANGER_CELLS) and len(paths) > 1:
+        raise InputError(cells, "one segmentation was given for several inputs; use a sample sheet")
     specs = []
     for p in paths:
         p = Path(p)
@@ -112,6 +122,7 @@ def specs_from_paths(
                 spot_pitch_um=spot_pitch_um,
                 unit_size_um=unit_size_um,
                 table=table,
+                cells=None if cells is None else str(cells),
             )
         )
     return check_unique(specs)
@@ -127,6 +138,7 @@ SHEET_COLUMNS = (
     "spot_pitch_um",
     "unit_size_um",
     "table",
+    "cells",
 )
 
 
@@ -138,8 +150,9 @@ def table_sep(path: Path) -> str:
 
 def specs_from_sheet(sheet: str | Path) -> list[SlideSpec]:
     """Read a sample sheet (CSV, or TSV by extension) with columns ``name, path`` and optionally
-    ``image, mpp, bin_size, section, spot_pitch_um, unit_size_um, table``. Relative paths are
-    relative to the sheet's folder."""
+    ``image, mpp, bin_size, section, spot_pitch_um, unit_size_um, table, cells`` (``cells``:
+    ``spaceranger`` or a GeoJSON segmentation). Relative paths are relative to the sheet's
+    folder."""
     sheet = Path(sheet)
     if not sheet.is_file():
         raise InputError(sheet, "sample sheet not found")
@@ -183,6 +196,11 @@ def specs_from_sheet(sheet: str | Path) -> list[SlideSpec]:
                 bin_size=bin_size,
                 section=row.get("section") or None,
                 table=row.get("table") or None,
+                cells=(
+                    SPACERANGER_CELLS
+                    if row.get("cells") == SPACERANGER_CELLS
+                    else resolve(row.get("cells", ""))
+                ),
                 **sizes,
             )
         )

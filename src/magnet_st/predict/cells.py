@@ -1,0 +1,60 @@
+"""Cells of a slide that was never sequenced: the units a model trained on cells predicts,
+from outlines the user gives (GeoJSON from QuPath, StarDist, Cellpose or Space Ranger)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from magnet_st.data.slide import Slide
+from magnet_st.errors import InputError
+from magnet_st.read.cells import cell_barcode
+from magnet_st.read.geojson import read_geojson
+
+__all__ = ["segmented_slide"]
+
+
+def segmented_slide(
+    name: str,
+    image: Path,
+    mpp: float,
+    segmentation: Path,
+    genes: list[str],
+    gene_names: list[str],
+    roi_um: tuple[float, float, float, float] | None = None,
+) -> Slide:
+    """A slide whose units are the cells outlined in ``segmentation`` (full-resolution pixels
+    of ``image``), with no counts: what image-only prediction of cells runs on. ``roi_um``
+    keeps the cells whose centroids lie in ``(x0, y0, x1, y1)`` microns."""
+    ids, polys = read_geojson(segmentation)
+    centres = polys.centroids()
+    keep = np.arange(len(polys))
+    if roi_um is not None:
+        x0, y0, x1, y1 = roi_um
+        um = centres * mpp
+        keep = np.flatnonzero(
+            (um[:, 0] >= x0) & (um[:, 0] < x1) & (um[:, 1] >= y0) & (um[:, 1] < y1)
+        )
+        if keep.size == 0:
+            raise InputError(segmentation, "no cell inside --roi")
+        polys, ids, centres = polys.subset(keep), ids[keep], centres[keep]
+    area_um2 = polys.areas() * mpp**2
+    barcodes = [cell_barcode(i) for i in ids] if ids.dtype.kind == "i" else [str(i) for i in ids]
+    slide = Slide(
+        name=name,
+        counts=sp.csr_matrix((len(ids), len(genes)), dtype=np.int32),
+        gene_ids=np.asarray(genes, dtype=object),
+        gene_names=np.asarray(gene_names, dtype=object),
+        unit_ids=np.asarray(barcodes, dtype=object),
+        centers_px=centres,
+        unit_size_um=float(2.0 * np.sqrt(np.median(area_um2) / np.pi)),
+        microns_per_pixel=float(mpp),
+        technology="visium_hd_cells",
+        image_path=Path(image),
+        sources={"positions": f"{segmentation} (outline centroids)", "polygons": str(segmentation)},
+        polygons=polys,
+    )
+    slide.check_image_bounds()
+    return slide
