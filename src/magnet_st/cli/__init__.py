@@ -20,6 +20,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Sequence
 
+from magnet_st.cli._cells import _add_segment
 from magnet_st.cli._common import _Formatter
 from magnet_st.cli._features import _add_features
 from magnet_st.cli._inputs import _add_info, _add_prepare, _add_synth
@@ -44,6 +45,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_cv,
     _add_benchmark,
     _add_predict,
+    _add_segment,
     _add_plot,
     _add_synth,
     _add_demo,

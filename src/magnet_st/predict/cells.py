@@ -13,7 +13,33 @@ from magnet_st.errors import InputError
 from magnet_st.read.cells import cell_barcode
 from magnet_st.read.geojson import read_geojson
 
-__all__ = ["segmented_slide"]
+__all__ = ["detected_cells", "segmented_slide"]
+
+DETECTED = "cells_detected.geojson"
+
+
+def detected_cells(
+    image: Path,
+    mpp: float,
+    out: Path,
+    roi_um: tuple[float, float, float, float] | None = None,
+    progress: bool = False,
+) -> Path:
+    """The cells the built-in detector finds on ``image`` (inside ``roi_um``), written once
+    to ``out/cells_detected.geojson`` (a rerun reuses the file)."""
+    from magnet_st.io.image import open_image
+    from magnet_st.io.nuclei import detect_cells, write_segmentation
+
+    path = Path(out) / DETECTED
+    if path.is_file():
+        return path
+    img = open_image(image, microns_per_pixel=mpp)
+    region = None if roi_um is None else tuple(v / mpp for v in roi_um)
+    _, rings = detect_cells(img, region, progress=progress)  # type: ignore[arg-type]
+    if not rings:
+        raise InputError(image, "the nucleus detector found no cells; give --segmentation")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_segmentation(path, {i + 1: r for i, r in enumerate(rings)})
 
 
 def segmented_slide(

@@ -430,7 +430,9 @@ def predict(
         segmentation: a model trained on cells: the cells to predict, as GeoJSON outlines
             in the image's full-resolution pixels (image-only; with ``spaceranger``, the
             run's 2 um bins pooled into them are the measured counts). Without it, a cell
-            model predicts Space Ranger 4's cells of ``spaceranger``.
+            model predicts Space Ranger 4's cells of ``spaceranger``, or, from an image
+            alone, the cells the built-in detector finds (:mod:`magnet_st.io.nuclei`;
+            written to ``out/cells_detected.geojson`` and reused by a rerun).
         qupath: a model trained on cells: also write ``cells_qupath.geojson``, the cells as
             QuPath detections whose measurements are the predicted genes
             (:mod:`magnet_st.io.qupath`).
@@ -444,7 +446,7 @@ def predict(
     from magnet_st.features.extract import extract_features
     from magnet_st.io.image import open_image
     from magnet_st.model.inputs import model_inputs, model_reader
-    from magnet_st.predict.cells import segmented_slide
+    from magnet_st.predict.cells import detected_cells, segmented_slide
     from magnet_st.predict.modelfile import coarse_sources, load_model, predict_slide
     from magnet_st.prepare.build import prepare_unmeasured
 
@@ -468,11 +470,6 @@ def predict(
         raise ConfigError(
             f"{model_path}: trained on {technology} units, not cells; --segmentation is for a "
             "model trained on cells"
-        )
-    if cells and spaceranger is None and segmentation is None:
-        raise ConfigError(
-            f"{model_path}: trained on cells; give their outlines (--segmentation GEOJSON), or "
-            "a Space Ranger 4 run (--spaceranger) whose cells to predict"
         )
     if qupath and not cells:
         raise ConfigError(
@@ -506,10 +503,12 @@ def predict(
         slide, measured = _spaceranger_slide(name, run, src, genes, gene_names, per_10k)
         _slide_mpp(Path(slide.image_path), slide.microns_per_pixel, dcfg["working_mpp"])
     elif cells:
-        assert image is not None and segmentation is not None
+        assert image is not None
         mpp = _slide_mpp(image, mpp, dcfg["working_mpp"])
         slide_name = check_name(name or image.name.split(".")[0], "--name")
         thumbs = OneThumbnail(open_image(image, microns_per_pixel=mpp))
+        if segmentation is None:  # the built-in detector (magnet segment), kept for reruns
+            segmentation = detected_cells(image, mpp, out, roi_um, progress)
         slide = segmented_slide(slide_name, image, mpp, segmentation, genes, gene_names, roi_um)
         measured = None
     else:

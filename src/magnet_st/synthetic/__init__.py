@@ -72,6 +72,12 @@ of the 16 2-um bins ``s`` of its 8 um bin with probability proportional to
 are sums of 2 x 2 8 um bins. So 2 -> 8 -> 16 sums are exact, and bins with no 2 um bin
 under tissue have no counts. A 2 um bin is under tissue when its centre is; an 8 or 16 um
 bin when any of its 2 um bins is.
+
+Cells (``cells=True``, the default): Space Ranger 4's ``outs/segmented_outputs/`` and
+``outs/barcode_mappings.parquet`` from the planted nuclei: each nucleus drawn on the 2 um
+grid, grown by 4 um into the bins under tissue nearest to it, outlined, and its cell's
+counts the sum of its 2 um bins (:mod:`magnet_st.synthetic._cells`). Cell ``k`` grows from
+row ``k - 1`` of ``synthetic_nuclei.parquet``.
 """
 
 from __future__ import annotations

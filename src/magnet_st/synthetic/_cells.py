@@ -23,7 +23,6 @@ ones, so the truth is known:
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from scipy import ndimage
 
+from magnet_st.io.nuclei import label_outlines, write_segmentation
 from magnet_st.synthetic._params import BARCODE_DTYPE
 from magnet_st.synthetic._scene import _Genes, _Scene
 from magnet_st.synthetic._writers import _barcodes, _H5Matrix
@@ -122,38 +122,9 @@ def cell_masks(scene: _Scene, expand_um: float = EXPAND_UM) -> CellMasks:
 
 
 def outlines(label: np.ndarray, scene: _Scene) -> dict[int, np.ndarray]:
-    """``{id: (k, 2) float64 [x, y] full-resolution pixels}``: each label's outline, a
-    closed ring (first point repeated at the end), counter-clockwise in image axes."""
-    from skimage.measure import find_contours
-
-    out: dict[int, np.ndarray] = {}
-    for i, sl in enumerate(ndimage.find_objects(label), start=1):
-        if sl is None:
-            continue
-        m = np.pad(label[sl] == i, 1).astype(np.float32)
-        ring = max(find_contours(m, 0.5), key=len)  # (row, col) in the padded crop
-        r = ring[:, 0] - 1 + sl[0].start
-        c = ring[:, 1] - 1 + sl[1].start
-        xy = np.stack([scene.ox + 2.0 * c + 1.0, scene.oy + 2.0 * r + 1.0], axis=1) / scene.mpp
-        xy = np.round(xy, 1)
-        if not np.array_equal(xy[0], xy[-1]):
-            xy = np.vstack([xy, xy[:1]])
-        out[i] = xy
-    return out
-
-
-def write_geojson(rings: dict[int, np.ndarray], path: Path) -> None:
-    """Space Ranger's segmentation GeoJSON: one Polygon Feature per cell,
-    ``properties = {"cell_id": id}``, coordinates ``[x, y]`` in full-resolution pixels."""
-    feats = [
-        {
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [xy.tolist()]},
-            "properties": {"cell_id": int(i)},
-        }
-        for i, xy in sorted(rings.items())
-    ]
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    """``{id: (k, 2) [x, y]}`` full-resolution pixels: each label's outline on the capture
+    area's 2 um grid (:func:`magnet_st.io.nuclei.label_outlines`)."""
+    return label_outlines(label, 2.0 / scene.mpp, (scene.ox / scene.mpp, scene.oy / scene.mpp))
 
 
 def cell_barcodes(ids: np.ndarray) -> np.ndarray:
@@ -259,8 +230,8 @@ def write_segmented_outputs(
     for name in ("scalefactors_json.json", "tissue_hires_image.png", "tissue_lowres_image.png"):
         shutil.copyfile(spatial / name, seg / "spatial" / name)
     cell_rings = outlines(masks.cell, scene)
-    write_geojson(cell_rings, seg / "cell_segmentations.geojson")
-    write_geojson(outlines(masks.nucleus, scene), seg / "nucleus_segmentations.geojson")
+    write_segmentation(seg / "cell_segmentations.geojson", cell_rings)
+    write_segmentation(seg / "nucleus_segmentations.geojson", outlines(masks.nucleus, scene))
     ids = np.array(sorted(cell_rings), dtype=np.int64)
     per_cell = np.asarray(counts.sum(axis=1)).ravel()
     kept = ids[per_cell[ids - 1] > 0]
