@@ -15,7 +15,13 @@ import scipy.sparse as sp
 
 from magnet_st.data.shapes import Polygons, assign_points
 from magnet_st.errors import InputError
-from magnet_st.read import cells_from_bins, read_geojson, visium_hd, visium_hd_cells
+from magnet_st.read import (
+    cells_from_bins,
+    read_geojson,
+    spatialdata_zarr,
+    visium_hd,
+    visium_hd_cells,
+)
 from magnet_st.synthetic import write_synthetic_hd
 
 
@@ -355,9 +361,16 @@ def test_cells_in_a_spatialdata_store_as_spatialdata_io_names_them(run, tmp_path
 
     cells = visium_hd_cells(run.out_dir)
     ad = cells.to_anndata()
-    ad.X = np.log1p(ad.X.toarray()).astype(np.float32)
+    ad.X = ad.X.toarray().astype(np.float32)  # counts: our reader reads them back
+    thumb, scale = cells.image.thumbnail(600)
     path = write_spatialdata(tmp_path / "p.zarr", {"bin": ad}, "run", 8.0, cells.microns_per_pixel,
-                             images={})  # fmt: skip
+                             images={"hires": (np.asarray(thumb), scale)})  # fmt: skip
+    # our own reader takes the cells back with their outlines (in the image element's pixels)
+    back = spatialdata_zarr(path, microns_per_pixel=cells.microns_per_pixel / scale)
+    assert back.technology == "visium_hd_cells" and list(back.unit_ids) == list(cells.unit_ids)
+    np.testing.assert_allclose(back.polygons.xy / scale, cells.polygons.xy, atol=1e-6)
+    np.testing.assert_allclose(back.centers_px / scale, cells.centers_px, atol=1e-6)
+    assert back.unit_size_um == pytest.approx(cells.unit_size_um)
     sdata = sd.read_zarr(path)
     assert list(sdata.tables) == ["cell_segmentations"]
     assert list(sdata.shapes) == ["run_cell_segmentations"]

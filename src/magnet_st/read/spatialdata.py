@@ -31,9 +31,14 @@ the shapes and the image (``global`` if shared), then into the image's pixels by
 of the image's transformation. Microns per pixel: the caller's; else Visium HD: the bin edge
 in microns over the squares' edge (or the circles' diameter) in image pixels; Visium: the
 100 um spot pitch (the circles' diameter, Space Ranger's ``spot_diameter_fullres``, is that
-of a 65 um spot, not of the 55 um spot).
+of a 65 um spot, not of the 55 um spot). Cells (the ``cell_segmentations`` table of Space
+Ranger 4's segmentation) keep their outlines; their microns per pixel come from a bin table
+of the same store when there is one.
 """
 
+# Long module: one reader of spatialdata-io's layout, with no dependency on spatialdata:
+# WKB decoding of shapes and points, NGFF transformations, tables and images; the helpers
+# serve only spatialdata_zarr.
 from __future__ import annotations
 
 import json
@@ -46,6 +51,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from magnet_st.data.shapes import Polygons
 from magnet_st.data.slide import Slide
 from magnet_st.errors import InputError
 from magnet_st.read.geometry import mpp_from_pitch
@@ -55,6 +61,7 @@ from magnet_st.read.visium import VISIUM_SPOT_DIAMETER_UM, VISIUM_SPOT_PITCH_UM
 log = logging.getLogger(__name__)
 
 HD_NAME = re.compile(r"square_(\d{3})um$")
+CELL_TABLE = "cell_segmentations"  # spatialdata-io's table of Space Ranger 4's cells
 """Visium HD bin tables (``square_008um``) and shapes (``<dataset_id>_square_008um``)."""
 
 _GROUP_FILES = ("zarr.json", ".zgroup", ".zattrs")
@@ -160,8 +167,12 @@ def _wkb_header(b: np.ndarray, where: Path) -> tuple[str, int, int, int]:
     return order, code % 1000, dims, 5 if code % 1000 == 1 else 13
 
 
-def _centres(column: Any, where: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Centres ``(n, 2)`` of WKB points or polygons, and the polygons' first edge lengths.
+def _centres(
+    column: Any, where: Path, rings: list | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Centres ``(n, 2)`` of WKB points or polygons, and the polygons' first edge lengths;
+    with ``rings`` (a list of ``n`` slots), each polygon's exterior ring (without its
+    closing vertex) is put in its slot.
 
     Geometries of one byte length and header (all bins) are decoded together with numpy.
     """
@@ -205,6 +216,9 @@ def _centres(column: Any, where: Path) -> tuple[np.ndarray, np.ndarray | None]:
             else:  # the exterior ring without its closing vertex
                 centres[at] = ring[:, :-1].mean(axis=1)
                 edges[at] = np.linalg.norm(ring[:, 1] - ring[:, 0], axis=-1)
+                if rings is not None:
+                    for a, r in zip(at, ring, strict=True):
+                        rings[a] = r[:-1]
             kinds.add(kind)
     if len(kinds) > 1:
         raise InputError(where, "the shapes mix points and polygons")
@@ -222,8 +236,11 @@ def _index(table: Any) -> np.ndarray:
     return np.arange(table.num_rows)
 
 
-def _read_element(root: Path, region: str, instance_key: str) -> dict[str, Any]:
-    """Ids, centres, sizes and transformations of the shapes or points element ``region``."""
+def _read_element(
+    root: Path, region: str, instance_key: str, keep_rings: bool = False
+) -> dict[str, Any]:
+    """Ids, centres, sizes and transformations of the shapes or points element ``region``
+    (and, with ``keep_rings``, its polygons' rings)."""
     import pyarrow.parquet as pq
 
     kind = next((k for k in ("shapes", "points") if (root / k / region).is_dir()), None)
@@ -255,7 +272,9 @@ def _read_element(root: Path, region: str, instance_key: str) -> dict[str, Any]:
         column = geo.get("primary_column", "geometry")
         if column not in table.column_names:
             raise InputError(file, f"no geometry column {column!r}")
-        out["centres"], edges = _centres(table.column(column), file)
+        rings: list | None = [None] * table.num_rows if keep_rings else None
+        out["centres"], edges = _centres(table.column(column), file, rings)
+        out["rings"] = rings
         out["ids"] = _index(table)
         if "radius" in table.column_names:
             out["size"], out["what"] = 2 * table.column("radius").to_numpy(), "circle diameter"
@@ -394,11 +413,14 @@ def spatialdata_zarr(
     iname = _choose_image(root, images, image)
     centres = np.full((adata.n_obs, 2), np.nan)
     sizes, kinds, notes = [], set(), []
+    # Space Ranger 4's cells, as spatialdata-io names them: keep their outlines
+    cells = tname == CELL_TABLE or regions[0].endswith(f"_{CELL_TABLE}")
+    rings: list = [None] * adata.n_obs
     for reg in regions:
         rows = np.arange(adata.n_obs)
         if len(regions) > 1 and region_key in adata.obs:
             rows = np.flatnonzero(adata.obs[region_key].astype(str).to_numpy() == reg)
-        el = _read_element(root, reg, str(instance_key))
+        el = _read_element(root, reg, str(instance_key), keep_rings=cells)
         m, cs = _to_image(root, el, reg, iname, images[iname])
         ids, wanted = pd.Index(el["ids"]), adata.obs[instance_key].to_numpy()[rows]
         if ids.dtype.kind != pd.Index(wanted).dtype.kind:
@@ -413,6 +435,11 @@ def spatialdata_zarr(
                 f"{instance_key} absent from {el['kind']} {reg!r} (e.g. {wanted[at < 0][:3]})",
             )
         centres[rows] = el["centres"][at] @ m[:2, :2].T + m[:2, 2]
+        if cells:
+            if any(el["rings"][a] is None for a in at):
+                raise InputError(el["file"], "cells must be polygons (their outlines)")
+            for r, a in zip(rows, at, strict=True):
+                rings[r] = el["rings"][a] @ m[:2, :2].T + m[:2, 2]
         if el["size"] is not None:
             sizes.append(el["size"][at] * np.sqrt(abs(np.linalg.det(m[:2, :2]))))
         kinds.add(el["what"] or el["kind"])
@@ -421,8 +448,15 @@ def spatialdata_zarr(
     bin_um = float(hd.group(1)) if hd else None
     visium = bin_um is None and kinds == {"circle diameter"}
     where = notes[0].split(" ")[0]
+    polygons = Polygons.from_rings(rings) if cells else None
+    if polygons is not None:
+        centres = polygons.centroids()
     if microns_per_pixel is not None:
         mpp, mpp_source = float(microns_per_pixel), "given by the user"
+    elif cells and (bins := [n for n in _names(root, "tables") if HD_NAME.search(n)]):
+        coarse = max(bins, key=lambda n: int(HD_NAME.search(n).group(1)))  # fewest rows
+        mpp = spatialdata_zarr(root, coarse, image).microns_per_pixel
+        mpp_source = f"the {coarse} bins of the same store"
     elif bin_um is not None and sizes:
         mpp = bin_um / float(np.median(np.concatenate(sizes)))
         mpp_source = f"{bin_um:g} um bin / {'|'.join(sorted(kinds))} in image pixels ({where})"
@@ -432,6 +466,8 @@ def spatialdata_zarr(
         mpp_source = f"{pitch:g} um centre-to-centre pitch of the units ({where})"
     else:
         raise InputError(root, "microns per pixel unknown for this table: pass it (--mpp)")
+    if unit_size_um is None and polygons is not None:  # a disc of the median cell's area
+        unit_size_um = float(2 * np.sqrt(np.median(polygons.areas()) / np.pi) * mpp)
     if unit_size_um is None:
         unit_size_um = bin_um or (VISIUM_SPOT_DIAMETER_UM if visium else None)
     if not (unit_size_um and unit_size_um > 0):
@@ -452,7 +488,14 @@ def spatialdata_zarr(
         array_coords=obs[["array_row", "array_col"]].to_numpy(np.int64) if grid else None,
         unit_size_um=float(unit_size_um),
         microns_per_pixel=mpp,
-        technology="visium_hd" if bin_um is not None else "visium" if visium else "anndata",
+        technology="visium_hd_cells"
+        if cells
+        else "visium_hd"
+        if bin_um is not None
+        else "visium"
+        if visium
+        else "anndata",
+        polygons=polygons,
         image_path=images[iname]["path"],
         sources={
             "counts": f"{tdir} (table {tname!r}, {layer})",
