@@ -307,6 +307,16 @@ def test_cells_through_prepare_features_cv_and_predict(
     ds_path = root / "ds"
     prepare(specs, ds_path, PrepareConfig(n_genes=30), progress=False)
     ds = Dataset(ds_path)
+    # the same cells from a GeoJSON segmentation (Space Ranger's outlines, the 2 um bins
+    # pooled into them) prepare to the same counts
+    geo = root / "c0" / "outs" / "segmented_outputs" / "cell_segmentations.geojson"
+    write_synthetic_hd(root / "g0", width_um=192, height_um=192, seed=40, n_genes=40,
+                       bin_sizes=(2,), progress=False)  # fmt: skip
+    one = SlideSpec(name="g0", path=str(root / "g0"), cells=str(geo))
+    prepare([one], root / "dsg", PrepareConfig(n_genes=30), progress=False)
+    g = Dataset(root / "dsg")
+    assert list(g.level("g0", "bin").obs_names) == list(ds.level("c0", "bin").obs_names)
+    assert (g.level("g0", "bin").X[:] != ds.level("c0", "bin").X[:]).nnz == 0
     sr = visium_hd_cells(root / "c2")
     assert ds.slide_meta("c2")["technology"] == "visium_hd_cells"
     assert list(ds.level("c2", "bin").obs_names) == list(sr.unit_ids)
