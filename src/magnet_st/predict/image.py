@@ -378,8 +378,45 @@ def _encoder_args(payload: dict, weights: str | Path | None, model_path: Path) -
     }
 
 
+def _check_units(
+    model_path: Path, technology: str, run: bool, segmentation: Any, qupath: bool
+) -> None:
+    """Refuse options that do not fit the units the model was trained on."""
+    cells = technology == "visium_hd_cells"
+    if technology not in ("visium_hd", "visium_hd_cells") and run:
+        raise ConfigError(
+            f"{model_path}: trained on {technology} spots; --spaceranger reads Visium HD runs "
+            "(predict a spot model with --image alone: a virtual array of its spots)"
+        )
+    if segmentation is not None and not cells:
+        raise ConfigError(
+            f"{model_path}: trained on {technology} units, not cells; --segmentation is for a "
+            "model trained on cells"
+        )
+    if qupath and not cells:
+        raise ConfigError(
+            f"{model_path}: --qupath writes cells; this model predicts {technology} units"
+        )
+    if technology not in ("visium_hd", "visium", "legacy_st", "visium_hd_cells"):
+        raise ConfigError(f"{model_path}: no virtual grid for {technology} units")
+
+
+def _check_region(
+    roi_um: tuple[float, float, float, float] | None, max_bins: int | None
+) -> tuple[float, float, float, float] | None:
+    """``--roi`` as four floats (x0 < x1, y0 < y1), and ``--max-bins`` at least 1."""
+    if roi_um is not None:
+        roi_um = tuple(float(v) for v in roi_um)  # type: ignore[assignment]
+        if len(roi_um) != 4 or not (roi_um[0] < roi_um[2] and roi_um[1] < roi_um[3]):
+            raise ConfigError(f"--roi must be X0 Y0 X1 Y1 with X0 < X1 and Y0 < Y1, got {roi_um}")
+    if max_bins is not None and int(max_bins) < 1:
+        raise ConfigError(f"--max-bins must be >= 1, got {max_bins}")
+    return roi_um
+
+
 # Long: five timed stages filling `seconds` (units, features, prediction, write, record) that share
-# slide, measured, thumbs, work, res, ds and payload; preceded by ~25 lines of argument checks.
+# slide, measured, thumbs, work, res, ds and payload; the argument checks are _check_units and
+# _check_region.
 @locked("out", "magnet predict")
 def predict(
     model_path: str | Path,
@@ -461,34 +498,14 @@ def predict(
     dcfg = payload["dataset_config"]
     technology = str(units.get("technology", "visium_hd"))
     cells = technology == "visium_hd_cells"
-    if technology not in ("visium_hd", "visium_hd_cells") and spaceranger is not None:
-        raise ConfigError(
-            f"{model_path}: trained on {technology} spots; --spaceranger reads Visium HD runs "
-            "(predict a spot model with --image alone: a virtual array of its spots)"
-        )
-    if segmentation is not None and not cells:
-        raise ConfigError(
-            f"{model_path}: trained on {technology} units, not cells; --segmentation is for a "
-            "model trained on cells"
-        )
-    if qupath and not cells:
-        raise ConfigError(
-            f"{model_path}: --qupath writes cells; this model predicts {technology} units"
-        )
-    if technology not in ("visium_hd", "visium", "legacy_st", "visium_hd_cells"):
-        raise ConfigError(f"{model_path}: no virtual grid for {technology} units")
+    _check_units(model_path, technology, spaceranger is not None, segmentation, qupath)
     segmentation = Path(segmentation) if segmentation is not None else None
     image = Path(image) if image is not None else None
     if image is not None and not image.exists():
         raise InputError(image, "image not found")
     if name is not None:  # a name, not a path: outputs are named after it
         check_name(name, "--name")
-    if roi_um is not None:
-        roi_um = tuple(float(v) for v in roi_um)  # type: ignore[assignment]
-        if len(roi_um) != 4 or not (roi_um[0] < roi_um[2] and roi_um[1] < roi_um[3]):
-            raise ConfigError(f"--roi must be X0 Y0 X1 Y1 with X0 < X1 and Y0 < Y1, got {roi_um}")
-    if max_bins is not None and int(max_bins) < 1:
-        raise ConfigError(f"--max-bins must be >= 1, got {max_bins}")
+    roi_um = _check_region(roi_um, max_bins)
     # made when the first file is written: a refused run, or an image that cannot be
     # read, leaves no folder
     out = check_out_folder(out)
