@@ -35,9 +35,9 @@ def main() -> None:
         pred = np.array([r.mean(axis=0) for r in nuclei]).reshape(-1, 2)
         truth = pd.read_parquet(run / "synthetic_nuclei.parquet")
         xy = truth[["x_px", "y_px"]].to_numpy()
-        s = detection_scores(pred, xy, args.radius_um / mpp)
-        found = np.zeros(len(xy), bool)
         hit = match_points(pred, xy, args.radius_um / mpp)
+        s = detection_scores(hit, len(xy))
+        found = np.zeros(len(xy), bool)
         found[hit[hit >= 0]] = True
         per_type = {
             f"recall {t}": found[truth["cell_type"].astype(str).to_numpy() == t].mean()

@@ -48,7 +48,12 @@ class Polygons:
 
     def subset(self, index: np.ndarray) -> Polygons:
         """The polygons at ``index``, in that order."""
-        return Polygons.from_rings([self.ring(int(i)) for i in np.asarray(index)])
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        sizes = np.diff(self.offsets)[index]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        # each kept vertex: its polygon's first vertex plus its position within the polygon
+        within = np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], sizes)
+        return Polygons(xy=self.xy[np.repeat(self.offsets[index], sizes) + within], offsets=offsets)
 
     def scaled(self, factor: float) -> Polygons:
         """Every vertex times ``factor`` (another image's pixels)."""
@@ -72,6 +77,10 @@ class Polygons:
     def areas(self) -> np.ndarray:
         """Area of each polygon, px^2 (either winding)."""
         return np.abs(self._shoelace()[0])
+
+    def median_diameter(self) -> float:
+        """The diameter of a disc of the median polygon's area, px: a cell's "unit size"."""
+        return float(2.0 * np.sqrt(np.median(self.areas()) / np.pi))
 
     def centroids(self) -> np.ndarray:
         """``(n, 2)`` area centroids ``[x, y]``, px (the vertex mean for a degenerate one)."""

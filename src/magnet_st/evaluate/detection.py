@@ -26,10 +26,11 @@ def match_points(pred: np.ndarray, truth: np.ndarray, radius: float) -> np.ndarr
     return out
 
 
-def detection_scores(pred: np.ndarray, truth: np.ndarray, radius: float) -> dict[str, float]:
-    """Precision, recall and F1 of ``pred`` against ``truth`` (:func:`match_points`)."""
-    hit = int((match_points(pred, truth, radius) >= 0).sum())
-    n_pred, n_true = len(np.asarray(pred).reshape(-1, 2)), len(np.asarray(truth).reshape(-1, 2))
+def detection_scores(matches: np.ndarray, n_true: int) -> dict[str, float]:
+    """Precision, recall and F1 from :func:`match_points`'s ``matches`` (one per
+    prediction) and the number of true points."""
+    matches = np.asarray(matches)
+    hit, n_pred = int((matches >= 0).sum()), len(matches)
     precision = hit / n_pred if n_pred else 0.0
     recall = hit / n_true if n_true else 0.0
     f1 = 2 * precision * recall / (precision + recall) if hit else 0.0

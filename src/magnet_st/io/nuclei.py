@@ -57,16 +57,20 @@ class NucleusConfig:
 
 
 def label_outlines(
-    label: np.ndarray, scale: float, offset: tuple[float, float] = (0.0, 0.0)
+    label: np.ndarray,
+    scale: float,
+    offset: tuple[float, float] = (0.0, 0.0),
+    only: np.ndarray | None = None,
 ) -> dict[int, np.ndarray]:
     """``{label: (k, 2) [x, y]}``: the outline of each label's largest piece (level 0.5 of
     its mask, marching squares: a pixel's centre lies inside its own label's outline), in
-    the coordinates ``offset + scale * (pixel index + 0.5)``."""
+    the coordinates ``offset + scale * (pixel index + 0.5)``; ``only``: just these labels."""
     from skimage.measure import find_contours
 
     out: dict[int, np.ndarray] = {}
+    wanted = None if only is None else set(np.asarray(only).tolist())
     for i, sl in enumerate(ndimage.find_objects(label), start=1):
-        if sl is None:
+        if sl is None or (wanted is not None and i not in wanted):
             continue
         m = np.pad(label[sl] == i, 1).astype(np.float32)
         ring = max(find_contours(m, 0.5), key=len)  # (row, col) in the padded crop
@@ -154,16 +158,21 @@ def detect_cells(
             )
             nuc, cel = _tile_labels(np.asarray(rgb)[..., :3], cfg)
             offset = (x0 + cx * scale, y0 + cy * scale)
-            n_out = label_outlines(nuc, scale, offset)
-            c_out = label_outlines(cel, scale, offset)
-            for i, ring in n_out.items():
-                cxy = ring.mean(axis=0)
-                # the nucleus belongs to the tile whose core (and the region) holds it
-                lx, ly = (cxy[0] - x0) / scale - tx * tp, (cxy[1] - y0) / scale - ty * tp
-                inside = 0 <= lx < tp and 0 <= ly < tp and x0 <= cxy[0] < x1 and y0 <= cxy[1] < y1
-                if inside and i in c_out:
-                    nuclei.append(ring)
-                    cells.append(c_out[i])
+            # a nucleus belongs to the tile whose core (and the region) holds its centroid;
+            # only those are outlined
+            ids = np.arange(1, int(nuc.max()) + 1)
+            com = np.asarray(ndimage.center_of_mass(nuc > 0, nuc, ids)).reshape(-1, 2)
+            lx, ly = com[:, 1] + 0.5 - mp, com[:, 0] + 0.5 - mp  # working px in the core
+            gx, gy = offset[0] + scale * (com[:, 1] + 0.5), offset[1] + scale * (com[:, 0] + 0.5)
+            inside = (lx >= 0) & (lx < tp) & (ly >= 0) & (ly < tp)
+            inside &= (gx >= x0) & (gx < x1) & (gy >= y0) & (gy < y1)
+            keep = ids[inside & np.isfinite(com).all(axis=1)]
+            n_out = label_outlines(nuc, scale, offset, keep)
+            c_out = label_outlines(cel, scale, offset, keep)
+            for i in keep:
+                if int(i) in n_out and int(i) in c_out:
+                    nuclei.append(n_out[int(i)])
+                    cells.append(c_out[int(i)])
             bar.update(1)
     bar.close()
     return nuclei, cells

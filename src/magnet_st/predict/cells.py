@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 from magnet_st.data.slide import Slide
 from magnet_st.errors import InputError
-from magnet_st.read.cells import cell_barcode
+from magnet_st.read.cells import cell_names, cell_slide
 from magnet_st.read.geojson import read_geojson
 
 __all__ = ["detected_cells", "segmented_slide"]
@@ -65,22 +65,15 @@ def segmented_slide(
         )
         if keep.size == 0:
             raise InputError(segmentation, "no cell inside --roi")
-        polys, ids, centres = polys.subset(keep), ids[keep], centres[keep]
-    area_um2 = polys.areas() * mpp**2
-    barcodes = [cell_barcode(i) for i in ids] if ids.dtype.kind == "i" else [str(i) for i in ids]
-    slide = Slide(
-        name=name,
-        counts=sp.csr_matrix((len(ids), len(genes)), dtype=np.int32),
-        gene_ids=np.asarray(genes, dtype=object),
-        gene_names=np.asarray(gene_names, dtype=object),
-        unit_ids=np.asarray(barcodes, dtype=object),
-        centers_px=centres,
-        unit_size_um=float(2.0 * np.sqrt(np.median(area_um2) / np.pi)),
-        microns_per_pixel=float(mpp),
-        technology="visium_hd_cells",
-        image_path=Path(image),
-        sources={"positions": f"{segmentation} (outline centroids)", "polygons": str(segmentation)},
-        polygons=polys,
+        polys, ids = polys.subset(keep), ids[keep]
+    return cell_slide(
+        name,
+        sp.csr_matrix((len(ids), len(genes)), dtype=np.int32),
+        np.asarray(genes, dtype=object),
+        np.asarray(gene_names, dtype=object),
+        cell_names(ids),
+        polys,
+        float(mpp),
+        Path(image),
+        {"positions": f"{segmentation} (outline centroids)", "polygons": str(segmentation)},
     )
-    slide.check_image_bounds()
-    return slide

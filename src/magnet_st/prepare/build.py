@@ -336,25 +336,10 @@ def prepare(
         "gene_id\tgene_name\n"
         + "".join(f"{g}\t{n}\n" for g, n in zip(panel_ids, gene_names, strict=True)),
     )
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "packages": package_versions(),
-        "config": resolved.to_dict(),
-        "panel": {
-            "method": resolved.panel,
-            "n_genes": len(panel_ids),
-            "train_slides": train,
-            "gene_ids": panel_ids,
-            "gene_names": gene_names,
-        },
-        "targets": targets,
-        "tiles": tiles,
-        "levels": list(LEVELS),
-        "slides": slides_meta,
-    }
-    write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    _write_manifest(
+        out, resolved.to_dict(), resolved.panel, train, panel_ids, gene_names, targets, tiles,
+        slides_meta,
+    )  # fmt: skip
     log.info(
         "%s: %d slides built, %d unchanged; panel of %d genes",
         out,
@@ -363,6 +348,39 @@ def prepare(
         len(panel_ids),
     )
     return result
+
+
+def _write_manifest(
+    out: Path,
+    config: dict,
+    method: str,
+    train: list[str],
+    gene_ids: list[str],
+    gene_names: list[str],
+    targets: dict,
+    tiles: dict,
+    slides: dict,
+) -> None:
+    """The dataset's manifest (written last: a dataset without it is incomplete)."""
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "packages": package_versions(),
+        "config": config,
+        "panel": {
+            "method": method,
+            "n_genes": len(gene_ids),
+            "train_slides": train,
+            "gene_ids": gene_ids,
+            "gene_names": gene_names,
+        },
+        "targets": targets,
+        "tiles": tiles,
+        "levels": list(LEVELS),
+        "slides": slides,
+    }
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def _resolved_dict(config: PrepareConfig, slides: dict[str, dict], train: list[str]) -> dict:
@@ -535,25 +553,11 @@ def prepare_unmeasured(
             ad.write_h5ad(tmp / f"{name}.h5ad")
         (tmp / SLIDE_RECORD).write_text(json.dumps(record, indent=1))
     cfg.train_slides = []
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "packages": package_versions(),
-        "config": cfg.to_dict(),
-        "panel": {
-            "method": "list",
-            "n_genes": len(panel),
-            "train_slides": [],
-            "gene_ids": list(panel),
-            "gene_names": list(gene_names),
-        },
-        "targets": targets,
-        "tiles": tile_summary(cfg, slide.technology, slide.unit_size_um, cfg),
-        "levels": list(LEVELS),
-        "slides": {slide.name: record},
-    }
-    write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    tiles = tile_summary(cfg, slide.technology, slide.unit_size_um, cfg)
+    _write_manifest(
+        out, cfg.to_dict(), "list", [], list(panel), list(gene_names), targets, tiles,
+        {slide.name: record},
+    )  # fmt: skip
     return out
 
 

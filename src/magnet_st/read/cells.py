@@ -42,16 +42,26 @@ from magnet_st.read.visium import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cell_barcode", "cells_from_bins", "segmented_outputs", "visium_hd_cells"]
+__all__ = [
+    "cell_names",
+    "cell_slide",
+    "cells_from_bins",
+    "segmented_outputs",
+    "visium_hd_cells",
+]
 
 SEGMENTED_OUTPUTS = "segmented_outputs"
 OUTLINES = ("cell", "nucleus")
 _CELL_BARCODE = re.compile(r"^cellid_(\d+)-\d+$")
 
 
-def cell_barcode(cell_id: int) -> str:
-    """Space Ranger's barcode of a cell: ``cellid_{id:09d}-1``."""
-    return f"cellid_{int(cell_id):09d}-1"
+def cell_names(ids: np.ndarray) -> np.ndarray:
+    """Unit ids of cells: Space Ranger's barcodes (``cellid_{id:09d}-1``) for integer ids,
+    else the ids themselves (QuPath's, say) as strings."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind in "iu":
+        return np.array([f"cellid_{int(i):09d}-1" for i in ids], dtype=object)
+    return ids.astype(str).astype(object)
 
 
 def segmented_outputs(path: str | Path) -> Path | None:
@@ -98,7 +108,7 @@ def _mpp(seg: Path, given: float | None) -> tuple[float, str]:
     )
 
 
-def _cell_slide(
+def cell_slide(
     name: str,
     counts: sp.csr_matrix,
     gene_ids: np.ndarray,
@@ -109,7 +119,8 @@ def _cell_slide(
     image: Path | None,
     sources: dict[str, str],
 ) -> Slide:
-    area_um2 = polygons.areas() * mpp**2
+    """A slide of cells: centres at the outlines' centroids, unit size the diameter of a
+    disc of the median cell's area; checked against the image's bounds."""
     slide = Slide(
         name=name,
         counts=counts,
@@ -117,9 +128,8 @@ def _cell_slide(
         gene_names=np.asarray(gene_names, dtype=object),
         unit_ids=np.asarray(barcodes, dtype=object),
         centers_px=polygons.centroids(),
-        # the diameter of a disc of the median cell's area: what "unit size" means for cells
-        unit_size_um=float(2.0 * np.sqrt(np.median(area_um2) / np.pi)),
-        microns_per_pixel=mpp,
+        unit_size_um=polygons.median_diameter() * mpp,
+        microns_per_pixel=float(mpp),
         technology="visium_hd_cells",
         image_path=image,
         sources=sources,
@@ -206,7 +216,7 @@ def visium_hd_cells(
         "microns_per_pixel": mpp_source,
         **({"image": str(image)} if image is not None else {}),
     }
-    return _cell_slide(
+    return cell_slide(
         name or run.name,
         m.counts[keep],
         m.gene_ids,
@@ -273,11 +283,6 @@ def cells_from_bins(
             bin_size_um,
         )
     counts = (pool[keep] @ bins.counts).tocsr()
-    barcodes = (
-        np.array([cell_barcode(i) for i in ids[keep]], dtype=object)
-        if ids.dtype.kind == "i"
-        else ids[keep].astype(object)
-    )
     sources = {
         "counts": f"{bins.sources.get('counts')} ({bin_size_um} um bins pooled into cells)",
         "positions": f"{seg_path} (outline centroids)",
@@ -293,12 +298,12 @@ def cells_from_bins(
         keep.size,
         float(np.median(n_bins[keep])),
     )
-    return _cell_slide(
+    return cell_slide(
         name or bins.name,
         counts,
         bins.gene_ids,
         bins.gene_names,
-        barcodes,
+        cell_names(ids[keep]),
         polygons.subset(keep),
         bins.microns_per_pixel,
         bins.image_path,

@@ -467,7 +467,7 @@ def spatialdata_zarr(
     else:
         raise InputError(root, "microns per pixel unknown for this table: pass it (--mpp)")
     if unit_size_um is None and polygons is not None:  # a disc of the median cell's area
-        unit_size_um = float(2 * np.sqrt(np.median(polygons.areas()) / np.pi) * mpp)
+        unit_size_um = polygons.median_diameter() * mpp
     if unit_size_um is None:
         unit_size_um = bin_um or (VISIUM_SPOT_DIAMETER_UM if visium else None)
     if not (unit_size_um and unit_size_um > 0):

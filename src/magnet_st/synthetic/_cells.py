@@ -34,6 +34,7 @@ import scipy.sparse as sp
 from scipy import ndimage
 
 from magnet_st.io.nuclei import label_outlines, write_segmentation
+from magnet_st.read.cells import cell_names
 from magnet_st.synthetic._params import BARCODE_DTYPE
 from magnet_st.synthetic._scene import _Genes, _Scene
 from magnet_st.synthetic._writers import _barcodes, _H5Matrix
@@ -108,14 +109,14 @@ def _clean(label: np.ndarray) -> np.ndarray:
 
 def cell_masks(scene: _Scene, expand_um: float = EXPAND_UM) -> CellMasks:
     """The nucleus and cell labels of the capture area's 2 um bins (see the module doc)."""
+    from skimage.segmentation import expand_labels
+
     nucleus = _nucleus_mask(scene)
     tissue = scene.tissue_2um()
     nucleus[~tissue] = 0
     nucleus = _clean(nucleus)
-    dist, (ir, ic) = ndimage.distance_transform_edt(nucleus == 0, return_indices=True)
-    cell = nucleus[ir, ic]
-    cell[(dist * 2.0 > expand_um) | ~tissue] = 0
-    cell[nucleus > 0] = nucleus[nucleus > 0]
+    cell = expand_labels(nucleus, distance=expand_um / 2.0)  # in 2 um bins
+    cell[~tissue] = 0
     cell = _clean(cell)
     nucleus[cell != nucleus] = 0  # a nucleus bin its cell lost (to keep one piece)
     return CellMasks(nucleus=nucleus, cell=cell)
@@ -125,11 +126,6 @@ def outlines(label: np.ndarray, scene: _Scene) -> dict[int, np.ndarray]:
     """``{id: (k, 2) [x, y]}`` full-resolution pixels: each label's outline on the capture
     area's 2 um grid (:func:`magnet_st.io.nuclei.label_outlines`)."""
     return label_outlines(label, 2.0 / scene.mpp, (scene.ox / scene.mpp, scene.oy / scene.mpp))
-
-
-def cell_barcodes(ids: np.ndarray) -> np.ndarray:
-    """Space Ranger's cell barcodes, ``cellid_{id:09d}-1``."""
-    return np.array([f"cellid_{int(i):09d}-1" for i in ids], dtype=object)
 
 
 class CellCounts:
@@ -157,7 +153,7 @@ class CellCounts:
 def _write_matrix(path: Path, genes: _Genes, m: sp.csr_matrix, ids: np.ndarray) -> None:
     h5 = _H5Matrix(path, genes)
     rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
-    bcs = np.array([b.encode() for b in cell_barcodes(ids)], dtype=BARCODE_DTYPE)
+    bcs = np.array([b.encode() for b in cell_names(ids)], dtype=BARCODE_DTYPE)
     h5.append(bcs, rows, m.indices, m.data)
     h5.close()
 
@@ -168,7 +164,7 @@ def _write_mappings(scene: _Scene, masks: CellMasks, path: Path) -> None:
     n2r, n2c = masks.cell.shape
     ids = np.arange(int(masks.cell.max()) + 1)
     names = np.empty(len(ids), dtype=object)
-    names[1:] = cell_barcodes(ids[1:])
+    names[1:] = cell_names(ids[1:])
     names[0] = None
     cols = np.arange(n2c)
     with pq.ParquetWriter(path, _MAPPINGS_SCHEMA, compression="zstd") as writer:
