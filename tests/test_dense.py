@@ -233,6 +233,84 @@ def test_cell_outlines_are_pooled_end_to_end() -> None:
     np.testing.assert_allclose(e2e, out["bin"], atol=1e-6)
 
 
+class _Scaled(_Image):
+    """An in-memory slide read at any whole-number downsampling (block means)."""
+
+    def read_region(self, x, y, w, h, out_size):
+        f = int(round(w / out_size[0]))
+        big = super().read_region(x, y, w, h, (int(w), int(h))).astype(np.float64)
+        small = big.reshape(out_size[1], f, out_size[0], f, 3).mean((1, 3))
+        return np.round(small).astype(np.uint8)
+
+
+def test_windows_from_a_second_pass_at_a_coarser_resolution(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--dense-window-mpp: the units pooled at 0.5 um/px, their windows from a pass at
+    1 um/px; both are the image's exact means over the squares, and a run killed in the
+    second pass resumes to the same bytes."""
+    from magnet_st.features.store import _Job
+
+    rng = np.random.default_rng(11)
+    cells = rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8)
+    rgb = np.repeat(np.repeat(cells, 32, 0), 32, 1)  # 16 um cells at 0.5 um/px (native)
+    centres = rng.uniform(160, 480, size=(40, 2)).round()
+    meta = {"microns_per_pixel": 0.5, "unit_size_um": 8.0, "technology": "visium_hd"}
+    ds = SimpleNamespace(
+        slide_meta=lambda s: meta,
+        positions_px=lambda s, lv: centres,
+        polygons=lambda s: None,
+        image=lambda s: _Scaled(rgb),
+    )
+    model = _BlockMean()
+    spec = D.map_specs(model, [16])[0]
+    enc = _block_encoder(model)
+    enc.feature_dim, enc.key = 3, "block-mean"
+    cfg = DenseConfig(mpp=0.5, tile_px=64, margin_px=32, windows_um=(64.0,), window_mpp=1.0)
+    assert cfg.separate_windows and "window_mpp" not in DenseConfig(mpp=0.5).describe()
+    job = _Job("s", "bin", len(centres), 8.0, 0.5, 16, 16, "f", "img")
+
+    def run(root: Path) -> np.ndarray:
+        D.extract_slide(enc, ds, root, "s", {"bin": job}, cfg, [spec], progress=False)
+        return np.load(root / "s" / "bin.npy").astype(np.float64)
+
+    got = run(tmp_path / "a")
+    for i, (cx, cy) in enumerate(centres):
+        for j, half in enumerate((8, 64)):  # the 8 um bin, the 64 um window (native px)
+            y0, y1, x0, x1 = int(cy - half), int(cy + half), int(cx - half), int(cx + half)
+            want = rgb[y0:y1, x0:x1].reshape(-1, 3).mean(0)
+            np.testing.assert_allclose(
+                got[i, 3 * j : 3 * j + 3], want, atol=0.6, err_msg=f"{i} {j}"
+            )
+    # killed in the second pass (tiles of 64 + 2 x 32 px are read at 1 um/px there)
+    real, orig, calls, coarse_tiles = D._forward_maps, D.run_slide, [], [0]
+
+    def crash(m, x, indices):
+        coarse_tiles[0] += calls[-1] == 1.0
+        if coarse_tiles[0] == 3:
+            raise KeyboardInterrupt
+        return real(m, x, indices)
+
+    def tracked(*a, **k):
+        calls.append(a[4].mpp)  # the pass's working resolution
+        return orig(*a, **k)
+
+    monkeypatch.setattr(D, "run_slide", tracked)
+    monkeypatch.setattr(D, "_forward_maps", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    prog = json.loads((tmp_path / "b" / "s" / "dense.progress.json").read_text())
+    assert prog["stage"] == "blocks" and calls == [0.5, 1.0]
+    monkeypatch.setattr(D, "_forward_maps", real)
+    calls.clear()
+    again = run(tmp_path / "b")
+    assert calls == [1.0]  # the units' pass is not run again
+    assert (tmp_path / "b" / "s" / "bin.npy").read_bytes() == (
+        tmp_path / "a" / "s" / "bin.npy"
+    ).read_bytes()
+    np.testing.assert_array_equal(again, got)
+
+
 def test_cell_centres_are_measured_from_the_model() -> None:
     import timm
 
@@ -257,11 +335,20 @@ def test_settings_make_the_key_and_the_dict_round_trips() -> None:
     a = DenseConfig(windows_um=(300, 600)).resolve("hd")
     assert DenseConfig.from_dict(json.loads(json.dumps(a.describe()))) == a
     assert a.suffix() != DenseConfig().resolve("hd").suffix() != DenseConfig(mpp=0.5).suffix()
-    # the preset's defaults fill what is not given: 0.25 um/px at HD, 0.5 and windows for ST
-    assert DenseConfig().resolve("hd") == DenseConfig(mpp=0.25, windows_um=())
+    # the preset's defaults fill what is not given: 0.25 um/px at HD, 0.5 and windows from
+    # a 2 um/px pass for ST
+    assert DenseConfig().resolve("hd") == DenseConfig(mpp=0.25, windows_um=(), window_mpp=2.0)
     st = DenseConfig().resolve("legacy_st")
-    assert (st.mpp, st.windows_um) == (0.5, (300.0, 600.0))
+    assert (st.mpp, st.windows_um, st.window_mpp) == (0.5, (300.0, 600.0), 2.0)
+    assert st.separate_windows and "window_mpp" in st.describe()
     assert DenseConfig(mpp=1.0, windows_um=()).resolve("legacy_st").windows_um == ()
+    assert DenseConfig(mpp=4.0).resolve("legacy_st").window_mpp == 4.0  # never finer
+    # one pass (windows at the units' resolution, or none): the keys made before the option
+    one = DenseConfig(window_mpp=0.5).resolve("legacy_st")
+    assert not one.separate_windows and one.suffix() == "densef90f2b31"
+    assert DenseConfig().resolve("hd").suffix() == "dense76159985"
+    old = {k: v for k, v in one.describe().items() if k != "window_mpp"}  # recorded before
+    assert DenseConfig.from_dict(old).resolve("legacy_st") == one
     with pytest.raises(ConfigError, match="not resolved"):
         DenseConfig().check()
 
@@ -289,7 +376,7 @@ def test_dense_feature_set_is_stored_resumes_and_is_skipped(
     ref_ds = tmp_path / "ref"
     shutil.copytree(prepared, ref_ds)
     ref = extract_features(ref_ds, ENC, **opts)
-    assert ref["key"] == f"{ENC}-random-{cfg.suffix()}"
+    assert ref["key"] == f"{ENC}-random-{cfg.resolve('hd').suffix()}"
     meta = json.loads((ref["path"] / "meta.json").read_text())
     dense = meta["encoder"]["dense"]
     width = dense["maps"][0]["channels"]

@@ -97,9 +97,23 @@ def test_shapes_dtypes_layout_and_meta(reference: dict) -> None:
     )
 
 
-def test_deterministic_and_reader_independent(reference: dict, dataset: Path) -> None:
-    """A second run, reading in the main process and resampling there, gives the same bits."""
+def test_deterministic_and_reader_independent(
+    reference: dict, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second run, reading in the main process and resampling there, gives the same bits;
+    each slide's image is let go once its last level is done (a JPEG is held decoded)."""
+    from magnet_st.data.dataset import Dataset
+
+    released, real = [], Dataset.release_image
+
+    def release(self, slide):
+        released.append((slide, slide in self._images))
+        real(self, slide)
+        assert slide not in self._images
+
+    monkeypatch.setattr(Dataset, "release_image", release)
     extract_features(dataset, ENC, **{**FAST, "num_workers": 0, "batch_size": 16})
+    assert released == [("syn", True)]
     for level in ("spot", "region"):
         np.testing.assert_array_equal(
             load_features(dataset, ENC, "syn", level), reference["arrays"][level]

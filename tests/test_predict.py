@@ -306,11 +306,40 @@ def test_roi_bounds_the_grid_max_bins_stops_and_the_slide_is_read_once(
     inside = (um[:, 0] >= roi[0]) & (um[:, 0] < roi[2])
     assert part.n_obs == int(inside.sum()) and 0 < part.n_obs < full.n_obs
     assert set(part.obs_names) == set(full.obs_names[inside])
+    # --capture-area: the grid anchored at a capture area's corner stops 6.5 mm from it
+    # (a corner 788 bins of 8 um up and left of the grid above: its bins, renumbered)
+    corner = MARGIN_UM - 788 * 8
+    cap = predict(
+        trained["model"], tmp_path / "cap", image=trained["new"] / "he_fullres.tif",
+        grid_origin_um=(corner, corner), capture_area=True, **opts,
+    )  # fmt: skip
+    got = anndata.read_h5ad(cap.files["bin"]).obsm["spatial"] * mpp
+    edge = corner + 6500.0
+    assert got.max() < edge < um.max()  # nothing past the capture area's far edges
+    inside = (um < edge).all(1)
+    shared = got[(got >= MARGIN_UM).all(1)]  # the first grid starts at MARGIN_UM
+    assert len(shared) == int(inside.sum()) > 0
+    np.testing.assert_allclose(np.sort(shared, 0), np.sort(um[inside], 0))
+    assert json.loads((tmp_path / "cap" / "prediction.json").read_text())["capture_area"]
     # a grid larger than --max-bins stops before anything is computed, saying how to go on
     with pytest.raises(InputError, match=r"more than --max-bins 10 .*--roi X0 Y0 X1 Y1"):
         predict(trained["model"], tmp_path / "big", image=trained["new"] / "he_fullres.tif",
                 max_bins=10, **opts)  # fmt: skip
     assert not (tmp_path / "big" / "work").exists()
+
+
+def test_the_capture_area_is_a_box_from_its_corner(trained: dict, tmp_path: Path) -> None:
+    from magnet_st.errors import ConfigError
+    from magnet_st.predict.image import capture_area_box, predict
+
+    assert capture_area_box((100.0, -50.0), None) == (100.0, -50.0, 6600.0, 6450.0)
+    assert capture_area_box((0, 0), (-10, 20, 7000, 30)) == (0.0, 20, 6500.0, 30)
+    with pytest.raises(ConfigError, match="outside the capture area"):
+        capture_area_box((0, 0), (6600, 0, 7000, 10))
+    with pytest.raises(ConfigError, match="--capture-area bounds a virtual grid"):
+        predict(trained["model"], tmp_path / "x", image=trained["new"] / "he_fullres.tif",
+                spaceranger=trained["new"], capture_area=True)  # fmt: skip
+    assert not (tmp_path / "x").exists()
 
 
 def test_measured_counts_follow_the_model_panel_sparse(trained: dict, tmp_path: Path) -> None:

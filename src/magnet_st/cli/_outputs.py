@@ -37,6 +37,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         roi_um=tuple(args.roi) if args.roi else None,
         max_bins=args.max_bins,
+        capture_area=args.capture_area,
         segmentation=args.segmentation,
         qupath=args.qupath,
     )
@@ -125,6 +126,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         default=[0.0, 0.0],
         metavar=("X", "Y"),
         help="microns from the image's top-left corner to the corner of virtual bin (0, 0)",
+    )
+    p.add_argument(
+        "--capture-area",
+        action="store_true",
+        help="image-only: --grid-origin-um is a capture area's top-left corner; predict only "
+        "inside it (6.5 x 6.5 mm from the corner; with --roi, inside both). Default: off, "
+        "the grid covers all the tissue",
     )
     p.add_argument(
         "--tissue-threshold",

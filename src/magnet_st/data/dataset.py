@@ -283,6 +283,13 @@ class Dataset:
             )
         return self._images[slide]
 
+    def release_image(self, slide: str) -> None:
+        """Close the slide's image and drop what it holds (a JPEG is decoded whole), so that
+        a pass over many slides holds one image at a time; a later :meth:`image` reopens it."""
+        img = self._images.pop(slide, None)
+        if img is not None:
+            img.close()
+
     def __repr__(self) -> str:
         return (
             f"Dataset({str(self.path)!r}, slides={self.slides}, "

@@ -29,6 +29,8 @@ footprint:
    map of ``block_um`` blocks (each block pooled exactly as above; a window is the
    area-weighted mean of the blocks it covers, blocks taken as uniform inside) that is
    held for the whole slide: small (a 6.5 mm slide at 16 um blocks: 406 x 406 cells).
+   With ``window_mpp`` set, the block map comes from a second pass of the same encoder at
+   that coarser resolution (wider receptive field, far fewer pixels) instead of the first.
 
 Tiles are processed in rows. A unit's mean is final once the last row its footprint
 touches is done; finished rows go to the level's ``.partial.npy`` and the number of rows
@@ -67,15 +69,17 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_MPP", "DenseConfig", "MapSpec", "cell_offset", "map_specs", "pool_tile"]
 
-#: per size preset (:mod:`magnet_st.prepare.build`): the working resolution and the windows
-#: around every unit that measured best (docs/results.md, "Dense features"): Visium HD bins
-#: gain from 0.25 um/px (the nuclei in an 8 um bin); 100 um ST spots were level at 0.5 and
-#: native 0.69 um/px and gained from 300 and 600 um windows. Visium spots (55 um) take the
-#: ST values, the nearest measured.
-PRESET_DEFAULTS: dict[str, tuple[float, tuple[float, ...]]] = {
-    "hd": (0.25, ()),
-    "visium": (0.5, (300.0, 600.0)),
-    "legacy_st": (0.5, (300.0, 600.0)),
+#: per size preset (:mod:`magnet_st.prepare.build`): the working resolution, the windows
+#: around every unit and the resolution of the pass the windows come from, as measured best
+#: (docs/results.md, "Dense features"): Visium HD bins gain from 0.25 um/px (the nuclei in
+#: an 8 um bin); 100 um ST spots were level at 0.5 and native 0.69 um/px, gained from 300
+#: and 600 um windows, and more when those come from a second pass at 2 um/px (level with
+#: 1 um/px, a quarter of its pixels). Visium spots (55 um) take the ST values, the nearest
+#: measured.
+PRESET_DEFAULTS: dict[str, tuple[float, tuple[float, ...], float]] = {
+    "hd": (0.25, (), 2.0),
+    "visium": (0.5, (300.0, 600.0), 2.0),
+    "legacy_st": (0.5, (300.0, 600.0), 2.0),
 }
 DEFAULT_MPP = PRESET_DEFAULTS["hd"][0]
 SQUARE, DISC, POLYGON = "square", "disc", "polygon"
@@ -87,8 +91,9 @@ LOOKAHEAD = 2  # tiles read ahead of the one being encoded
 class DenseConfig:
     """How dense features are made; every field is part of the feature set's key.
 
-    ``mpp`` and ``windows_um`` left ``None`` take the dataset's preset defaults
-    (:data:`PRESET_DEFAULTS`) when the extraction starts (:meth:`resolve`)."""
+    ``mpp``, ``windows_um`` and ``window_mpp`` left ``None`` take the dataset's preset
+    defaults (:data:`PRESET_DEFAULTS`) when the extraction starts (:meth:`resolve`);
+    ``window_mpp`` equal to ``mpp`` takes the windows from the units' own pass."""
 
     mpp: float | None = None
     tile_px: int = 512
@@ -96,21 +101,27 @@ class DenseConfig:
     strides: tuple[int, ...] = (16,)
     windows_um: tuple[float, ...] | None = None
     block_um: float = 16.0
+    window_mpp: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
         if self.windows_um is not None:
             object.__setattr__(self, "windows_um", tuple(float(w) for w in self.windows_um))
-        if self.mpp is not None:
-            object.__setattr__(self, "mpp", float(self.mpp))
+        for name in ("mpp", "window_mpp"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
 
     def resolve(self, preset: str) -> DenseConfig:
         """The settings with the preset's defaults filled in."""
-        mpp, windows = PRESET_DEFAULTS.get(preset, PRESET_DEFAULTS["hd"])
+        mpp, windows, wmpp = PRESET_DEFAULTS.get(preset, PRESET_DEFAULTS["hd"])
         return replace(
             self,
             mpp=mpp if self.mpp is None else self.mpp,
             windows_um=windows if self.windows_um is None else self.windows_um,
+            # by default never finer than the units' own pass
+            window_mpp=max(wmpp, mpp if self.mpp is None else self.mpp)
+            if self.window_mpp is None
+            else self.window_mpp,
         )
 
     def check(self) -> DenseConfig:
@@ -129,15 +140,29 @@ class DenseConfig:
             raise ConfigError(f"dense windows must be positive microns, got {self.windows_um}")
         if not (math.isfinite(self.block_um) and self.block_um > 0):
             raise ConfigError(f"dense block_um must be positive, got {self.block_um}")
+        w = self.window_mpp
+        if w is not None and not (math.isfinite(w) and 0.05 <= w <= 10):
+            raise ConfigError(f"dense window mpp must be 0.05-10 microns per pixel, got {w}")
         return self
 
+    @property
+    def separate_windows(self) -> bool:
+        """Whether the windows come from a second pass at ``window_mpp``."""
+        return bool(self.windows_um) and self.window_mpp not in (None, self.mpp)
+
     def describe(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if not self.separate_windows:  # one pass, as before the option: the keys stay
+            del d["window_mpp"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DenseConfig:
         keys = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in keys})
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in keys}
+        if "window_mpp" not in kw and kw.get("windows_um") is not None and kw.get("mpp"):
+            kw["window_mpp"] = kw["mpp"]  # a resolved record without it: one pass
+        return cls(**kw)
 
     def suffix(self) -> str:
         h = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()
@@ -670,12 +695,17 @@ def extract_slide(
         outs[lv] = _Rows(arrays[lv], base, slide, lv)
     block_file = d / "dense.blocks.partial.npy"
     grid = None
+    # the windows' block map: from the units' pass, or from a second pass at window_mpp
+    wmpp = cfg.window_mpp if cfg.separate_windows else cfg.mpp
+    wcfg = replace(cfg, mpp=wmpp)
+    blocks: dict[str, Footprints] = {}
     if windows and len(levels["bin"].centres):
-        bpx = cfg.block_um / cfg.mpp
-        reach = max(windows) / cfg.mpp / 2
-        ctr, origin, shape2 = block_grid(levels["bin"].centres, reach, bpx)
-        grid = (origin, shape2, bpx)
-        levels["_blocks"] = Footprints(ctr, np.full(len(ctr), bpx / 2), SQUARE)
+        bpx = cfg.block_um / wmpp
+        reach = max(windows) / wmpp / 2
+        bin_ctr = levels["bin"].centres * (cfg.mpp / wmpp)
+        ctr, origin, shape2 = block_grid(bin_ctr, reach, bpx)
+        grid = (origin, shape2, bpx, bin_ctr)
+        blocks["_blocks"] = Footprints(ctr, np.full(len(ctr), bpx / 2), SQUARE)
         ok = resume and block_file.is_file()
         ok = ok and np.load(block_file, mmap_mode="r").shape == (len(ctr), base)
         arrays["_blocks"] = (
@@ -684,34 +714,47 @@ def extract_slide(
             else new_memmap(block_file, np.float32, (len(ctr), base))
         )
         outs["_blocks"] = _Rows(arrays["_blocks"], base, slide, "blocks", check=False)
+    stage = prog.get("stage", "units") if resume else "units"
     start = prog.get("next_row") if resume else None
 
-    def on_row(r: int) -> None:
-        for a in arrays.values():
-            a.flush()
-        save_json(prog_path, {"fingerprint": fingerprint, "next_row": r + 1})
+    def on_row(stage: str) -> Callable[[int], None]:
+        def save(r: int) -> None:
+            for a in arrays.values():
+                a.flush()
+            save_json(prog_path, {"fingerprint": fingerprint, "stage": stage, "next_row": r + 1})
 
-    stats = run_slide(
-        encoder,
-        ds.image(slide),
-        native,
-        levels,
-        cfg,
-        specs,
-        outs,
-        start_row=start,
-        on_row=on_row,
-        progress=progress,
-        desc=f"{slide} dense",
-    )
+        return save
+
+    image = ds.image(slide)
+    passes = [("units", cfg, levels if cfg.separate_windows else {**levels, **blocks})]
+    if cfg.separate_windows and blocks:
+        passes.append(("blocks", wcfg, blocks))
+    stats: dict[str, float] = {"tiles": 0, "seconds": 0.0, "network_seconds": 0.0, "megapixels": 0}
+    todo = [p[0] for p in passes]
+    for name, pcfg, plevels in passes[todo.index(stage) if stage in todo else 0 :]:
+        got = run_slide(
+            encoder,
+            image,
+            native,
+            plevels,
+            pcfg,
+            specs,
+            outs,
+            start_row=start if name == stage else None,
+            on_row=on_row(name),
+            progress=progress,
+            desc=f"{slide} dense" + (f" windows at {pcfg.mpp:g} um/px" if name == "blocks" else ""),
+        )
+        stats = {k: stats[k] + got.get(k, 0) for k in stats}
+        if name == "units" and len(passes) > 1:  # the units are written: resume at the windows
+            for a in arrays.values():
+                a.flush()
+            save_json(prog_path, {"fingerprint": fingerprint, "stage": "blocks", "next_row": None})
     if grid is not None:
-        origin, (ny, nx), bpx = grid
+        origin, (ny, nx), bpx, ctr = grid
         bmap = np.asarray(arrays["_blocks"]).reshape(ny, nx, base)
-        ctr = levels["bin"].centres
         for a in range(0, len(ctr), 65536):
-            parts = [
-                window_means(bmap, origin, bpx, ctr[a : a + 65536], w / cfg.mpp) for w in windows
-            ]
+            parts = [window_means(bmap, origin, bpx, ctr[a : a + 65536], w / wmpp) for w in windows]
             arrays["bin"][a : a + 65536, base:] = check_float16(
                 np.concatenate(parts, 1), slide, "bin"
             )

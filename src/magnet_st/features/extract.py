@@ -233,6 +233,7 @@ def extract_features(
                 results += dense_mod.extract_slide(
                     encoder, ds, root, slide, jobs, dense, specs, progress=progress
                 )
+                ds.release_image(slide)  # one decoded image at a time
         elif len(device_names) > 1 and len(plans) > 1:
             del encoder
             import torch
@@ -242,8 +243,10 @@ def extract_features(
                 device_names, [j for j, _ in plans], ds.path, enc_args, enc_desc["key"], opts
             )
         else:
-            for job, centers in plans:
+            for i, (job, centers) in enumerate(plans):
                 results.append(_run_job(encoder, ds, root, job, centers, **opts))
+                if i + 1 == len(plans) or plans[i + 1][0].slide != job.slide:
+                    ds.release_image(job.slide)  # one decoded image at a time
     finally:
         meta = _write_meta(
             root, enc_desc, ds, all_jobs, levels, run, computed=bool(plans), level_dims=level_dims

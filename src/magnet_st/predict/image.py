@@ -171,7 +171,7 @@ def _image_only_slide(
         keep = (um[:, 0] >= x0) & (um[:, 0] < x1) & (um[:, 1] >= y0) & (um[:, 1] < y1)
     n = int(keep.sum())
     if n == 0:
-        where = " inside --roi" if roi_um is not None else ""
+        where = " inside the --roi (or --capture-area) box" if roi_um is not None else ""
         what = "bins" if technology == "visium_hd" else "spots"
         raise InputError(image, f"no {what} under the detected tissue{where}")
     limit = default_max_bins(unit_um) if max_bins is None else int(max_bins)
@@ -401,6 +401,22 @@ def _check_units(
         raise ConfigError(f"{model_path}: no virtual grid for {technology} units")
 
 
+def capture_area_box(
+    origin_um: tuple[float, float], roi_um: tuple[float, float, float, float] | None
+) -> tuple[float, float, float, float]:
+    """The capture area whose top-left corner is ``origin_um`` (microns), as a box
+    ``(x0, y0, x1, y1)``, intersected with ``roi_um`` when given."""
+    ox, oy = (float(v) for v in origin_um)
+    box = (ox, oy, ox + CAPTURE_AREA_UM, oy + CAPTURE_AREA_UM)
+    if roi_um is None:
+        return box
+    out = (max(box[0], roi_um[0]), max(box[1], roi_um[1]), min(box[2], roi_um[2]))
+    out = (*out, min(box[3], roi_um[3]))
+    if not (out[0] < out[2] and out[1] < out[3]):
+        raise ConfigError(f"--roi {list(roi_um)} lies outside the capture area {list(box)}")
+    return out  # type: ignore[return-value]
+
+
 def _check_region(
     roi_um: tuple[float, float, float, float] | None, max_bins: int | None
 ) -> tuple[float, float, float, float] | None:
@@ -439,6 +455,7 @@ def predict(
     max_bins: int | None = None,
     segmentation: str | Path | None = None,
     qupath: bool = False,
+    capture_area: bool = False,
 ) -> PredictResult:
     """Predict the expression of every bin of a slide from its H&E image.
 
@@ -473,6 +490,9 @@ def predict(
         qupath: a model trained on cells: also write ``cells_qupath.geojson``, the cells as
             QuPath detections whose measurements are the predicted genes
             (:mod:`magnet_st.io.qupath`).
+        capture_area: image-only: ``grid_origin_um`` is the top-left corner of a capture
+            area; predict only what lies inside it (6.5 x 6.5 mm from that corner; with
+            ``roi_um``, inside both).
 
     Raises:
         InputError: missing or unreadable inputs, no tissue, implausible or missing
@@ -506,6 +526,10 @@ def predict(
     if name is not None:  # a name, not a path: outputs are named after it
         check_name(name, "--name")
     roi_um = _check_region(roi_um, max_bins)
+    if capture_area:
+        if spaceranger is not None:
+            raise ConfigError("--capture-area bounds a virtual grid: it needs no --spaceranger")
+        roi_um = capture_area_box(grid_origin_um, roi_um)
     # made when the first file is written: a refused run, or an image that cannot be
     # read, leaves no folder
     out = check_out_folder(out)
@@ -663,6 +687,7 @@ def predict(
         "seconds": seconds,
         "scale": bin_target.scale,
         "roi_um": list(roi_um) if roi_um is not None else None,
+        "capture_area": capture_area,
         "thumbnail_reads": thumbs.reads,
     }
     write_text(out / "prediction.json", json.dumps(record, indent=1))
