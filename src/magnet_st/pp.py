@@ -75,7 +75,7 @@ def features(
     ``mode``: ``"dense"`` (one pass per image tile, pooled over each unit's footprint) or
     ``"patches"`` (one pass per unit's patch). ``options``: the dense settings of
     :class:`~magnet_st.features.dense.DenseConfig` (``mpp``, ``tile_px``, ``margin_px``, ``strides``,
-    ``windows_um``) with ``mode="dense"``, and the other keyword arguments of
+    ``windows_um``, ``window_mpp``) with ``mode="dense"``, and the other keyword arguments of
     :func:`magnet_st.features.extract.extract_features` (``batch_size``, ``input_px``,
     ``encoder_kwargs``, ``overwrite`` ...).
     """

@@ -432,7 +432,7 @@ def _check_region(
 
 # Long: five timed stages filling `seconds` (units, features, prediction, write, record) that share
 # slide, measured, thumbs, work, res, ds and payload; the argument checks are _check_units and
-# _check_region.
+# _check_region, the per-level writing _write_outputs.
 @locked("out", "magnet predict")
 def predict(
     model_path: str | Path,
@@ -626,6 +626,55 @@ def predict(
         thumbs = OneThumbnail(
             open_image(slide.image_path, microns_per_pixel=slide.microns_per_pixel)
         )
+    files, n = _write_outputs(
+        out, preds, ds, slide, thumbs, measured, payload, model_path, res, unit_um, zarr,
+        spatialdata, qupath,
+    )  # fmt: skip
+    seconds["write"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_all
+    record = {
+        "model": str(model_path.resolve()),
+        "source": "spaceranger" if spaceranger is not None else "image",
+        "image": str(Path(slide.image_path).resolve()),
+        "spaceranger": str(Path(spaceranger).resolve()) if spaceranger is not None else None,
+        "microns_per_pixel": slide.microns_per_pixel,
+        "bin_size_um": unit_um,
+        "grid_origin_um": list(grid_origin_um) if spaceranger is None else None,
+        "encoder": res["key"],
+        # per coarse level: the model's head, or the sum of its bins (chosen on validation)
+        "coarse_from": coarse_sources(payload),
+        "n": n,
+        "files": {k: str(v) for k, v in files.items()},
+        "seconds": seconds,
+        "scale": bin_target.scale,
+        "roi_um": list(roi_um) if roi_um is not None else None,
+        "capture_area": capture_area,
+        "thumbnail_reads": thumbs.reads,
+    }
+    write_text(out / "prediction.json", json.dumps(record, indent=1))
+    log.info("%s: %d bins predicted in %.0f s", out, n["bin"], seconds["total"])
+    return PredictResult(out=out, files=files, n=n, seconds=seconds)
+
+
+def _write_outputs(
+    out: Path,
+    preds: dict[str, np.ndarray],
+    ds: Any,
+    slide: Any,
+    thumbs: OneThumbnail,
+    measured: tuple | None,
+    payload: dict,
+    model_path: Path,
+    res: dict,
+    unit_um: float,
+    zarr: bool,
+    spatialdata: bool,
+    qupath: bool,
+) -> tuple[dict[str, Path], dict[str, int]]:
+    """Each level's AnnData (the images once, in the bins' file; measured counts beside the
+    bins' prediction), then the SpatialData store and QuPath's cells when asked."""
+    genes, gene_names = list(payload["genes"]), list(payload["gene_names"])
+    bin_target = TargetTransform.from_dict(payload["targets"]["bin"])
     files, n, written = {}, {}, {}
     for lv, pred in preds.items():
         src = ds.level(slide.name, lv)
@@ -669,30 +718,7 @@ def predict(
             np.asarray(cells_ad.X),
             list(cells_ad.var_names),
         )
-    seconds["write"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t_all
-    record = {
-        "model": str(model_path.resolve()),
-        "source": "spaceranger" if spaceranger is not None else "image",
-        "image": str(Path(slide.image_path).resolve()),
-        "spaceranger": str(Path(spaceranger).resolve()) if spaceranger is not None else None,
-        "microns_per_pixel": slide.microns_per_pixel,
-        "bin_size_um": unit_um,
-        "grid_origin_um": list(grid_origin_um) if spaceranger is None else None,
-        "encoder": res["key"],
-        # per coarse level: the model's head, or the sum of its bins (chosen on validation)
-        "coarse_from": coarse_sources(payload),
-        "n": n,
-        "files": {k: str(v) for k, v in files.items()},
-        "seconds": seconds,
-        "scale": bin_target.scale,
-        "roi_um": list(roi_um) if roi_um is not None else None,
-        "capture_area": capture_area,
-        "thumbnail_reads": thumbs.reads,
-    }
-    write_text(out / "prediction.json", json.dumps(record, indent=1))
-    log.info("%s: %d bins predicted in %.0f s", out, n["bin"], seconds["total"])
-    return PredictResult(out=out, files=files, n=n, seconds=seconds)
+    return files, n
 
 
 def _prediction_anndata(src, pred, genes, gene_names, level, slide, model_path, res):

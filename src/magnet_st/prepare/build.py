@@ -141,8 +141,8 @@ def _written_bytes(levels: dict[str, Any]) -> list[int]:
 
 
 # Long: one resumable run over shared state (old manifest, old_slides, slides_meta, result):
-# check args, plan fresh slides, build and write each (checking it resolves to the first slide's
-# tile sizes via resolved/first), then panel and targets with rollback of this run's slides on
+# check args, plan fresh slides, build and write each (_build_slide; checking it resolves to the
+# first slide's tile sizes via resolved/first), then panel and targets with rollback of this run's slides on
 # error, then the manifest.
 @locked("out", "magnet prepare")
 def prepare(
@@ -242,46 +242,8 @@ def prepare(
             slides_meta[spec.name] = rec
             result.skipped.append(spec.name)
         else:
-            bar.set_postfix_str(f"{spec.name}: read")
-            slide = spec.load()
-            slide.check_counts()  # an all-zero slide has nothing to learn from
-            if slide.image_path is None:
-                raise InputError(
-                    spec.path,
-                    f"slide {spec.name}: no full-resolution image given (--image or the "
-                    "sample sheet's image column); the image is needed to cut patches",
-                )
-            technology, unit_um = slide.technology, float(slide.unit_size_um)
-            cfg = config.resolved(technology, unit_um)
-            if add and slide.lists_all_genes:  # else absent panel genes are zeros
-                _check_genes(spec, set(slide.gene_ids.astype(str)), old["panel"]["gene_ids"])
-            bar.set_postfix_str(f"{spec.name}: tiles and graphs")
-            levels = build_levels(slide, cfg)
-            bar.set_postfix_str(f"{spec.name}: write")
-            rel = f"slides/{spec.name}"
-            record = {
-                "spec": spec.to_dict(),
-                "dir": rel,
-                "config": _config_key(cfg),
-                "files": fingerprint(
-                    input_files(slide), old_slides.get(spec.name, {}).get("files")
-                ),
-                "technology": slide.technology,
-                "unit_size_um": float(slide.unit_size_um),
-                "microns_per_pixel": float(slide.microns_per_pixel),
-                "image": str(Path(slide.image_path).resolve()),
-                "n_genes_measured": int(slide.n_genes),
-                "lists_all_genes": bool(slide.lists_all_genes),
-                "n": {name: int(ad.n_obs) for name, ad in levels.items()},
-            }
-            (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new one is written
-            sizes = _written_bytes(levels)  # h5py may segfault when a write fails half-way
-            check_free_space(out, sum(sizes), largest_file=max(sizes))
-            with atomic_path(out / rel) as tmp:
-                tmp.mkdir()
-                for name, ad in levels.items():
-                    ad.write_h5ad(tmp / f"{name}.h5ad")
-                (tmp / SLIDE_RECORD).write_text(json.dumps(record, indent=1))
+            record, cfg = _build_slide(spec, config, out, old_slides, old if add else None, bar)
+            technology, unit_um = record["technology"], float(record["unit_size_um"])
             slides_meta[spec.name] = record
             result.processed.append(spec.name)
         if resolved is None:
@@ -348,6 +310,57 @@ def prepare(
         len(panel_ids),
     )
     return result
+
+
+def _build_slide(
+    spec: SlideSpec,
+    config: PrepareConfig,
+    out: Path,
+    old_slides: dict[str, dict],
+    add_to: dict | None,
+    bar: Any,
+) -> tuple[dict, PrepareConfig]:
+    """Read one slide, build its levels and write its folder (atomically, with its record);
+    ``add_to``: the manifest of the dataset it joins (its panel genes must be measured)."""
+    bar.set_postfix_str(f"{spec.name}: read")
+    slide = spec.load()
+    slide.check_counts()  # an all-zero slide has nothing to learn from
+    if slide.image_path is None:
+        raise InputError(
+            spec.path,
+            f"slide {spec.name}: no full-resolution image given (--image or the "
+            "sample sheet's image column); the image is needed to cut patches",
+        )
+    technology, unit_um = slide.technology, float(slide.unit_size_um)
+    cfg = config.resolved(technology, unit_um)
+    if add_to is not None and slide.lists_all_genes:  # else absent panel genes are zeros
+        _check_genes(spec, set(slide.gene_ids.astype(str)), add_to["panel"]["gene_ids"])
+    bar.set_postfix_str(f"{spec.name}: tiles and graphs")
+    levels = build_levels(slide, cfg)
+    bar.set_postfix_str(f"{spec.name}: write")
+    rel = f"slides/{spec.name}"
+    record = {
+        "spec": spec.to_dict(),
+        "dir": rel,
+        "config": _config_key(cfg),
+        "files": fingerprint(input_files(slide), old_slides.get(spec.name, {}).get("files")),
+        "technology": slide.technology,
+        "unit_size_um": float(slide.unit_size_um),
+        "microns_per_pixel": float(slide.microns_per_pixel),
+        "image": str(Path(slide.image_path).resolve()),
+        "n_genes_measured": int(slide.n_genes),
+        "lists_all_genes": bool(slide.lists_all_genes),
+        "n": {name: int(ad.n_obs) for name, ad in levels.items()},
+    }
+    (out / MANIFEST).unlink(missing_ok=True)  # incomplete until the new one is written
+    sizes = _written_bytes(levels)  # h5py may segfault when a write fails half-way
+    check_free_space(out, sum(sizes), largest_file=max(sizes))
+    with atomic_path(out / rel) as tmp:
+        tmp.mkdir()
+        for name, ad in levels.items():
+            ad.write_h5ad(tmp / f"{name}.h5ad")
+        (tmp / SLIDE_RECORD).write_text(json.dumps(record, indent=1))
+    return record, cfg
 
 
 def _write_manifest(
