@@ -338,13 +338,20 @@ def test_cells_through_prepare_features_cv_and_predict(
     model = root / "cv" / "fold2" / "no_context" / "model.pt"
     assert model.is_file()
     run = predict(model, root / "pred_run", spaceranger=root / "c2", device="cpu", progress=False)
+    assert run.files["bin"] == root / "pred_run" / "cells.h5ad"  # named after its units
     got = anndata.read_h5ad(run.files["bin"])
     assert list(got.obs_names) == list(sr.unit_ids) and "measured" in got.layers
+    tiles = anndata.read_h5ad(run.files["spot"]).uns["spatial"]
+    assert next(iter(tiles.values()))["metadata"]["images_in"] == "cells.h5ad"
     np.testing.assert_array_equal(got.uns["polygons"]["xy"], sr.polygons.xy)
     seg = root / "c2" / "outs" / "segmented_outputs" / "cell_segmentations.geojson"
     img = predict(model, root / "pred_img", image=root / "c2" / "he_fullres.tif",
                   segmentation=seg, device="cpu", progress=False, qupath=True)  # fmt: skip
     alone = anndata.read_h5ad(img.files["bin"])
+    from magnet_st.report import plot_results  # 'magnet plot' finds the cells of the folder
+
+    figs = plot_results([root / "pred_img"], root / "figs", None, 2, ["png"])
+    assert figs and all(f.is_file() for f in figs)
     doc = json.loads(img.files["qupath"].read_text())
     check_geojson(doc)
     assert len(doc["features"]) == alone.n_obs

@@ -484,6 +484,7 @@ def test_a_spot_model_predicts_a_virtual_array_of_its_spots(
     other = specs[1].load()
     res = predict(model, tmp_path / "pred", image=other.image_path, mpp=other.microns_per_pixel,
                   device="cpu", num_workers=0, progress=False)  # fmt: skip
+    assert res.files["bin"].name == "spots.h5ad"  # named after its units
     bins = anndata.read_h5ad(res.files["bin"])
     um = bins.obsm["spatial"] * other.microns_per_pixel
     assert bins.n_obs > 50 and bins.obs_names[0].startswith("spot_")

@@ -1,6 +1,6 @@
 """Figures from results on disk: what ``magnet plot`` draws for each kind of input.
 
-- a prediction (``bins.h5ad`` from ``magnet predict``, or a ``pred_<slide>_<level>.h5ad``
+- a prediction (``bins.h5ad`` / ``cells.h5ad`` / ``spots.h5ad`` from ``magnet predict``, or a ``pred_<slide>_<level>.h5ad``
   from ``magnet cv``): gene maps, predicted beside measured where a ``"measured"`` layer
   is present, and a per-gene PCC bar chart;
 - a cross-validation folder (``magnet cv``): the per-fold distribution of PCC-gene and
@@ -150,14 +150,18 @@ def plot_results(
         elif (item / "history.json").exists():
             fig = plot.training_curves(item / "history.json", title=f"training: {item.name}")
             written += plot.save(fig, out / f"training_{item.name}", formats)
-        elif (item / "bins.h5ad").exists() or (item / "bins.zarr").exists():
-            bins = item / "bins.h5ad" if (item / "bins.h5ad").exists() else item / "bins.zarr"
-            written += prediction_figures(bins, out, genes, n_genes, formats)
+        elif units := [
+            item / f"{name}{suffix}"
+            for name in ("bins", "cells", "spots")
+            for suffix in (".h5ad", ".zarr")
+            if (item / f"{name}{suffix}").exists()
+        ]:
+            written += prediction_figures(units[0], out, genes, n_genes, formats)
         else:
             raise InputError(
                 item,
                 "not a prediction (.h5ad/.zarr), a 'magnet cv' folder (metrics.csv + "
                 "folds.json), a 'magnet train' folder (history.json) or a 'magnet predict' "
-                "folder (bins.h5ad)",
+                "folder (bins.h5ad, cells.h5ad or spots.h5ad)",
             )
     return written

@@ -62,8 +62,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "model's bins (8 or 16 um, Space Ranger geometry) over it, encode the tiles and "
         "predict. With --spaceranger: predict on that run's bins and keep the measured "
         "counts (layer 'measured') for comparison. A model trained on cells predicts cells: "
-        "Space Ranger 4's of --spaceranger, or those outlined by --segmentation. Writes bins.h5ad, spot_tiles.h5ad and "
-        "region_tiles.h5ad (the model's log1p scale; open with scanpy, draw with scanpy.pl.spatial) and "
+        "Space Ranger 4's of --spaceranger, or those outlined by --segmentation. Writes bins.h5ad "
+        "(cells.h5ad for a model of cells, spots.h5ad for one of Visium or ST spots), "
+        "spot_tiles.h5ad and region_tiles.h5ad (the model's log1p scale; open with scanpy, draw with scanpy.pl.spatial) and "
         "prediction.json. Work already done in OUT/work is reused.",
         formatter_class=_Formatter,
     )

@@ -13,7 +13,8 @@ Then the slide is laid out as ``magnet prepare`` would (spot and region tiles), 
 are encoded with the model's encoder (cached, resumable) and the model predicts every bin,
 spot tile and region tile. Outputs in ``OUT/``:
 
-* ``bins.h5ad`` (or ``.zarr``): predicted expression per bin of the model's gene panel
+* ``bins.h5ad`` (or ``.zarr``; ``cells.h5ad`` for a model of cells, ``spots.h5ad`` for a
+  model of Visium or ST spots): predicted expression per unit of the model's gene panel
   on the **log1p scale** the model was trained on (``log1p(counts per bin)``, or
   ``log1p(counts per 10,000)`` with ``log1p_cp10k`` targets; ``uns["magnet"]["scale"]``
   says which); ``obsm["spatial"]`` in full-resolution pixels; ``uns["spatial"][<slide>]`` with a
@@ -55,6 +56,21 @@ from magnet_st.util.lock import locked
 log = logging.getLogger(__name__)
 
 LEVEL_FILES = {"bin": "bins", "spot": "spot_tiles", "region": "region_tiles"}
+#: the unit level's file is named after what it holds
+UNIT_FILES = {
+    "visium_hd": "bins",
+    "visium_hd_cells": "cells",
+    "visium": "spots",
+    "legacy_st": "spots",
+}
+
+
+def level_files(technology: str) -> dict[str, str]:
+    """The output file name (no suffix) of each level for a model of ``technology``:
+    ``bins``, ``cells`` or ``spots`` for the units, then ``spot_tiles``, ``region_tiles``."""
+    return {**LEVEL_FILES, "bin": UNIT_FILES.get(technology, "bins")}
+
+
 MIN_MPP, MAX_MPP = 0.05, 4.0  # plausible full-resolution H&E scans, um per pixel
 HIRES_MAX_PX = 2000
 LOWRES_MAX_PX = 600
@@ -675,6 +691,7 @@ def _write_outputs(
     bins' prediction), then the SpatialData store and QuPath's cells when asked."""
     genes, gene_names = list(payload["genes"]), list(payload["gene_names"])
     bin_target = TargetTransform.from_dict(payload["targets"]["bin"])
+    names = level_files(str(slide.technology))
     files, n, written = {}, {}, {}
     for lv, pred in preds.items():
         src = ds.level(slide.name, lv)
@@ -687,13 +704,13 @@ def _write_outputs(
             lib = ad.uns["spatial"][slide.name]
             del lib["images"]
             suffix = ".zarr" if zarr else ".h5ad"
-            lib["metadata"]["images_in"] = f"{LEVEL_FILES['bin']}{suffix}"
+            lib["metadata"]["images_in"] = f"{names['bin']}{suffix}"
         if lv == "bin" and measured is not None:
             ad.layers["measured"] = measured[0]
             ad.var["measured"] = measured[1]
             if seen_in_training(payload, slide.name, slide.image_path):
                 ad.uns["magnet"]["held_out"] = False
-        files[lv] = _write(ad, out / LEVEL_FILES[lv], zarr)
+        files[lv] = _write(ad, out / names[lv], zarr)
         n[lv], written[lv] = int(ad.n_obs), ad
     if spatialdata:
         from magnet_st.io.export import write_spatialdata
