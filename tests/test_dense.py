@@ -324,7 +324,14 @@ def test_cell_centres_are_measured_from_the_model() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"tile_px": 500}, {"margin_px": 10}, {"strides": (12,)}, {"mpp": 0}, {"windows_um": (-1,)}],
+    [
+        {"tile_px": 500},
+        {"margin_px": 10},
+        {"strides": (12,)},
+        {"mpp": 0},
+        {"windows_um": (-1,)},
+        {"window_mpp": float("nan")},
+    ],
 )
 def test_bad_dense_settings_are_refused(bad: dict) -> None:
     with pytest.raises(ConfigError, match="dense"):
@@ -375,7 +382,12 @@ def test_dense_feature_set_is_stored_resumes_and_is_skipped(
     opts = {"levels": ("bin", "spot", "region"), "device": "cpu", "progress": False, "dense": cfg}
     ref_ds = tmp_path / "ref"
     shutil.copytree(prepared, ref_ds)
+    from magnet_st.data.dataset import Dataset
+
+    released, release = [], Dataset.release_image  # each slide's image, once it is done
+    monkeypatch.setattr(Dataset, "release_image", lambda d, s: [released.append(s), release(d, s)])
     ref = extract_features(ref_ds, ENC, **opts)
+    assert released == ["syn"]
     assert ref["key"] == f"{ENC}-random-{cfg.resolve('hd').suffix()}"
     meta = json.loads((ref["path"] / "meta.json").read_text())
     dense = meta["encoder"]["dense"]
