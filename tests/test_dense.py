@@ -374,7 +374,10 @@ def prepared(synthetic_slide: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def test_dense_feature_set_is_stored_resumes_and_is_skipped(
-    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prepared: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     ds = tmp_path / "ds"
     shutil.copytree(prepared, ds)
@@ -426,6 +429,18 @@ def test_dense_feature_set_is_stored_resumes_and_is_skipped(
     )
     again = extract_features(ds, ENC, **opts)
     assert {j["status"] for j in again["jobs"]} == {"skipped"}
+    # 'magnet info' on the dataset says what it holds, the feature set's settings too
+    from magnet_st.cli import main
+
+    capsys.readouterr()
+    assert main(["info", str(ds)]) == 0
+    text = capsys.readouterr().out
+    assert "prepared dataset, preset hd" in text and "1 of 1 slides complete" in text
+    assert f"dense at 1 um/px, stride 16, windows 100 um from 2 um/px; {width}-d" in text
+    assert main(["info", str(ds), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)[0]
+    assert info["units"]["syn"]["n"]["bin"] == arrays["bin"].shape[0]
+    assert info["feature_sets"][0]["bin_dim"] == 2 * width
 
 
 def test_ridge_gives_each_block_of_its_input_the_same_total_variance(
