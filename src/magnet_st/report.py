@@ -137,6 +137,8 @@ def plot_results(
 ) -> list[Path]:
     """Draw the figures of each input (a prediction, a cv folder or a training folder) into
     ``out`` and return the files written."""
+    from magnet_st.predict.image import UNIT_FILES
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -152,7 +154,7 @@ def plot_results(
             written += plot.save(fig, out / f"training_{item.name}", formats)
         elif units := [
             item / f"{name}{suffix}"
-            for name in ("bins", "cells", "spots")
+            for name in dict.fromkeys(UNIT_FILES.values())
             for suffix in (".h5ad", ".zarr")
             if (item / f"{name}{suffix}").exists()
         ]:

@@ -20,10 +20,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         from magnet_st.errors import InputError
 
         raise InputError(args.image, "the image records no microns per pixel; give --mpp")
-    region = None
-    if args.roi:
-        x0, y0, x1, y1 = (v / mpp for v in args.roi)
-        region = (x0, y0, x1, y1)
+    region = tuple(v / mpp for v in args.roi) if args.roi else None  # full-resolution px
     cfg = NucleusConfig(expand_um=args.expand_um, threshold=args.threshold)
     nuclei, cells = detect_cells(image, region, cfg, progress=not args.quiet)
     out = Path(args.out)

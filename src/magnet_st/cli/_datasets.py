@@ -9,13 +9,14 @@ def dataset_summary(path: Path) -> dict:
     """What a prepared dataset holds: its settings, slides (units per level), panel,
     targets and feature sets (key, width, mode and dense settings, slides done)."""
     from magnet_st.data.dataset import Dataset
+    from magnet_st.data.levels import LEVELS
     from magnet_st.features.store import list_feature_sets
 
     ds = Dataset(path)
     panel = ds.manifest["panel"]
     sets = []
     for fs in list_feature_sets(path):
-        enc = fs.get("encoder", {})
+        dense = fs.get("encoder", {}).get("dense") or {}
         done = [
             s for s, lv in fs.get("slides", {}).items() if all(v["complete"] for v in lv.values())
         ]
@@ -23,12 +24,11 @@ def dataset_summary(path: Path) -> dict:
             {
                 "key": fs["key"],
                 "feature_dim": fs.get("feature_dim"),
-                "mode": "dense" if enc.get("dense") else "patches",
-                "dense": {k: v for k, v in (enc.get("dense") or {}).items() if k != "maps"},
-                "levels": [lv for lv in ("bin", "spot", "region") if lv in fs.get("levels", {})],
-                "bin_dim": sum(
-                    w for _, w in ((enc.get("dense") or {}).get("blocks") or {}).get("bin", [])
-                )
+                "mode": "dense" if dense else "patches",
+                "dense": {k: v for k, v in dense.items() if k != "maps"},
+                "levels": [lv for lv in LEVELS if lv in fs.get("levels", {})],
+                # the units' row: each map over the unit, then over each window
+                "bin_dim": sum(w for _, w in dense.get("blocks", {}).get("bin", []))
                 or fs.get("feature_dim"),
                 "slides_complete": done,
             }

@@ -413,7 +413,7 @@ def _check_units(
         raise ConfigError(
             f"{model_path}: --qupath writes cells; this model predicts {technology} units"
         )
-    if technology not in ("visium_hd", "visium", "legacy_st", "visium_hd_cells"):
+    if technology not in UNIT_FILES:
         raise ConfigError(f"{model_path}: no virtual grid for {technology} units")
 
 
@@ -559,35 +559,32 @@ def predict(
         src = _run_units(run, image, mpp, unit_um, technology, segmentation)
         slide, measured = _spaceranger_slide(name, run, src, genes, gene_names, per_10k)
         _slide_mpp(Path(slide.image_path), slide.microns_per_pixel, dcfg["working_mpp"])
-    elif cells:
+    else:  # image-only: cells, or a virtual grid of the model's units
         assert image is not None
         mpp = _slide_mpp(image, mpp, dcfg["working_mpp"])
         slide_name = check_name(name or image.name.split(".")[0], "--name")
         thumbs = OneThumbnail(open_image(image, microns_per_pixel=mpp))
-        if segmentation is None:  # the built-in detector (magnet segment), kept for reruns
-            segmentation = detected_cells(image, mpp, out, roi_um, progress)
-        slide = segmented_slide(slide_name, image, mpp, segmentation, genes, gene_names, roi_um)
-        measured = None
-    else:
-        assert image is not None
-        mpp = _slide_mpp(image, mpp, dcfg["working_mpp"])
-        slide_name = check_name(name or image.name.split(".")[0], "--name")
-        thumbs = OneThumbnail(open_image(image, microns_per_pixel=mpp))
-        slide, measured = _image_only_slide(
-            slide_name,
-            image,
-            mpp,
-            unit_um,
-            genes,
-            gene_names,
-            grid_origin_um,
-            out,
-            tissue_options or {},
-            thumbs,
-            roi_um,
-            max_bins,
-            technology,
-        )
+        if cells:
+            if segmentation is None:  # the built-in detector (magnet segment), kept for reruns
+                segmentation = detected_cells(image, mpp, out, roi_um, progress)
+            slide = segmented_slide(slide_name, image, mpp, segmentation, genes, gene_names, roi_um)
+            measured = None
+        else:
+            slide, measured = _image_only_slide(
+                slide_name,
+                image,
+                mpp,
+                unit_um,
+                genes,
+                gene_names,
+                grid_origin_um,
+                out,
+                tissue_options or {},
+                thumbs,
+                roi_um,
+                max_bins,
+                technology,
+            )
     work = prepare_unmeasured(
         slide,
         out / "work",
