@@ -308,6 +308,34 @@ def test_big_pil_image_levels(tmp_path: Path) -> None:
         assert np.abs(th[1:-1, 1:-1].astype(int) - want[1:-1, 1:-1]).max() <= 4  # JPEG
 
 
+def test_big_decoded_images_live_in_a_file_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arr: np.ndarray
+) -> None:
+    """A JPEG / PNG decoded whole (and a compressed stripped TIFF page) at SPILL_BYTES or more
+    lives in an unlinked temporary file mapped into memory, not in the process's own memory;
+    its pixels are the decoded ones, read-only; smaller ones stay in memory."""
+    png, tif = tmp_path / "a.png", tmp_path / "strips.tif"
+    Image.fromarray(arr).save(png)
+    tifffile.imwrite(tif, arr, photometric="rgb", compression="zlib", rowsperstrip=64)
+    monkeypatch.setattr(image_base, "SPILL_BYTES", arr.nbytes)  # level 0 only: 1/4 is less
+
+    def mapped(a: np.ndarray) -> bool:
+        return isinstance(a, np.memmap) or isinstance(getattr(a, "base", None), np.memmap)
+
+    with open_image(png) as img:
+        got = img.read_region(0, 0, W, H, (W, H))
+        img.read_region(0, 0, W, H, (W // 2, H // 2))
+        level0, level1 = img._arrays
+        assert mapped(level0) and not mapped(level1)
+        assert not level0.flags.writeable and not level1.flags.writeable
+        np.testing.assert_array_equal(level0, arr)
+        np.testing.assert_array_equal(got, arr)
+    assert img._arrays == []  # closed: the map goes with its last reference
+    with open_image(tif) as img:
+        assert img.read_region(0, 0, W, H, (W, H)).tobytes() == arr.tobytes()
+        assert mapped(img._levels[0].array)
+
+
 def test_alpha_composited_over_white(images: dict[str, Path], arr: np.ndarray) -> None:
     for name in ["rgba", "png_rgba"]:
         with open_image(images[name]) as img:

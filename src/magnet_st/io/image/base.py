@@ -26,6 +26,13 @@ memory-mapped when stored uncompressed; compressed stripped pages are decoded wh
 when they are small (at most :data:`WHOLE_PAGE_BYTES` decoded) and read strip by strip
 through the same cache otherwise.
 
+An image that is decoded whole (JPEG / PNG, and those small compressed stripped pages), and
+its coarser levels, are kept in an unlinked temporary file mapped into memory when they are
+at least :data:`SPILL_BYTES` (64 MiB, ~4,600 x 4,600 px): the kernel pages them out and back
+in as memory requires, so holding many such slides open (training end to end, say) does not
+add their decoded size to the process's own memory. The file lies in Python's temporary
+folder (``TMPDIR``); it vanishes when the image is closed, or with the process.
+
 Sparse (empty) TIFF tiles read as white. Output pixels whose filter reaches past the image
 edge are blended with the white outside, so the outermost row / column of a thumbnail is a
 little lighter.
@@ -47,6 +54,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -65,6 +73,9 @@ DEFAULT_CACHE_BYTES = 256 * 2**20
 
 WHOLE_PAGE_BYTES = 512 * 2**20
 """Compressed stripped TIFF pages up to this decoded size are decoded whole, once."""
+
+SPILL_BYTES = 64 * 2**20
+"""Images decoded whole at or above this size live in a temporary file mapped into memory."""
 
 LEVEL_TOLERANCE = 0.01
 """A level counts as sharp enough when its downsample is at most 1% above the request."""
@@ -190,6 +201,28 @@ def _crop_padded(arr: np.ndarray, x0: int, y0: int, w: int, h: int) -> np.ndarra
     if ix0 < ix1 and iy0 < iy1:
         out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = arr[iy0:iy1, ix0:ix1, :3]
     return out
+
+
+def _spill_empty(shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
+    """An uninitialised array; of :data:`SPILL_BYTES` or more, in an unlinked temporary file
+    mapped into memory (pageable; the file goes with the last reference to the map)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes < SPILL_BYTES or nbytes == 0:
+        return np.empty(shape, dtype)
+    with tempfile.TemporaryFile(prefix="magnet-st-image-") as f:
+        f.truncate(nbytes)
+        # the map keeps its own handle: the (already unlinked) file lives while it does
+        return np.memmap(f, dtype=dtype, mode="r+", shape=shape)
+
+
+def _spill(a: np.ndarray) -> np.ndarray:
+    """``a`` read-only, moved to a file map (:func:`_spill_empty`) if it is that large."""
+    if a.nbytes >= SPILL_BYTES and not isinstance(a, np.memmap):
+        out = _spill_empty(a.shape, a.dtype)
+        out[...] = a
+        a = out
+    a.flags.writeable = False
+    return a
 
 
 def _composite(rgb: np.ndarray, alpha: np.ndarray, premultiplied: bool = False) -> np.ndarray:

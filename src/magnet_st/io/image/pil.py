@@ -13,11 +13,17 @@ from magnet_st.io.image.base import (
     _composite,
     _crop_padded,
     _pil_unlimited,
+    _spill,
+    _spill_empty,
     _to_uint8,
     _writable,
 )
 
 # --------------------------------------------------------------------------- PIL
+
+
+_STRIP_ROWS = 256
+"""Rows copied at a time from PIL's decoded image into the level-0 array."""
 
 
 class _PILImage(SlideImage):
@@ -75,14 +81,24 @@ class _PILImage(SlideImage):
                     f"level {level} is {arr.shape[1::-1]}, expected "
                     f"{self.level_dimensions[level]} (file changed?)",
                 )
-            arrays[level] = arr
+            arrays[level] = arr = _spill(arr)
             return arr
 
     def _decode(self) -> np.ndarray:
         try:
             with _pil_unlimited(), Image.open(self.path) as img:
                 img.load()
-                return _pil_to_rgb(img)
+                if img.mode != "RGB":
+                    return _pil_to_rgb(img)
+                # strip by strip into its final place: PIL's own buffer and one strip beside
+                # it, not two more whole copies (np.asarray of a PIL image goes via bytes)
+                w, h = img.size
+                out = _spill_empty((h, w, 3))
+                for y in range(0, h, _STRIP_ROWS):
+                    out[y : y + _STRIP_ROWS] = np.asarray(
+                        img.crop((0, y, w, min(y + _STRIP_ROWS, h)))
+                    )
+                return out
         except InputError:
             raise
         except Exception as exc:

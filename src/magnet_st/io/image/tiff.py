@@ -20,6 +20,7 @@ from magnet_st.io.image.base import (
     _composite,
     _crop_padded,
     _plausible_mpp,
+    _spill,
     _to_uint8,
 )
 
@@ -277,7 +278,7 @@ class _TiffImage(SlideImage):
                         raise InputError(self.path, f"cannot decode level {level}: {exc}") from exc
                     raw = raw.reshape(lv.page.shaped)[:, 0]  # (planes, h, w, contig)
                     raw = np.moveaxis(raw, 0, -2).reshape(lv.height, lv.width, lv.samples)
-                    lv.array = np.ascontiguousarray(lv.to_rgb(raw))
+                    lv.array = _spill(np.ascontiguousarray(lv.to_rgb(raw)))
         return lv.array
 
     def _segment(self, level: int, index: int) -> np.ndarray:
