@@ -128,6 +128,53 @@ def test_cells_grow_from_the_planted_nuclei(run) -> None:
     assert 30 < np.median(a_cell) < 150 and np.median(a_nuc) < 0.6 * np.median(a_cell)
 
 
+def _cell_gene_purity(info) -> tuple[float, np.ndarray, np.ndarray]:
+    """Of the UMIs of cell-driven genes in the run's cells: the share of other types' genes
+    than the cell's own (its nucleus's type); and each cell's own-type UMIs and type."""
+    cells = visium_hd_cells(info.out_dir)
+    nuclei = pd.read_parquet(info.nuclei_path)
+    ids = np.array([int(b[7:16]) for b in cells.unit_ids])
+    own = nuclei.cell_type.astype(str).to_numpy()[ids - 1]
+    gtype = np.array([g.split("_")[1] if g.startswith("CELL_") else "" for g in cells.gene_names])
+    x = cells.counts.toarray()
+    cell_genes = x[:, gtype != ""].sum()
+    mine = np.stack([x[i, gtype == t].sum() for i, t in enumerate(own)])
+    return float(1 - mine.sum() / cell_genes), mine, own
+
+
+def test_expression_planted_per_cell(run, tmp_path: Path) -> None:
+    """``expression="cells"``: a cell's cell-driven UMIs are its own type's only, ~S_T of
+    them; its 8 and 16 um bins are still the sums of their 2 um bins; planted per 8 um bin
+    (the default), cells hold their neighbours' types too."""
+    pc = write_synthetic_hd(
+        tmp_path / "pc",
+        width_um=320,
+        height_um=320,
+        seed=3,
+        n_genes=60,
+        progress=False,
+        expression="cells",
+    )
+    foreign, mine, own = _cell_gene_purity(pc)
+    assert foreign == 0.0
+    assert _cell_gene_purity(run)[0] > 0.05  # per bin: neighbours leak into a cell
+    # Poisson(e S_T) per cell, e ~ 1: the mean over the cells of each type (cells cut by
+    # the capture edge hold all of their UMIs in the part inside)
+    truth = json.loads(pc.truth_path.read_text())
+    per_nucleus = {c["name"]: c["umi_per_nucleus"] for c in truth["cell_types"]}
+    for t, n in zip(*np.unique(own, return_counts=True), strict=True):
+        if n >= 30:
+            s = per_nucleus[t]
+            assert abs(mine[own == t].mean() / s - 1) < 5 / np.sqrt(n * s) + 0.1, t
+    x2 = visium_hd(pc.out_dir, 2)
+    x8 = visium_hd(pc.out_dir, 8)
+    assert x2.counts.sum() == x8.counts.sum() == visium_hd(pc.out_dir, 16).counts.sum()
+    assert truth["parameters"]["expression"] == "cells"
+    assert "each cell k" in truth["formulas"]["rate"]
+    with pytest.raises(ValueError, match="expression"):
+        write_synthetic_hd(tmp_path / "bad", width_um=160, height_um=160, expression="nuclei")
+
+
 def check_geojson(doc: dict) -> None:
     """RFC 7946's rules for what the writers produce: a FeatureCollection of Features, each
     with a Polygon geometry of linear rings (at least four [x, y] numbers, first = last)

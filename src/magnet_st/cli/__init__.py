@@ -3,7 +3,7 @@
 Each subcommand is a thin layer over the Python API; heavy modules are imported
 inside the handlers so that ``magnet --help`` is instant.
 
-The commands live by stage: ``_inputs`` (info, prepare, synth), ``_features``,
+The commands live by stage: ``_inputs`` (info, prepare), ``_synth``, ``_features``,
 ``_training`` (train, cv, benchmark) and ``_outputs`` (predict, plot, demo); this module
 assembles the parser and runs a command with the error handling every command shares.
 """
@@ -23,9 +23,10 @@ from collections.abc import Callable, Sequence
 from magnet_st.cli._cells import _add_segment
 from magnet_st.cli._common import _Formatter
 from magnet_st.cli._features import _add_features
-from magnet_st.cli._inputs import _add_info, _add_prepare, _add_synth
+from magnet_st.cli._inputs import _add_info, _add_prepare
 from magnet_st.cli._outputs import _DEMO_ENCODER as _DEMO_ENCODER
 from magnet_st.cli._outputs import _add_demo, _add_plot, _add_predict
+from magnet_st.cli._synth import _add_synth
 from magnet_st.cli._training import _BASELINES as _BASELINES
 from magnet_st.cli._training import _LOSS_DEFAULTS as _LOSS_DEFAULTS
 from magnet_st.cli._training import _OPTION_DEFAULTS as _OPTION_DEFAULTS

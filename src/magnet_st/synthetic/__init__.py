@@ -73,6 +73,14 @@ are sums of 2 x 2 8 um bins. So 2 -> 8 -> 16 sums are exact, and bins with no 2 
 under tissue have no counts. A 2 um bin is under tissue when its centre is; an 8 or 16 um
 bin when any of its 2 um bins is.
 
+Expression planted per cell (``expression="cells"``; ``magnet synth --expression cells``):
+the cell term ``sum_t n_{t,b} B_{t,g}`` leaves the 8 um rates; instead each cell ``k`` of
+type ``T`` (below) makes ``Poisson(e S_T)`` UMIs of its programme spread evenly over its
+own 2 um bins, across 8 um bin edges, and the tissue's UMIs go to the 2 um bins of their
+8 um bin evenly. 8 and 16 um bins are the sums of their 2 um bins as before, so a bin
+holds shares of the cells it cuts, and a cell's counts are its own UMIs plus the tissue's
+under it: the layout in which cells, not bins, are the natural unit.
+
 Cells (``cells=True``, the default): Space Ranger 4's ``outs/segmented_outputs/`` and
 ``outs/barcode_mappings.parquet`` from the planted nuclei: each nucleus drawn on the 2 um
 grid, grown by 4 um into the bins under tissue nearest to it, outlined, and its cell's

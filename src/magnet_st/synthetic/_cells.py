@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from magnet_st.io.nuclei import label_outlines, write_segmentation
 from magnet_st.read.cells import cell_names
-from magnet_st.synthetic._params import BARCODE_DTYPE
+from magnet_st.synthetic._params import BARCODE_DTYPE, CELL_TYPES
 from magnet_st.synthetic._scene import _Genes, _Scene
 from magnet_st.synthetic._writers import _barcodes, _H5Matrix
 
@@ -126,6 +126,42 @@ def outlines(label: np.ndarray, scene: _Scene) -> dict[int, np.ndarray]:
     """``{id: (k, 2) [x, y]}`` full-resolution pixels: each label's outline on the capture
     area's 2 um grid (:func:`magnet_st.io.nuclei.label_outlines`)."""
     return label_outlines(label, 2.0 / scene.mpp, (scene.ox / scene.mpp, scene.oy / scene.mpp))
+
+
+class CellPlanting:
+    """Expression planted per cell (``write_synthetic_hd(expression="cells")``): cell ``k``
+    (grown from nucleus ``k - 1``, of type ``T``) makes the UMIs of its type's programme,
+    ``Poisson(e S_T)`` in all (``S_T`` UMIs per nucleus, ``e`` the capture efficiency where
+    they land), spread evenly over its own 2 um bins, whichever 8 um bins those lie in.
+    Drawn per 2 um bin (``Poisson(e_s S_T / area_k)``, the same law), so each band of bins
+    is drawn on its own."""
+
+    def __init__(self, label: np.ndarray, cell_type: np.ndarray, weights: np.ndarray) -> None:
+        self.label = label
+        n = int(label.max())
+        self.area = np.bincount(label.ravel(), minlength=n + 1)
+        self.cell_type = np.zeros(n + 1, dtype=np.int64)
+        self.cell_type[1:] = cell_type[:n]
+        b = np.asarray(weights[: len(CELL_TYPES)], dtype=np.float64)  # B[T, g] = S_T w_g
+        self.total = b.sum(axis=1)
+        self.p = b / np.where(self.total > 0, self.total, 1.0)[:, None]
+
+    def umis(
+        self, r2a: int, r2b: int, eff: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The cells' UMIs in 2 um rows ``r2a:r2b``: (row - ``r2a``, column, gene) each;
+        ``eff``: the capture efficiency of each 2 um bin of those rows."""
+        lab = self.label[r2a:r2b]
+        flat = np.flatnonzero(lab)
+        k = lab.ravel()[flat]
+        t = self.cell_type[k]
+        n = rng.poisson(eff.ravel()[flat] * self.total[t] / self.area[k])
+        where, t = np.repeat(flat, n), np.repeat(t, n)
+        gene = np.zeros(where.size, dtype=np.int64)
+        for ti in np.unique(t):
+            sel = t == ti
+            gene[sel] = rng.choice(self.p.shape[1], size=int(sel.sum()), p=self.p[ti])
+        return where // lab.shape[1], where % lab.shape[1], gene
 
 
 class CellCounts:

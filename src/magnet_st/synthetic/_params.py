@@ -92,7 +92,9 @@ RENDER_THREADS = 2
 
 # rng stream tags
 _TAG_FIELDS, _TAG_DOMAINS, _TAG_NUCLEI, _TAG_TEX, _TAG_GENES, _TAG_EFF = 1, 2, 3, 4, 5, 6
-_TAG_COUNTS, _TAG_SPLIT = 7, 8
+_TAG_COUNTS, _TAG_SPLIT, _TAG_CELL_UMIS = 7, 8, 9
+#: how a slide's cell-driven UMIs are planted (``write_synthetic_hd(expression=...)``)
+EXPRESSION_MODES = ("bins", "cells")
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from magnet_st.synthetic._cells import CellCounts, cell_masks, write_segmented_outputs
+from magnet_st.synthetic._cells import (
+    CellCounts,
+    CellPlanting,
+    cell_masks,
+    write_segmented_outputs,
+)
+from magnet_st.synthetic._expression import _bin_grids, _write_counts
 from magnet_st.synthetic._params import (
+    EXPRESSION_MODES,
     HIRES_MAX_PX,
     LOWRES_MAX_PX,
     MIN_GENES,
@@ -31,10 +38,8 @@ from magnet_st.synthetic._truth import (
     _write_nuclei,
 )
 from magnet_st.synthetic._writers import (
-    _bin_grids,
     _LevelWriter,
     _render_whole,
-    _write_counts,
     _write_png,
     _write_tiff,
 )
@@ -64,6 +69,7 @@ def write_synthetic_hd(
     margin_um: float = 150.0,
     domain_spacing_um: float | None = None,
     cells: bool = True,
+    expression: str = "bins",
 ) -> SyntheticSlideInfo:
     """Write a SYNTHETIC Visium HD run (Space Ranger ``outs/binned_outputs`` layout) + image.
 
@@ -85,6 +91,11 @@ def write_synthetic_hd(
         cells: also write Space Ranger 4's cell segmentation of the planted nuclei
             (``outs/segmented_outputs/`` and ``outs/barcode_mappings.parquet``; see
             :mod:`magnet_st.synthetic._cells`).
+        expression: how the cell-driven UMIs are planted: ``"bins"`` (default: each nucleus's
+            UMIs in the 8 um bin that holds its centre, spread over that bin's 2 um bins
+            towards nucleus centres) or ``"cells"`` (each cell's UMIs spread evenly over its
+            own 2 um bins, across 8 um bin edges; the tissue's UMIs evenly over the 2 um
+            bins of their 8 um bin; :class:`magnet_st.synthetic._cells.CellPlanting`).
 
     Returns:
         A :class:`SyntheticSlideInfo`.
@@ -98,6 +109,8 @@ def write_synthetic_hd(
         raise ValueError("microns_per_pixel must be a positive number")
     if domain_spacing_um is None:
         domain_spacing_um = float(np.clip(min(width_um, height_um) / 3.0, 150.0, 300.0))
+    if expression not in EXPRESSION_MODES:
+        raise ValueError(f"expression must be one of {EXPRESSION_MODES}, got {expression!r}")
     if margin_um < 0 or domain_spacing_um < 50:
         raise ValueError("margin_um must be >= 0 and domain_spacing_um >= 50")
     out_dir = Path(out_dir)
@@ -112,6 +125,7 @@ def write_synthetic_hd(
         "margin_um": float(margin_um),
         "domain_spacing_um": float(domain_spacing_um),
         "cells": bool(cells),
+        "expression": expression,
     }
     t_start = time.perf_counter()
     scene = _Scene(
@@ -138,15 +152,18 @@ def write_synthetic_hd(
         _write_png(_render_whole(scene, hires_f), spatial_tmp / "tissue_hires_image.png")
         _write_png(_render_whole(scene, lowres_f), spatial_tmp / "tissue_lowres_image.png")
         grids = _bin_grids(scene)
-        masks = cell_masks(scene) if cells else None
-        sink = CellCounts(masks.cell, n_genes) if masks is not None else None
+        masks = cell_masks(scene) if cells or expression == "cells" else None
+        sink = CellCounts(masks.cell, n_genes) if masks is not None and cells else None
+        planted = None
+        if masks is not None and expression == "cells":
+            planted = CellPlanting(masks.cell, scene.nuclei.ctype, genes.weights)
         writers: dict[int, _LevelWriter] = {}
         try:
             for s in sizes:
                 writers[s] = _LevelWriter(
                     s, tmp / bin_rel[s], genes, write_mtx=write_mtx, write_raw=write_raw
                 )
-            _write_counts(scene, grids, genes, writers, progress, sink)
+            _write_counts(scene, grids, genes, writers, progress, sink, planted)
         finally:
             for w in writers.values():
                 try:

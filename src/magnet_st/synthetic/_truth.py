@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from magnet_st.synthetic._expression import _BinGrids
 from magnet_st.synthetic._params import (
     CELL_DESCRIPTIONS,
     CELL_TYPES,
@@ -27,10 +28,7 @@ from magnet_st.synthetic._scene import (
     _Genes,
     _Scene,
 )
-from magnet_st.synthetic._writers import (
-    _barcodes,
-    _BinGrids,
-)
+from magnet_st.synthetic._writers import _barcodes
 
 # --------------------------------------------------------------------------- truth
 
@@ -106,6 +104,19 @@ FORMULAS = {
     "in_tissue": "2 um: centre under tissue; 8 and 16 um: any 2 um bin under tissue",
 }
 
+#: the formulas that differ when the cell-driven UMIs are planted per cell
+FORMULAS_CELLS = {
+    **FORMULAS,
+    "rate": (
+        "lambda[b,g] = 1[tf_b > 0] * e_b * tf_b * (M[d_b,g] + C[d_b,g] + rho_b * L[g]) for the "
+        "tissue's UMIs of 8 um bin b; each cell k of type T adds Poisson(e_s * S_T / area_k) "
+        "UMIs to each of its 2 um bins s, their genes drawn with probabilities w_g of CELL_<T>"
+    ),
+    "2um split": "the tissue's UMIs of bin b go to the 2 um bins of b under tissue evenly",
+    "cells": "the 2 um bins of each cell: its nucleus drawn on the 2 um grid, grown by 4 um",
+    "8um": "sum of the 4 x 4 2-um bins",
+}
+
 
 def _truth(
     scene: _Scene,
@@ -168,7 +179,7 @@ def _truth(
             "CTX_DOMB": "domain TUM_B, recognisable only from its sparse CUE cells (~1/70x70 um)",
             "CTX_LYMG": "lymphocyte density smoothed over ~150 um (Gaussian, sigma 75 um)",
         },
-        "formulas": FORMULAS,
+        "formulas": FORMULAS_CELLS if params.get("expression") == "cells" else FORMULAS,
         "features": FEATURE_NAMES,
         "genes": gene_table,
         "n_bins_in_tissue": {str(k): v for k, v in n_tissue.items()},
