@@ -13,6 +13,9 @@
 #  5. nvidia-smi's view of the device.
 #   bash benchmarks/gpu_check.sh [WORK_DIR]
 #   STEPS="3" bash benchmarks/gpu_check.sh     # only step 3 (a machine with 10-minute calls)
+# On a machine lent for 15 minutes in all, with 10-minute calls, run the step an open issue
+# waits for first (issue 22: STEPS="4", ~2 min to write the slide and train the small model,
+# then the prediction; then STEPS="2" on the same warm machine if time is left).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work="${1:-${OUT:-/tmp}/gpu_check}"

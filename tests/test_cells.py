@@ -175,6 +175,28 @@ def test_expression_planted_per_cell(run, tmp_path: Path) -> None:
         write_synthetic_hd(tmp_path / "bad", width_um=160, height_um=160, expression="nuclei")
 
 
+def test_bins_pooled_into_cells_by_area_share(run) -> None:
+    """A bin's weight in a cell is the share of its area inside the outline; pooled counts
+    add up (log1p of the weighted sum), counts per 10,000 average; the 2 um bins pooled at
+    one point each give Space Ranger's cell matrix exactly."""
+    from magnet_st.predict.pool import bin_cell_weights, pool_to_cells
+
+    ring = np.array([[0, 0], [12, 0], [12, 8], [0, 8], [0, 0]], dtype=float)  # px
+    one = Polygons(ring, np.array([0, len(ring)]))
+    w = bin_cell_weights(np.array([[4.0, 4.0], [12.0, 4.0], [28.0, 4.0]]), 8.0, one)
+    np.testing.assert_allclose(w.toarray(), [[1.0, 0.5, 0.0]])
+    pred = np.log1p(np.array([[4.0, 1.0], [2.0, 3.0], [9.0, 9.0]]))
+    np.testing.assert_allclose(pool_to_cells(pred, w), np.log1p([[5.0, 2.5]]), rtol=1e-6)
+    np.testing.assert_allclose(
+        pool_to_cells(pred, w, per_10k=True), np.log1p([[5.0 / 1.5, 2.5 / 1.5]]), rtol=1e-6
+    )
+    cells = visium_hd_cells(run.out_dir)
+    bins = visium_hd(run.out_dir, 2)
+    w2 = bin_cell_weights(bins.centers_px, 2.0 / run.microns_per_pixel, cells.polygons, sub=1)
+    got = pool_to_cells(np.log1p(bins.counts.toarray()), w2)
+    np.testing.assert_allclose(np.expm1(got), cells.counts.toarray(), atol=1e-3)
+
+
 def check_geojson(doc: dict) -> None:
     """RFC 7946's rules for what the writers produce: a FeatureCollection of Features, each
     with a Polygon geometry of linear rings (at least four [x, y] numbers, first = last)

@@ -196,6 +196,46 @@ def test_image_only_and_spaceranger_agree_at_shared_bins(trained: dict, image_on
     assert np.median(np.abs(pa - pb)) < 0.01
 
 
+def test_a_bin_model_pools_its_bins_into_given_cells(trained: dict, tmp_path: Path) -> None:
+    """A model of 8 um bins with --segmentation: its bins, then cells.h5ad, each cell the
+    bins under its outline by the share of their area inside it (and QuPath's cells);
+    without --segmentation, --qupath is refused in one line."""
+    import anndata
+
+    from magnet_st.errors import ConfigError
+    from magnet_st.predict.image import predict
+    from magnet_st.predict.pool import bin_cell_weights, pool_to_cells
+    from magnet_st.read.geojson import read_geojson
+
+    seg = trained["new"] / "outs" / "segmented_outputs" / "cell_segmentations.geojson"
+    res = predict(trained["model"], tmp_path / "p", spaceranger=trained["new"],
+                  segmentation=seg, qupath=True, device="cpu", num_workers=0, progress=False)  # fmt: skip
+    assert res.files["cell"].name == "cells.h5ad" and res.files["qupath"].is_file()
+    bins, cells = anndata.read_h5ad(res.files["bin"]), anndata.read_h5ad(res.files["cell"])
+    lib = next(iter(bins.uns["spatial"].values()))
+    ids, polys = read_geojson(seg)
+    w = bin_cell_weights(
+        bins.obsm["spatial"], 8.0 / lib["scalefactors"]["microns_per_pixel"], polys
+    )
+    keep = np.asarray(w.sum(axis=1)).ravel() > 0
+    assert cells.n_obs == keep.sum() > 0.9 * len(polys)
+    np.testing.assert_allclose(cells.X, pool_to_cells(np.asarray(bins.X), w[keep]), rtol=1e-5)
+    np.testing.assert_allclose(
+        cells.obsm["spatial"], polys.subset(np.flatnonzero(keep)).centroids()
+    )
+    assert cells.uns["magnet"]["pooled_from"] == "bin" and list(cells.var_names) == list(
+        bins.var_names
+    )
+    meta = next(iter(cells.uns["spatial"].values()))
+    assert meta["metadata"]["images_in"] == "bins.h5ad" and "images" not in meta
+    assert json.loads((tmp_path / "p" / "prediction.json").read_text())["n"]["cell"] == cells.n_obs
+    from magnet_st.report import prediction_figures
+
+    assert prediction_figures(res.files["cell"], tmp_path / "fig", n_genes=1, formats=("png",))
+    with pytest.raises(ConfigError, match="--segmentation"):
+        predict(trained["model"], tmp_path / "q", spaceranger=trained["new"], qupath=True)
+
+
 def test_errors(trained: dict, tmp_path: Path) -> None:
     import tifffile
     from PIL import Image

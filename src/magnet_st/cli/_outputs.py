@@ -62,7 +62,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "model's bins (8 or 16 um, Space Ranger geometry) over it, encode the tiles and "
         "predict. With --spaceranger: predict on that run's bins and keep the measured "
         "counts (layer 'measured') for comparison. A model trained on cells predicts cells: "
-        "Space Ranger 4's of --spaceranger, or those outlined by --segmentation. Writes bins.h5ad "
+        "Space Ranger 4's of --spaceranger, or those outlined by --segmentation (a model of bins "
+        "pools its bins into them). Writes bins.h5ad "
         "(cells.h5ad for a model of cells, spots.h5ad for one of Visium or ST spots), "
         "spot_tiles.h5ad and region_tiles.h5ad (the model's log1p scale; open with scanpy, draw with scanpy.pl.spatial) and "
         "prediction.json. Work already done in OUT/work is reused.",
@@ -82,15 +83,18 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--segmentation",
         default=None,
         metavar="GEOJSON",
-        help="a model trained on cells: the cells to predict, as GeoJSON outlines in the "
-        "image's full-resolution pixels (QuPath, StarDist, Cellpose, Space Ranger); with "
-        "--spaceranger, the run's 2 um bins pooled into them are the measured counts; "
-        "default: none (a cell model then predicts Space Ranger 4's cells of --spaceranger)",
+        help="cells as GeoJSON outlines in the image's full-resolution pixels (QuPath, "
+        "StarDist, Cellpose, Space Ranger). A model trained on cells predicts them (with "
+        "--spaceranger, the run's 2 um bins pooled into them are the measured counts); a "
+        "model trained on Visium HD bins predicts its bins, then also writes cells.h5ad: "
+        "the bins pooled into each cell by the share of their area inside it; default: none "
+        "(a cell model then predicts Space Ranger 4's cells of --spaceranger)",
     )
     p.add_argument(
         "--qupath",
         action="store_true",
-        help="a model trained on cells: also write cells_qupath.geojson, the cells as QuPath "
+        help="a model trained on cells (or on bins, with --segmentation): also write "
+        "cells_qupath.geojson, the cells as QuPath "
         "detections whose measurements are the predicted genes (Measure > Show measurement "
         "maps colours them by gene)",
     )

@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from magnet_st.data.shapes import Polygons
 from magnet_st.data.targets import TargetTransform, per_10k_rows
 from magnet_st.errors import ConfigError, InputError, MagnetError, check_name
 from magnet_st.util.atomic import atomic_path, check_out_folder, write_text
@@ -404,14 +405,15 @@ def _check_units(
             f"{model_path}: trained on {technology} spots; --spaceranger reads Visium HD runs "
             "(predict a spot model with --image alone: a virtual array of its spots)"
         )
-    if segmentation is not None and not cells:
+    if segmentation is not None and not cells and technology != "visium_hd":
         raise ConfigError(
-            f"{model_path}: trained on {technology} units, not cells; --segmentation is for a "
-            "model trained on cells"
+            f"{model_path}: trained on {technology} spots; --segmentation is for a model "
+            "trained on cells, or on Visium HD bins (pooled into the cells)"
         )
-    if qupath and not cells:
+    if qupath and not cells and segmentation is None:
         raise ConfigError(
-            f"{model_path}: --qupath writes cells; this model predicts {technology} units"
+            f"{model_path}: --qupath writes cells; this model predicts {technology} units "
+            "(give --segmentation to pool them into cells)"
         )
     if technology not in UNIT_FILES:
         raise ConfigError(f"{model_path}: no virtual grid for {technology} units")
@@ -497,12 +499,15 @@ def predict(
         max_bins: image-only: stop (with a message saying how to go on) when the virtual
             grid has more bins than this; default: one 6.5 mm capture area
             (:func:`default_max_bins`).
-        segmentation: a model trained on cells: the cells to predict, as GeoJSON outlines
-            in the image's full-resolution pixels (image-only; with ``spaceranger``, the
-            run's 2 um bins pooled into them are the measured counts). Without it, a cell
-            model predicts Space Ranger 4's cells of ``spaceranger``, or, from an image
-            alone, the cells the built-in detector finds (:mod:`magnet_st.io.nuclei`;
-            written to ``out/cells_detected.geojson`` and reused by a rerun).
+        segmentation: cells as GeoJSON outlines in the image's full-resolution pixels. A
+            model trained on cells predicts them (image-only; with ``spaceranger``, the
+            run's 2 um bins pooled into them are the measured counts); a model trained on
+            Visium HD bins predicts its bins and pools them into the cells, by the share of
+            each bin's area in each cell (``cells.h5ad``; :mod:`magnet_st.predict.pool`).
+            Without it, a cell model predicts Space Ranger 4's cells of ``spaceranger``, or,
+            from an image alone, the cells the built-in detector finds
+            (:mod:`magnet_st.io.nuclei`; written to ``out/cells_detected.geojson`` and reused
+            by a rerun).
         qupath: a model trained on cells: also write ``cells_qupath.geojson``, the cells as
             QuPath detections whose measurements are the predicted genes
             (:mod:`magnet_st.io.qupath`).
@@ -536,6 +541,10 @@ def predict(
     cells = technology == "visium_hd_cells"
     _check_units(model_path, technology, spaceranger is not None, segmentation, qupath)
     segmentation = Path(segmentation) if segmentation is not None else None
+    if segmentation is not None and not cells:  # read now: a bad file fails before the work
+        from magnet_st.read.geojson import read_geojson
+
+        read_geojson(segmentation)
     image = Path(image) if image is not None else None
     if image is not None and not image.exists():
         raise InputError(image, "image not found")
@@ -639,9 +648,10 @@ def predict(
         thumbs = OneThumbnail(
             open_image(slide.image_path, microns_per_pixel=slide.microns_per_pixel)
         )
+    pool_into = segmentation if not cells else None
     files, n = _write_outputs(
         out, preds, ds, slide, thumbs, measured, payload, model_path, res, unit_um, zarr,
-        spatialdata, qupath,
+        spatialdata, qupath, pool_into,
     )  # fmt: skip
     seconds["write"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_all
@@ -683,9 +693,11 @@ def _write_outputs(
     zarr: bool,
     spatialdata: bool,
     qupath: bool,
+    pool_into: Path | None = None,
 ) -> tuple[dict[str, Path], dict[str, int]]:
     """Each level's AnnData (the images once, in the bins' file; measured counts beside the
-    bins' prediction), then the SpatialData store and QuPath's cells when asked."""
+    bins' prediction), the bins pooled into the cells of ``pool_into`` (``cells.h5ad``),
+    then the SpatialData store and QuPath's cells when asked."""
     genes, gene_names = list(payload["genes"]), list(payload["gene_names"])
     bin_target = TargetTransform.from_dict(payload["targets"]["bin"])
     names = level_files(str(slide.technology))
@@ -709,6 +721,18 @@ def _write_outputs(
                 ad.uns["magnet"]["held_out"] = False
         files[lv] = _write(ad, out / names[lv], zarr)
         n[lv], written[lv] = int(ad.n_obs), ad
+    cells_ad, polygons = written["bin"], None
+    if pool_into is not None:  # a model of bins: its bins pooled into the given cells
+        from magnet_st.predict.pool import pooled_cells
+
+        suffix = ".zarr" if zarr else ".h5ad"
+        bin_px = unit_um / slide.microns_per_pixel
+        cells_ad = pooled_cells(
+            written["bin"], pool_into, bin_px, bin_target.per_10k, f"{names['bin']}{suffix}"
+        )
+        files["cell"] = _write(cells_ad, out / UNIT_FILES["visium_hd_cells"], zarr)
+        n["cell"] = int(cells_ad.n_obs)
+        polygons = Polygons(cells_ad.uns["polygons"]["xy"], cells_ad.uns["polygons"]["offsets"])
     if spatialdata:
         from magnet_st.io.export import write_spatialdata
 
@@ -724,10 +748,9 @@ def _write_outputs(
     if qupath:  # cells as QuPath detections, the predicted genes as their measurements
         from magnet_st.io.qupath import write_qupath_geojson
 
-        cells_ad = written["bin"]
         files["qupath"] = write_qupath_geojson(
             out / "cells_qupath.geojson",
-            ds.polygons(slide.name),
+            ds.polygons(slide.name) if polygons is None else polygons,
             list(cells_ad.obs_names),
             np.asarray(cells_ad.X),
             list(cells_ad.var_names),
