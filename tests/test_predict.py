@@ -208,8 +208,8 @@ def test_a_bin_model_pools_its_bins_into_given_cells(trained: dict, tmp_path: Pa
     from magnet_st.read.geojson import read_geojson
 
     seg = trained["new"] / "outs" / "segmented_outputs" / "cell_segmentations.geojson"
-    res = predict(trained["model"], tmp_path / "p", spaceranger=trained["new"],
-                  segmentation=seg, qupath=True, device="cpu", num_workers=0, progress=False)  # fmt: skip
+    res = predict(trained["model"], tmp_path / "p", spaceranger=trained["new"], segmentation=seg,
+                  qupath=True, spatialdata=True, device="cpu", num_workers=0, progress=False)  # fmt: skip
     assert res.files["cell"].name == "cells.h5ad" and res.files["qupath"].is_file()
     bins, cells = anndata.read_h5ad(res.files["bin"]), anndata.read_h5ad(res.files["cell"])
     lib = next(iter(bins.uns["spatial"].values()))
@@ -229,6 +229,15 @@ def test_a_bin_model_pools_its_bins_into_given_cells(trained: dict, tmp_path: Pa
     meta = next(iter(cells.uns["spatial"].values()))
     assert meta["metadata"]["images_in"] == "bins.h5ad" and "images" not in meta
     assert json.loads((tmp_path / "p" / "prediction.json").read_text())["n"]["cell"] == cells.n_obs
+    # the SpatialData store holds the bins and, as spatialdata-io names cells, the cells
+    store = json.loads((res.files["spatialdata"] / "zarr.json").read_text())
+    tables = store["attributes"]["magnet_st"]["tables"]
+    assert tables["bin"] == "square_008um" and tables["cell"] == "cell_segmentations"
+    assert (res.files["spatialdata"] / "shapes" / "s1_cell_segmentations").is_dir()
+    sd = pytest.importorskip("spatialdata")
+    sdata = sd.read_zarr(res.files["spatialdata"])
+    assert {"square_008um", "cell_segmentations"} <= set(sdata.tables)
+    assert sdata.tables["cell_segmentations"].n_obs == cells.n_obs
     from magnet_st.report import prediction_figures
 
     assert prediction_figures(res.files["cell"], tmp_path / "fig", n_genes=1, formats=("png",))

@@ -230,8 +230,10 @@ def write_spatialdata(
     Args:
         out_path: the store to write (``prediction.zarr``); replaced atomically: written
             under a temporary name and renamed, nothing is left behind on an error.
-        levels: level (``bin``, ``spot``, ``region``) -> AnnData with ``obsm["spatial"]``
-            (unit centres in full-resolution pixels).
+        levels: level (``bin``, ``spot``, ``region``, ``cell``) -> AnnData with
+            ``obsm["spatial"]`` (unit centres in full-resolution pixels); a level whose
+            ``uns["polygons"]`` holds outlines is written as cells (``cell_segmentations``:
+            a model's cells, or a model of bins pooled into cells).
         slide: the slide's name (``dataset_id`` of the element names and coordinate systems;
             the key of ``uns["spatial"]``).
         bin_um: the bins' edge in microns (names the table ``square_XXXum``).
@@ -284,13 +286,13 @@ def write_spatialdata(
             "bin_size_um": float(bin_um),
             "microns_per_pixel": float(mpp),
             "tables": {
-                lv: CELL_TABLE if lv == "bin" and "polygons" in ad.uns else table_name(lv, bin_um)
+                lv: CELL_TABLE if "polygons" in ad.uns else table_name(lv, bin_um)
                 for lv, ad in levels.items()
             },
         }
         for lv, ad in levels.items():
             name = table_name(lv, bin_um)
-            polys = ad.uns.get("polygons") if lv == "bin" else None
+            polys = ad.uns.get("polygons")
             if polys is not None:  # cells: spatialdata-io's names for Space Ranger 4's cells
                 name = CELL_TABLE
                 polys = (np.asarray(polys["xy"], np.float64), np.asarray(polys["offsets"]))

@@ -739,7 +739,7 @@ def _write_outputs(
         tiles = {lv: ds.patch_um(lv) for lv in written if lv != "bin"}
         files["spatialdata"] = write_spatialdata(
             out / "prediction.zarr",
-            written,
+            written if pool_into is None else {**written, "cell": cells_ad},
             slide.name,
             unit_um,
             slide.microns_per_pixel,
