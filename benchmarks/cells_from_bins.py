@@ -46,7 +46,9 @@ def score(truth: np.ndarray, pred: np.ndarray, genes: pd.Index) -> dict[str, flo
     return out
 
 
-def fold_rows(cells_cv: Path, bins_cv: Path, runs: dict[str, Path]) -> list[dict]:
+def fold_rows(
+    cells_cv: Path, bins_cv: Path, runs: dict[str, Path], targets: str = "auto"
+) -> list[dict]:
     rows = []
     for fold in sorted(p for p in bins_cv.glob("fold*") if p.is_dir()):
         for model_dir in sorted(p for p in fold.iterdir() if p.is_dir()):
@@ -66,7 +68,11 @@ def fold_rows(cells_cv: Path, bins_cv: Path, runs: dict[str, Path]) -> list[dict
                 polys = polys.subset(order)
                 mpp = float(cells.uns["spatial"][slide]["scalefactors"]["microns_per_pixel"])
                 w = bin_cell_weights(bins.obsm["spatial"], 8.0 / mpp, polys)
-                per_10k = "10,000" in str(bins.uns["magnet"].get("scale", ""))
+                per_10k = (
+                    targets == "cp10k"
+                    if targets != "auto"
+                    else "10,000" in str(bins.uns["magnet"].get("scale", ""))
+                )
                 pooled = pool_to_cells(dense(bins[:, genes].X), w, per_10k)
                 truth = dense(cells[:, genes].layers["measured"])
                 own = score(truth, dense(cells[:, genes].X), genes)
@@ -94,8 +100,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("bins_cv", type=Path, help="cross-validation folder of the 8 um bins")
     ap.add_argument("runs", type=Path, nargs="+", help="Space Ranger run folders, one per slide")
     ap.add_argument("--csv", type=Path, default=None, help="also write the per-fold rows here")
+    ap.add_argument(
+        "--targets",
+        choices=("auto", "counts", "cp10k"),
+        default="auto",
+        help="the bins' scale: log1p counts (pooled as sums) or counts per 10,000 (pooled as "
+        "area-weighted means); auto: from the prediction files' uns['magnet']['scale'] "
+        "(cv folders written before it was recorded say 'log1p': pass cp10k for those)",
+    )
     args = ap.parse_args(argv)
-    rows = pd.DataFrame(fold_rows(args.cells_cv, args.bins_cv, {r.name: r for r in args.runs}))
+    runs = {r.name: r for r in args.runs}
+    rows = pd.DataFrame(fold_rows(args.cells_cv, args.bins_cv, runs, args.targets))
     if rows.empty:
         raise SystemExit("no fold has a model in both folders")
     if args.csv is not None:

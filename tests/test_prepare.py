@@ -531,6 +531,12 @@ def test_cp10k_targets_are_scanpys_normalize_total_then_log1p(
         rows = np.array([5, 1, 3])
         got = np.log1p(ds.panel_counts("syn", level, genes)[rows].toarray())
         np.testing.assert_allclose(got, ref[rows], rtol=1e-5, atol=1e-5)
+    # a cross-validation's prediction files say which scale they are on, as predict's do
+    from magnet_st.evaluate.cv import _pred_anndata
+
+    pred = _pred_anndata(ds, "syn", "spot", ref, list(genes), list(genes))  # the last level
+    assert pred.uns["magnet"]["scale"] == "log1p(counts per 10,000)"
+    np.testing.assert_allclose(pred.layers["measured"].toarray(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_a_failed_panel_records_nothing_and_names_the_panel_that_would_work(

@@ -549,6 +549,7 @@ def test_cross_validation_tables_and_resume(ds_path: Path, tmp_path: Path) -> No
     fold_panel = list(pred.var["gene_ids"])  # each fold selects its panel on its own slides
     counts = Dataset(ds_path).counts("s1", "bin", fold_panel).toarray()
     np.testing.assert_allclose(pred.layers["measured"].toarray(), np.log1p(counts), rtol=1e-6)
+    assert pred.uns["magnet"]["scale"] == "log1p(counts)"
     hist = json.loads((tmp_path / "cv/fold0/no_context/history.json").read_text())
     # two slides: no validation slide is left, so the history holds the training losses
     assert len(hist) == 1 and hist[0]["train/loss"] > 0 and "val/pcc_gene" not in hist[0]

@@ -157,7 +157,9 @@ def _pred_anndata(ds: Dataset, slide: str, level: str, pred: np.ndarray, genes, 
     measured = ds.counts(slide, level, genes).astype(np.float32).tocsr()
     measured.data = np.log1p(measured.data)
     ad.layers["measured"] = measured  # log1p, beside the prediction, for 'magnet plot'
-    ad.uns["magnet"] = {"level": level, "slide": slide, "scale": "log1p"}
+    # the targets' scale, as magnet predict records it: log1p(counts) or log1p(counts per 10,000)
+    scale = TargetTransform(ds.target_kind).scale
+    ad.uns["magnet"] = {"level": level, "slide": slide, "scale": scale}
     return ad
 
 

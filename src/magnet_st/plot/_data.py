@@ -97,8 +97,8 @@ def _is_counts(adata: AnnData, layer: str | None, scale: MeasuredScale) -> bool:
             raise ValueError(f"measured_scale must be 'auto', 'log1p' or 'counts', got {scale!r}")
         return scale == "counts"
     if layer is None:
-        declared = (adata.uns.get("magnet", {}) or {}).get("scale")
-        if declared in ("log1p", "counts"):
+        declared = str((adata.uns.get("magnet", {}) or {}).get("scale", ""))
+        if declared == "counts" or declared.startswith("log1p"):  # log1p(counts [per 10,000])
             return declared == "counts"
     X = _matrix(adata, layer)
     if sp.issparse(X):
