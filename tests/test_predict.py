@@ -198,17 +198,23 @@ def test_image_only_and_spaceranger_agree_at_shared_bins(trained: dict, image_on
 
 def test_a_bin_model_pools_its_bins_into_given_cells(trained: dict, tmp_path: Path) -> None:
     """A model of 8 um bins with --segmentation: its bins, then cells.h5ad, each cell the
-    bins under its outline by the share of their area inside it (and QuPath's cells);
-    without --segmentation, --qupath is refused in one line."""
+    bins under its outline by the share of their area inside it (and QuPath's cells, and
+    the SpatialData store's); the run's 2 um bins summed into the outlines are the cells'
+    measured counts; without --segmentation, --qupath is refused in one line."""
     import anndata
 
     from magnet_st.errors import ConfigError
     from magnet_st.predict.image import predict
     from magnet_st.predict.pool import bin_cell_weights, pool_to_cells
+    from magnet_st.read import visium_hd_cells
     from magnet_st.read.geojson import read_geojson
+    from magnet_st.synthetic import write_synthetic_hd
 
-    seg = trained["new"] / "outs" / "segmented_outputs" / "cell_segmentations.geojson"
-    res = predict(trained["model"], tmp_path / "p", spaceranger=trained["new"], segmentation=seg,
+    run = tmp_path / "s1"  # the fixture's second slide, with its 2 um bins this time
+    write_synthetic_hd(run, width_um=320, height_um=320, seed=31, bin_sizes=(2, 8, 16),
+                       progress=False, write_mtx=False, write_raw=False)  # fmt: skip
+    seg = run / "outs" / "segmented_outputs" / "cell_segmentations.geojson"
+    res = predict(trained["model"], tmp_path / "p", spaceranger=run, segmentation=seg,
                   qupath=True, spatialdata=True, device="cpu", num_workers=0, progress=False)  # fmt: skip
     assert res.files["cell"].name == "cells.h5ad" and res.files["qupath"].is_file()
     bins, cells = anndata.read_h5ad(res.files["bin"]), anndata.read_h5ad(res.files["cell"])
@@ -226,6 +232,18 @@ def test_a_bin_model_pools_its_bins_into_given_cells(trained: dict, tmp_path: Pa
     assert cells.uns["magnet"]["pooled_from"] == "bin" and list(cells.var_names) == list(
         bins.var_names
     )
+    # measured: Space Ranger's own cells (its 2 um bins in the same outlines), log1p, panel
+    sr = visium_hd_cells(run)
+    col = {g: i for i, g in enumerate(sr.gene_ids.astype(str))}
+    want = np.log1p(sr.counts[:, [col[g] for g in bins.var["gene_ids"]]].toarray())
+    rows = pd.Index(sr.unit_ids).get_indexer(cells.obs_names)
+    assert (
+        cells.obs["measured"].mean() > 0.95
+        and (rows >= 0).tolist() == cells.obs["measured"].tolist()
+    )
+    got = cells.layers["measured"].toarray()
+    np.testing.assert_allclose(got[rows >= 0], want[rows[rows >= 0]], rtol=1e-6)
+    assert not got[rows < 0].any()
     meta = next(iter(cells.uns["spatial"].values()))
     assert meta["metadata"]["images_in"] == "bins.h5ad" and "images" not in meta
     assert json.loads((tmp_path / "p" / "prediction.json").read_text())["n"]["cell"] == cells.n_obs
@@ -240,7 +258,8 @@ def test_a_bin_model_pools_its_bins_into_given_cells(trained: dict, tmp_path: Pa
     assert sdata.tables["cell_segmentations"].n_obs == cells.n_obs
     from magnet_st.report import prediction_figures
 
-    assert prediction_figures(res.files["cell"], tmp_path / "fig", n_genes=1, formats=("png",))
+    drawn = prediction_figures(res.files["cell"], tmp_path / "fig", n_genes=1, formats=("png",))
+    assert {p.name for p in drawn} == {"cells_maps.png", "cells_gene_pcc.png"}
     with pytest.raises(ConfigError, match="--segmentation"):
         predict(trained["model"], tmp_path / "q", spaceranger=trained["new"], qupath=True)
 

@@ -87,7 +87,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "StarDist, Cellpose, Space Ranger). A model trained on cells predicts them (with "
         "--spaceranger, the run's 2 um bins pooled into them are the measured counts); a "
         "model trained on Visium HD bins predicts its bins, then also writes cells.h5ad: "
-        "the bins pooled into each cell by the share of their area inside it; default: none "
+        "the bins pooled into each cell by the share of their area inside it (with "
+        "--spaceranger, the run's 2 um bins summed into the outlines are the cells' "
+        "measured counts); default: none "
         "(a cell model then predicts Space Ranger 4's cells of --spaceranger)",
     )
     p.add_argument(

@@ -264,29 +264,7 @@ def _spaceranger_slide(
     if src.image_path is None:
         raise InputError(run, "--spaceranger needs --image: the full-resolution H&E of the run")
     src.check_counts()  # nothing to compare the predictions with
-    col = {g: i for i, g in enumerate(src.gene_ids.astype(str))}
-    have = [i for i, g in enumerate(genes) if g in col]
-    if not have:
-        raise InputError(run, "none of the model's panel genes are in this run's matrix")
-    if len(have) < len(genes):
-        log.warning(
-            "%s: %d of the model's %d genes are not in the matrix; 'measured' is NaN for them",
-            run,
-            len(genes) - len(have),
-            len(genes),
-        )
-    sub = sp.csr_matrix(src.counts[:, [col[genes[i]] for i in have]], dtype=np.float32)
-    if per_10k:  # the model's scale: counts per 10,000 of each bin's total over all genes
-        sub = per_10k_rows(sub, np.asarray(src.counts.sum(axis=1)).ravel())
-    sub = sub.tocoo()
-    # the panel's columns in the model's order, sparse throughout (660k bins x genes)
-    measured = sp.csr_matrix(
-        (np.log1p(sub.data), (sub.row, np.asarray(have, dtype=np.int64)[sub.col])),
-        shape=(src.n_units, len(genes)),
-        dtype=np.float32,
-    )
-    present = np.zeros(len(genes), bool)
-    present[have] = True
+    measured, present = measured_on_panel(src, genes, per_10k, run)
     slide = Slide(
         name=name or src.name,
         counts=sp.csr_matrix((src.n_units, len(genes)), dtype=np.int32),
@@ -303,6 +281,37 @@ def _spaceranger_slide(
         polygons=src.polygons,
     )
     return slide, (measured, present)
+
+
+def measured_on_panel(
+    src: Any, genes: list[str], per_10k: bool, where: Path
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """A slide's measured counts on the model's scale (log1p of counts, or of counts per
+    10,000 of each unit's total over all genes), the panel's columns in the model's order,
+    sparse throughout (660k bins x genes); and which of the panel's genes the slide has."""
+    col = {g: i for i, g in enumerate(src.gene_ids.astype(str))}
+    have = [i for i, g in enumerate(genes) if g in col]
+    if not have:
+        raise InputError(where, "none of the model's panel genes are in this run's matrix")
+    if len(have) < len(genes):
+        log.warning(
+            "%s: %d of the model's %d genes are not in the matrix; 'measured' is NaN for them",
+            where,
+            len(genes) - len(have),
+            len(genes),
+        )
+    sub = sp.csr_matrix(src.counts[:, [col[genes[i]] for i in have]], dtype=np.float32)
+    if per_10k:  # the model's scale: counts per 10,000 of each unit's total over all genes
+        sub = per_10k_rows(sub, np.asarray(src.counts.sum(axis=1)).ravel())
+    sub = sub.tocoo()
+    measured = sp.csr_matrix(
+        (np.log1p(sub.data), (sub.row, np.asarray(have, dtype=np.int64)[sub.col])),
+        shape=(src.n_units, len(genes)),
+        dtype=np.float32,
+    )
+    present = np.zeros(len(genes), bool)
+    present[have] = True
+    return measured, present
 
 
 def spatial_uns(image: Any, name: str, unit_um: float, mpp: float) -> dict[str, Any]:
@@ -503,7 +512,9 @@ def predict(
             model trained on cells predicts them (image-only; with ``spaceranger``, the
             run's 2 um bins pooled into them are the measured counts); a model trained on
             Visium HD bins predicts its bins and pools them into the cells, by the share of
-            each bin's area in each cell (``cells.h5ad``; :mod:`magnet_st.predict.pool`).
+            each bin's area in each cell (``cells.h5ad``; :mod:`magnet_st.predict.pool`;
+            with ``spaceranger``, the run's 2 um bins summed into the outlines are the
+            cells' ``layers["measured"]``).
             Without it, a cell model predicts Space Ranger 4's cells of ``spaceranger``, or,
             from an image alone, the cells the built-in detector finds
             (:mod:`magnet_st.io.nuclei`; written to ``out/cells_detected.geojson`` and reused
@@ -648,7 +659,9 @@ def predict(
         thumbs = OneThumbnail(
             open_image(slide.image_path, microns_per_pixel=slide.microns_per_pixel)
         )
-    pool_into = segmentation if not cells else None
+    pool_into = None
+    if segmentation is not None and not cells:  # a model of bins: pooled into the cells
+        pool_into = (segmentation, spaceranger, per_10k)
     files, n = _write_outputs(
         out, preds, ds, slide, thumbs, measured, payload, model_path, res, unit_um, zarr,
         spatialdata, qupath, pool_into,
@@ -693,11 +706,12 @@ def _write_outputs(
     zarr: bool,
     spatialdata: bool,
     qupath: bool,
-    pool_into: Path | None = None,
+    pool_into: tuple[Path, Any, bool] | None = None,
 ) -> tuple[dict[str, Path], dict[str, int]]:
     """Each level's AnnData (the images once, in the bins' file; measured counts beside the
-    bins' prediction), the bins pooled into the cells of ``pool_into`` (``cells.h5ad``),
-    then the SpatialData store and QuPath's cells when asked."""
+    bins' prediction), the bins pooled into the cells of ``pool_into`` (segmentation, the
+    Space Ranger run or ``None``, per 10,000: ``cells.h5ad``, :func:`_pooled_cells`), then
+    the SpatialData store and QuPath's cells when asked."""
     genes, gene_names = list(payload["genes"]), list(payload["gene_names"])
     bin_target = TargetTransform.from_dict(payload["targets"]["bin"])
     names = level_files(str(slide.technology))
@@ -723,13 +737,8 @@ def _write_outputs(
         n[lv], written[lv] = int(ad.n_obs), ad
     cells_ad, polygons = written["bin"], None
     if pool_into is not None:  # a model of bins: its bins pooled into the given cells
-        from magnet_st.predict.pool import pooled_cells
-
         suffix = ".zarr" if zarr else ".h5ad"
-        bin_px = unit_um / slide.microns_per_pixel
-        cells_ad = pooled_cells(
-            written["bin"], pool_into, bin_px, bin_target.per_10k, f"{names['bin']}{suffix}"
-        )
+        cells_ad = _pooled_cells(written["bin"], slide, unit_um, genes, pool_into, suffix)
         files["cell"] = _write(cells_ad, out / UNIT_FILES["visium_hd_cells"], zarr)
         n["cell"] = int(cells_ad.n_obs)
         polygons = Polygons(cells_ad.uns["polygons"]["xy"], cells_ad.uns["polygons"]["offsets"])
@@ -756,6 +765,41 @@ def _write_outputs(
             list(cells_ad.var_names),
         )
     return files, n
+
+
+def _pooled_cells(
+    bins: Any, slide: Any, unit_um: float, genes: list[str], pool_into: tuple, suffix: str
+) -> Any:
+    """The bins' prediction pooled into the cells of a segmentation
+    (:func:`magnet_st.predict.pool.pooled_cells`); with a Space Ranger run, its 2 um bins
+    summed into the same outlines are the cells' measured counts (``layers["measured"]``),
+    when the run has them."""
+    from magnet_st.predict.pool import pooled_cells
+    from magnet_st.read import cells_from_bins
+
+    segmentation, run, per_10k = pool_into
+    bin_px = unit_um / slide.microns_per_pixel
+    cells = pooled_cells(bins, segmentation, bin_px, per_10k, f"bins{suffix}")
+    if run is None:
+        return cells
+    try:
+        src = cells_from_bins(
+            run, segmentation, slide.image_path, microns_per_pixel=slide.microns_per_pixel
+        )
+    except InputError as exc:  # e.g. a run written without its 2 um bins
+        log.warning("cells.h5ad: no measured counts for the cells (%s)", exc)
+        return cells
+    measured, present = measured_on_panel(src, genes, per_10k, Path(run))
+    rows = pd.Index(src.unit_ids).get_indexer(cells.obs_names)
+    found = rows >= 0  # cells with no 2 um bin under tissue are not in the run's cells
+    pick = sp.csr_matrix(
+        (np.ones(int(found.sum()), np.float32), (np.flatnonzero(found), rows[found])),
+        shape=(cells.n_obs, measured.shape[0]),
+    )
+    cells.layers["measured"] = sp.csr_matrix(pick @ measured, dtype=np.float32)
+    cells.var["measured"] = present
+    cells.obs["measured"] = found
+    return cells
 
 
 def _prediction_anndata(src, pred, genes, gene_names, level, slide, model_path, res):
