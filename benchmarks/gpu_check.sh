@@ -14,8 +14,9 @@
 #   bash benchmarks/gpu_check.sh [WORK_DIR]
 #   STEPS="3" bash benchmarks/gpu_check.sh     # only step 3 (a machine with 10-minute calls)
 # On a machine lent for 15 minutes in all, with 10-minute calls, run the step an open issue
-# waits for first (issue 22: STEPS="4", ~2 min to write the slide and train the small model,
-# then the prediction; then STEPS="2" on the same warm machine if time is left).
+# waits for first (issue 22: STEPS="4"; writing its 6.5 mm slide took 91 s on the 2-core VM,
+# docs/performance.md, then a small model is trained and the slide predicted; then STEPS="2"
+# on the same warm machine if time is left).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work="${1:-${OUT:-/tmp}/gpu_check}"

@@ -42,7 +42,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -552,10 +552,12 @@ def predict(
     cells = technology == "visium_hd_cells"
     _check_units(model_path, technology, spaceranger is not None, segmentation, qupath)
     segmentation = Path(segmentation) if segmentation is not None else None
-    if segmentation is not None and not cells:  # read now: a bad file fails before the work
+    pool_into = None
+    if segmentation is not None and not cells:  # a model of bins, pooled into the cells
         from magnet_st.read.geojson import read_geojson
 
-        read_geojson(segmentation)
+        # read now, once: a bad file fails before the work
+        pool_into = _PoolInto(segmentation, read_geojson(segmentation), spaceranger)
     image = Path(image) if image is not None else None
     if image is not None and not image.exists():
         raise InputError(image, "image not found")
@@ -659,9 +661,6 @@ def predict(
         thumbs = OneThumbnail(
             open_image(slide.image_path, microns_per_pixel=slide.microns_per_pixel)
         )
-    pool_into = None
-    if segmentation is not None and not cells:  # a model of bins: pooled into the cells
-        pool_into = (segmentation, spaceranger, per_10k)
     files, n = _write_outputs(
         out, preds, ds, slide, thumbs, measured, payload, model_path, res, unit_um, zarr,
         spatialdata, qupath, pool_into,
@@ -706,15 +705,15 @@ def _write_outputs(
     zarr: bool,
     spatialdata: bool,
     qupath: bool,
-    pool_into: tuple[Path, Any, bool] | None = None,
+    pool_into: _PoolInto | None = None,
 ) -> tuple[dict[str, Path], dict[str, int]]:
     """Each level's AnnData (the images once, in the bins' file; measured counts beside the
-    bins' prediction), the bins pooled into the cells of ``pool_into`` (segmentation, the
-    Space Ranger run or ``None``, per 10,000: ``cells.h5ad``, :func:`_pooled_cells`), then
-    the SpatialData store and QuPath's cells when asked."""
+    bins' prediction), the bins pooled into the cells of ``pool_into`` (``cells.h5ad``,
+    :func:`_pooled_cells`), then the SpatialData store and QuPath's cells when asked."""
     genes, gene_names = list(payload["genes"]), list(payload["gene_names"])
     bin_target = TargetTransform.from_dict(payload["targets"]["bin"])
     names = level_files(str(slide.technology))
+    images_in = f"{names['bin']}{'.zarr' if zarr else '.h5ad'}"  # the file holding the images
     files, n, written = {}, {}, {}
     for lv, pred in preds.items():
         src = ds.level(slide.name, lv)
@@ -726,8 +725,7 @@ def _write_outputs(
         if lv != "bin":  # the images once, in the bins' file (and the SpatialData store)
             lib = ad.uns["spatial"][slide.name]
             del lib["images"]
-            suffix = ".zarr" if zarr else ".h5ad"
-            lib["metadata"]["images_in"] = f"{names['bin']}{suffix}"
+            lib["metadata"]["images_in"] = images_in
         if lv == "bin" and measured is not None:
             ad.layers["measured"] = measured[0]
             ad.var["measured"] = measured[1]
@@ -737,8 +735,9 @@ def _write_outputs(
         n[lv], written[lv] = int(ad.n_obs), ad
     cells_ad, polygons = written["bin"], None
     if pool_into is not None:  # a model of bins: its bins pooled into the given cells
-        suffix = ".zarr" if zarr else ".h5ad"
-        cells_ad = _pooled_cells(written["bin"], slide, unit_um, genes, pool_into, suffix)
+        cells_ad = _pooled_cells(
+            written["bin"], slide, unit_um, genes, pool_into, bin_target.per_10k, images_in
+        )
         files["cell"] = _write(cells_ad, out / UNIT_FILES["visium_hd_cells"], zarr)
         n["cell"] = int(cells_ad.n_obs)
         polygons = Polygons(cells_ad.uns["polygons"]["xy"], cells_ad.uns["polygons"]["offsets"])
@@ -767,8 +766,23 @@ def _write_outputs(
     return files, n
 
 
+class _PoolInto(NamedTuple):
+    """Where a model of bins pools its prediction: the segmentation file, its (ids,
+    polygons) as read, and the Space Ranger run whose 2 um bins measure the cells (or None)."""
+
+    segmentation: Path
+    outlines: tuple[np.ndarray, Polygons]
+    run: Any
+
+
 def _pooled_cells(
-    bins: Any, slide: Any, unit_um: float, genes: list[str], pool_into: tuple, suffix: str
+    bins: Any,
+    slide: Any,
+    unit_um: float,
+    genes: list[str],
+    pool_into: _PoolInto,
+    per_10k: bool,
+    images_in: str,
 ) -> Any:
     """The bins' prediction pooled into the cells of a segmentation
     (:func:`magnet_st.predict.pool.pooled_cells`); with a Space Ranger run, its 2 um bins
@@ -777,9 +791,9 @@ def _pooled_cells(
     from magnet_st.predict.pool import pooled_cells
     from magnet_st.read import cells_from_bins
 
-    segmentation, run, per_10k = pool_into
+    segmentation, outlines, run = pool_into
     bin_px = unit_um / slide.microns_per_pixel
-    cells = pooled_cells(bins, segmentation, bin_px, per_10k, f"bins{suffix}")
+    cells = pooled_cells(bins, outlines, segmentation, bin_px, per_10k, images_in)
     if run is None:
         return cells
     try:

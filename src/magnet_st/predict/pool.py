@@ -66,19 +66,24 @@ def pool_to_cells(pred: np.ndarray, weights: sp.spmatrix, per_10k: bool = False)
 
 
 def pooled_cells(
-    bins: Any, segmentation: Path, bin_px: float, per_10k: bool, images_in: str
+    bins: Any,
+    outlines: tuple[np.ndarray, Polygons],
+    segmentation: Path,
+    bin_px: float,
+    per_10k: bool,
+    images_in: str,
 ) -> Any:
-    """The cells of ``segmentation`` (GeoJSON outlines in the bins' full-resolution pixels)
-    pooled from the bins' prediction ``bins`` (AnnData, as ``magnet predict`` writes it): the
-    cells that cover at least one predicted bin, their outlines (``uns["polygons"]``) and
-    centroids (``obsm["spatial"]``), ``obs["bins"]``: how many bins' area each covers."""
+    """The cells ``outlines`` (ids and polygons in the bins' full-resolution pixels, as
+    :func:`magnet_st.read.geojson.read_geojson` reads ``segmentation``) pooled from the
+    bins' prediction ``bins`` (AnnData, as ``magnet predict`` writes it): the cells that
+    cover at least one predicted bin, their outlines (``uns["polygons"]``) and centroids
+    (``obsm["spatial"]``), ``obs["bins"]``: how many bins' area each covers."""
     import anndata
     import pandas as pd
 
     from magnet_st.read.cells import cell_names
-    from magnet_st.read.geojson import read_geojson
 
-    ids, polys = read_geojson(segmentation)
+    ids, polys = outlines
     w = bin_cell_weights(np.asarray(bins.obsm["spatial"]), bin_px, polys)
     area = np.asarray(w.sum(axis=1)).ravel()
     keep = np.flatnonzero(area > 0)
